@@ -1,0 +1,192 @@
+"""The `pgquorum` command. Thin: it parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from pgquorum.config import ConfigError, load_config
+
+console = Console()
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@click.group()
+@click.version_option(package_name="pgquorum")
+def main() -> None:
+    """pgquorum: several PostgreSQL servers acting as one fault-tolerant database."""
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
+              help="TOML file describing the listen address, nodes, users file, read_policy.")
+@click.option("-v", "--verbose", is_flag=True)
+def router(config_path: Path, verbose: bool) -> None:
+    """Run a router in front of existing PostgreSQL servers."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as e:
+        console.print(f"[red]{config_path}: invalid configuration[/red]")
+        for p in e.problems:
+            console.print(f"  - {p}")
+        sys.exit(2)
+    _setup_logging(verbose)
+
+    async def serve() -> None:
+        from pgquorum.router.server import Router
+
+        r = Router(config)
+        await r.start()
+        await _wait_for_signal()
+        await r.stop()
+
+    _run(serve())
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+@main.command()
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 16),
+              help="Number of PostgreSQL servers in the group.")
+@click.option("--port", default=6432, show_default=True, type=click.IntRange(1, 65535),
+              help="Port of the router on 127.0.0.1.")
+@click.option("--dir", "directory", default=".pgquorum", show_default=True,
+              type=click.Path(path_type=Path), help="Directory for the data directories.")
+@click.option("--password", envvar="PGQUORUM_PASSWORD", default=None,
+              help="Require SCRAM passwords: the postgres user's password (set when the "
+                   "cluster is created). Also read from PGQUORUM_PASSWORD.")
+@click.option("-v", "--verbose", is_flag=True)
+def up(nodes: int, port: int, directory: Path, password: str | None, verbose: bool) -> None:
+    """Create (first run) or reuse a local cluster and run it until Ctrl-C or SIGTERM."""
+    from pgquorum.local.binaries import PostgresNotFound
+    from pgquorum.local.cluster import LocalCluster
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cluster = LocalCluster(directory, nodes, port, password)
+    try:
+        with console.status("preparing PostgreSQL data directories"):
+            cluster.prepare()
+        with console.status(f"starting {len(cluster.nodes)} PostgreSQL servers"):
+            cluster.start_nodes()
+    except PostgresNotFound as e:
+        console.print(f"[red]{e}[/red]")
+        sys.exit(1)
+    except Exception as e:
+        console.print(f"[red]could not start the local cluster: {e}[/red]")
+        cluster.stop_nodes()
+        sys.exit(1)
+
+    async def serve() -> None:
+        from pgquorum.router.server import Router
+
+        r = Router(cluster.router_config())
+        await r.start()
+        cluster.write_state(router_pid=os.getpid())
+        auth = f" password={password}" if password else ""
+        console.print(f"pgquorum is up: {len(cluster.nodes)} nodes behind 127.0.0.1:{port}")
+        console.print(f"  psql \"host=127.0.0.1 port={port} user=postgres dbname=postgres{auth}\"")
+        console.print(f"  admin console: psql -h 127.0.0.1 -p {port} -U postgres pgquorum")
+        console.print("  Ctrl-C stops everything")
+        waiter = asyncio.ensure_future(_wait_for_signal())
+        with Live(_status_line(r), console=console, refresh_per_second=1,
+                  transient=True) as live:
+            while not waiter.done():
+                await asyncio.wait([waiter], timeout=1)
+                live.update(_status_line(r))
+        await r.stop()
+
+    try:
+        _run(serve())
+    finally:
+        with console.status("stopping PostgreSQL servers"):
+            cluster.stop_nodes()
+        cluster.write_state(router_pid=None)
+        console.print("pgquorum stopped")
+
+
+def _status_line(r: object) -> str:
+    from pgquorum.router.server import Router
+
+    assert isinstance(r, Router)
+    parts = []
+    lead = r.cluster.lead()
+    for st in r.cluster.status.values():
+        role = "*" if st is lead else ""
+        parts.append(f"{st.node.name}{role} {st.state.value} {st.statements}")
+    return f"sessions {len(r.sessions)} | " + " | ".join(parts)
+
+
+@main.command()
+@click.option("--dir", "directory", default=".pgquorum", show_default=True,
+              type=click.Path(path_type=Path))
+def down(directory: Path) -> None:
+    """Stop a local cluster left running."""
+    from pgquorum.local.cluster import stop_left_running
+
+    done = stop_left_running(directory)
+    console.print("\n".join(done) if done else "nothing was running")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=6432, show_default=True, type=int)
+@click.option("--user", default="postgres", show_default=True)
+@click.option("--password", envvar="PGQUORUM_PASSWORD", default=None)
+def status(host: str, port: int, user: str, password: str | None) -> None:
+    """Print the router's SHOW NODES table."""
+    from pgquorum.router.client import admin_query
+
+    try:
+        cols, rows = _run_value(admin_query(host, port, user, password, "SHOW NODES"))
+    except Exception as e:
+        console.print(f"[red]cannot reach the router at {host}:{port}: {e}[/red]")
+        sys.exit(1)
+    table = Table(*cols)
+    for row in rows:
+        table.add_row(*(v or "" for v in row))
+    console.print(table)
+
+
+def _run_value(coro):  # type: ignore[no-untyped-def]
+    result = []
+
+    async def wrap() -> None:
+        result.append(await coro)
+
+    _run(wrap())
+    return result[0]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Local clusters: finding PostgreSQL binaries, creating and running servers, `pgquorum up`."""

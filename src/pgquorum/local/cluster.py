@@ -1,0 +1,132 @@
+"""`pgquorum up`: a local group of PostgreSQL servers with a router in front, in one directory.
+
+The directory holds one data directory per node (``node1``, ``node2``...) and ``cluster.json``,
+which records the node ports and the router's process id so ``pgquorum down`` can stop a
+cluster left running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgquorum.cluster.model import Group, Node
+from pgquorum.config import Config, RouterSettings
+
+from .binaries import PgBinaries, find_binaries
+from .instance import LocalNode, free_port
+
+STATE_FILE = "cluster.json"
+USERS_FILE = "users.txt"
+
+
+@dataclass
+class LocalCluster:
+    directory: Path
+    size: int = 3
+    router_port: int = 6432
+    password: str | None = None
+
+    def __post_init__(self) -> None:
+        self.directory = self.directory.resolve()
+        self.nodes: list[LocalNode] = []
+        self._binaries: PgBinaries | None = None
+
+    @property
+    def binaries(self) -> PgBinaries:
+        if self._binaries is None:
+            self._binaries = find_binaries()
+        return self._binaries
+
+    def _state_path(self) -> Path:
+        return self.directory / STATE_FILE
+
+    def read_state(self) -> dict[str, object]:
+        try:
+            data = json.loads(self._state_path().read_text())
+        except FileNotFoundError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_state(self, **extra: object) -> None:
+        state = {
+            "nodes": [{"name": n.name, "port": n.port} for n in self.nodes],
+            "router_port": self.router_port,
+            **extra,
+        }
+        tmp = self._state_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self._state_path())
+
+    def prepare(self) -> list[LocalNode]:
+        """Create (first run) or reuse the node data directories, on free ports."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o755)  # the postgres user must reach the data directories
+        existing = sorted(
+            (p for p in self.directory.glob("node*") if (p / "PG_VERSION").exists()),
+            key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else 0,
+        )
+        count = max(self.size, len(existing))
+        self.nodes = [
+            LocalNode(f"node{i}", self.directory / f"node{i}", free_port(), self.binaries)
+            for i in range(1, count + 1)
+        ]
+        new = [n for n in self.nodes if not n.initialized()]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda n: n.init(password=self.password), new))
+        return self.nodes
+
+    def start_nodes(self) -> None:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda n: n.start(), self.nodes))
+
+    def stop_nodes(self) -> None:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda n: n.stop(), self.nodes))
+
+    def router_config(self) -> Config:
+        users_file = None
+        if self.password is not None:
+            users_file = self.directory / USERS_FILE
+            quoted = self.password.replace('"', '""')
+            users_file.write_text(f'"postgres" "{quoted}"\n')
+            os.chmod(users_file, 0o600)
+        settings = RouterSettings(
+            listen_host="127.0.0.1",
+            listen_port=self.router_port,
+            name=f"local:{self.router_port}",
+            read_policy="balance",
+            auth_method="scram-sha-256" if self.password is not None else "trust",
+            users_file=users_file,
+            tls_cert=None,
+            tls_key=None,
+            max_message_size=64 * 1024 * 1024,
+            backend_user=None,
+            backend_password=self.password,
+        )
+        group = Group("default", tuple(Node(n.name, n.host, n.port) for n in self.nodes))
+        return Config(router=settings, group=group)
+
+
+def stop_left_running(directory: Path) -> list[str]:
+    """Stop the router and the nodes of a cluster directory; return what was done."""
+    cluster = LocalCluster(directory)
+    state = cluster.read_state()
+    done: list[str] = []
+    pid = state.get("router_pid")
+    if isinstance(pid, int) and pid > 0:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            done.append(f"sent SIGTERM to router process {pid}")
+        except ProcessLookupError:
+            pass
+    for p in sorted(cluster.directory.glob("node*")):
+        if (p / "postmaster.pid").exists():
+            node = LocalNode(p.name, p, 0, cluster.binaries)
+            node.stop()
+            done.append(f"stopped {p.name}")
+    return done

@@ -1,0 +1,1 @@
+"""The asyncio router: client sessions, node connections, lead-first replication, admin console."""

@@ -1,0 +1,111 @@
+"""The admin console: psql to the router port with database ``pgquorum``, like PgBouncer's.
+
+Commands are parsed with pglast (they are SHOW statements to the PostgreSQL grammar).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pglast import parse_sql
+from pglast.ast import VariableShowStmt
+
+from pgquorum.protocol import messages as m
+from pgquorum.protocol.errors import FEATURE_NOT_SUPPORTED, SYNTAX_ERROR, PgError
+
+if TYPE_CHECKING:
+    from .server import Router
+    from .session import ClientSession
+
+Table = tuple[list[str], list[list[str | None]]]
+
+
+class AdminConsole:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.commands: dict[str, Callable[[], Table]] = {
+            "nodes": self.show_nodes,
+            "sessions": self.show_sessions,
+            "help": self.show_help,
+        }
+
+    # -- tables -----------------------------------------------------------------------------
+
+    def show_nodes(self) -> Table:
+        cluster = self.router.cluster
+        lead = cluster.lead()
+        cols = ["name", "host", "port", "role", "state", "statements", "outstanding",
+                "divergences", "since", "last_error"]
+        rows: list[list[str | None]] = []
+        for st in cluster.status.values():
+            rows.append([
+                st.node.name, st.node.host, str(st.node.port),
+                "lead" if st is lead else "replica", st.state.value, str(st.statements),
+                str(st.outstanding), str(st.divergences),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.since)),
+                st.last_error or st.reason,
+            ])
+        return cols, rows
+
+    def show_sessions(self) -> Table:
+        cols = ["id", "user", "database", "client", "application_name", "state",
+                "connected_at", "units", "nodes"]
+        rows: list[list[str | None]] = []
+        for s in self.router.sessions.values():
+            rows.append([
+                str(s.id), s.user, s.database, s.peer, s.params.get("application_name", ""),
+                s.state, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.connected_at)),
+                str(s.units), ",".join(s.conns),
+            ])
+        return cols, rows
+
+    def show_help(self) -> Table:
+        return ["command"], [["SHOW " + c.upper()] for c in self.commands]
+
+    # -- protocol ---------------------------------------------------------------------------
+
+    def run(self, sql: str) -> list[Table]:
+        try:
+            stmts = parse_sql(sql)
+        except Exception as e:
+            raise PgError(SYNTAX_ERROR, f"invalid admin command: {e}") from None
+        tables = []
+        for raw in stmts:
+            stmt = raw.stmt
+            if isinstance(stmt, VariableShowStmt) and stmt.name in self.commands:
+                tables.append(self.commands[stmt.name]())
+            else:
+                raise PgError(FEATURE_NOT_SUPPORTED,
+                              "unsupported admin command; try: " +
+                              ", ".join("SHOW " + c.upper() for c in self.commands))
+        return tables
+
+    async def serve(self, session: ClientSession) -> None:
+        while True:
+            mtype, payload = await session.next_message()
+            if mtype == m.TERMINATE:
+                return
+            if mtype == m.SYNC:
+                session.write(m.encode_ready(ord("I")))
+                continue
+            if mtype != m.QUERY:
+                if mtype in (m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.FLUSH):
+                    session.write(m.encode_error(PgError(
+                        FEATURE_NOT_SUPPORTED,
+                        "the admin console supports only the simple query protocol")))
+                    continue
+                raise m.ProtocolViolation(f"invalid frontend message type {mtype}")
+            out: list[bytes] = []
+            try:
+                for cols, rows in self.run(m.parse_query(payload)):
+                    out.append(m.encode_row_description(cols))
+                    out.extend(m.encode_data_row(r) for r in rows)
+                    out.append(m.encode_command_complete(f"SHOW {len(rows)}"))
+                if not out:
+                    out.append(m.frame(m.EMPTY_QUERY))
+            except PgError as e:
+                out = [m.encode_error(e)]
+            out.append(m.encode_ready(ord("I")))
+            session.write(b"".join(out))

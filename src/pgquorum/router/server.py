@@ -1,0 +1,115 @@
+"""The router process: listens for clients, owns the cluster view and the shared caches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from typing import TYPE_CHECKING
+
+from pgquorum.cluster.state import ClusterView
+from pgquorum.config import Config, RouterSettings
+from pgquorum.protocol import messages as m
+from pgquorum.protocol.auth import UserSecret, load_users
+from pgquorum.sql.analyze import Analyzer
+from pgquorum.sql.catalog import FunctionCatalog
+
+from .admin import AdminConsole
+from .session import ClientSession
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    """One pgquorum router in front of one group of nodes."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.settings: RouterSettings = config.router
+        self.cluster = ClusterView(config.group)
+        self.users: dict[str, UserSecret] = (
+            load_users(self.settings.users_file) if self.settings.users_file else {}
+        )
+        self.analyzer = Analyzer()
+        self._catalogs: dict[str, FunctionCatalog] = {}
+        self.sessions: dict[int, ClientSession] = {}
+        self.admin = AdminConsole(self)
+        self.ssl_ctx: ssl.SSLContext | None = None
+        if self.settings.tls_cert and self.settings.tls_key:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+            self.ssl_ctx = ctx
+        self._server: asyncio.Server | None = None
+
+    def catalog(self, database: str) -> FunctionCatalog:
+        cat = self._catalogs.get(database)
+        if cat is None:
+            cat = self._catalogs[database] = FunctionCatalog()
+        return cat
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientSession(self),
+            self.settings.listen_host,
+            self.settings.listen_port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        log.info("router %s listening on %s:%d in front of group %s (%s)",
+                 self.settings.name, self.settings.listen_host, self.port,
+                 self.cluster.group.name,
+                 ", ".join(n.address for n in self.cluster.group.nodes))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for s in list(self.sessions.values()):
+            if s.transport is not None:
+                s.write(m.encode_error(_shutdown_error()))
+                s.transport.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    def new_cancel_key(self) -> tuple[int, int]:
+        while True:
+            pid = secrets.randbits(31) or 1
+            if pid not in self.sessions:
+                return pid, secrets.randbits(31)
+
+    async def cancel(self, pid: int, secret: int) -> None:
+        """Cancel whatever the session with this key runs, on every node it uses."""
+        session = self.sessions.get(pid)
+        if session is None or session.key[1] != secret:
+            return  # like PostgreSQL: no answer, no hint whether the key existed
+        session.cancel_requested = True
+        await asyncio.gather(*(_send_cancel(c.node.host, c.node.port, c.pid, c.secret)
+                               for c in session.conns.values()), return_exceptions=True)
+
+
+async def _send_cancel(host: str, port: int, pid: int, secret: int) -> None:
+    _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+    try:
+        writer.write(m.encode_cancel_request(pid, secret))
+        await writer.drain()
+    finally:
+        writer.close()
+
+
+def _shutdown_error() -> m.PgError:
+    return m.PgError("57P01", "terminating connection because the pgquorum router is shutting "
+                     "down", severity="FATAL")

@@ -1,0 +1,757 @@
+"""One client connection: startup, authentication, and routing of every unit of work.
+
+The session reads whole frontend messages, groups them into units (a simple Query, or an
+extended-protocol batch up to Sync or Flush), decides where each unit runs, and hands it to the
+node connections:
+
+* READ   one ONLINE node chosen by the read policy; the node's reply is relayed as it arrives.
+* LEAD   the lead only (LISTEN, cursors); relayed.
+* WRITE  every ONLINE node, lead first, then the others; the client gets the lead's reply once
+         every node has finished, and outcomes that differ are reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pgquorum.protocol import messages as m
+from pgquorum.protocol.auth import ServerAuth
+from pgquorum.protocol.errors import (
+    CONNECTION_FAILURE,
+    FEATURE_NOT_SUPPORTED,
+    QUERY_CANCELED,
+    PgError,
+    ProtocolViolation,
+)
+from pgquorum.protocol.framing import Framer
+from pgquorum.sql.analyze import Analysis, Route
+
+from .backend import EXPECT_QUERY, EXPECT_SYNC, Expectation, NodeConnection, NodeLost, UnitResult
+
+if TYPE_CHECKING:
+    from .server import Router
+
+log = logging.getLogger(__name__)
+
+IDLE = ord("I")
+ADMIN_DATABASE = "pgquorum"
+_READ_PAUSE_BYTES = 4 * 1024 * 1024
+_session_ids = itertools.count(1)
+
+# Builds the bytes of a unit, and what to expect back, for one node connection.
+BuildUnit = Callable[[NodeConnection], tuple[bytes, list[Expectation]]]
+
+
+class ClientGone(Exception):
+    """The client closed its connection."""
+
+
+class Statement:
+    """A prepared statement as the client defined it; ``version`` tells reuses of a name apart."""
+
+    __slots__ = ("analysis", "name", "parse_frame", "version")
+
+    def __init__(self, name: str, parse_frame: bytes, analysis: Analysis, version: int) -> None:
+        self.name = name
+        self.parse_frame = parse_frame
+        self.analysis = analysis
+        self.version = version
+
+
+class ClientSession(asyncio.Protocol):
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.id = next(_session_ids)
+        self.framer = Framer(router.settings.max_message_size)
+        self.transport: asyncio.Transport | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._gone = False
+        self._reading_paused = False
+        self.conns: dict[str, NodeConnection] = {}
+        self.params: dict[str, str] = {}
+        self.user = ""
+        self.database = ""
+        self.peer = ""
+        self.connected_at = time.time()
+        self.key = (0, 0)
+        self.state = "startup"
+        self.units = 0
+        # Transaction tracking, from the ReadyForQuery status of the nodes.
+        self.txn_status = IDLE
+        self.txn_wrote = False
+        self.txn_strict = False
+        self.session_strict = False
+        self.txn_node: NodeConnection | None = None
+        # Extended protocol: statements and where portals were bound.
+        self.statements: dict[str, Statement] = {}
+        self.portals: dict[str, tuple[NodeConnection, ...]] = {}
+        self._versions = itertools.count(1)
+        self._skip_to_sync = False
+        self.cancel_requested = False  # set by a CancelRequest, cleared when a unit starts
+        self.task: asyncio.Task[None] | None = None
+
+    # -- asyncio.Protocol (client side) -----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    def data_received(self, data: bytes) -> None:
+        self.framer.feed(data)
+        if self.framer.buffered > _READ_PAUSE_BYTES and not self._reading_paused:
+            self._reading_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+        self._wakeup()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone = True
+        self._wakeup()
+
+    def pause_writing(self) -> None:
+        for c in self.conns.values():
+            c.pause_reading()
+
+    def resume_writing(self) -> None:
+        for c in self.conns.values():
+            c.resume_reading()
+
+    def _wakeup(self) -> None:
+        w = self._wake
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+
+    # -- reading frontend messages ----------------------------------------------------------
+
+    async def _wait_data(self) -> None:
+        if self._gone:
+            raise ClientGone
+        if self._reading_paused and self.framer.buffered < _READ_PAUSE_BYTES // 2:
+            self._reading_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        self._wake = asyncio.get_running_loop().create_future()
+        try:
+            await self._wake
+        finally:
+            self._wake = None
+
+    async def next_message(self) -> tuple[int, bytes]:
+        while True:
+            msg = self.framer.next_message()
+            if msg is not None:
+                return msg
+            await self._wait_data()
+
+    async def _next_startup(self) -> bytes:
+        while True:
+            pkt = self.framer.next_startup()
+            if pkt is not None:
+                return pkt
+            await self._wait_data()
+
+    # -- the session ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            if not await self._startup():
+                return
+            self.router.sessions[self.key[0]] = self
+            if self.database == ADMIN_DATABASE:
+                await self.router.admin.serve(self)
+            else:
+                await self._serve()
+        except ClientGone:
+            pass
+        except PgError as e:
+            if not e.fatal:
+                e.severity = "FATAL"
+            self.write(m.encode_error(e))
+            if e.sqlstate not in ("28P01", "28000", "3D000"):
+                log.warning("session %d (%s): %s", self.id, self.peer, e.message)
+        except Exception:
+            log.exception("session %d (%s): internal error", self.id, self.peer)
+            self.write(m.encode_error(PgError("XX000", "internal error in the pgquorum router",
+                                              severity="FATAL")))
+        finally:
+            self.router.sessions.pop(self.key[0], None)
+            for c in self.conns.values():
+                c.close()
+            if self.transport is not None:
+                self.transport.close()
+
+    async def _startup(self) -> bool:
+        """Handle the startup phase; False if the connection was a cancel request."""
+        assert self.transport is not None
+        while True:
+            pkt = m.parse_startup(await self._next_startup())
+            if isinstance(pkt, m.SSLRequest):
+                ctx = self.router.ssl_ctx
+                if ctx is None or self.framer.buffered:
+                    self.transport.write(b"N")
+                    continue
+                self.transport.write(b"S")
+                loop = asyncio.get_running_loop()
+                new = await loop.start_tls(self.transport, self, ctx, server_side=True)
+                assert new is not None
+                self.transport = new
+            elif isinstance(pkt, m.GSSENCRequest):
+                self.transport.write(b"N")
+            elif isinstance(pkt, m.CancelRequest):
+                await self.router.cancel(pkt.pid, pkt.secret)
+                return False
+            else:
+                break
+        self.params = dict(pkt.params)
+        self.user = pkt.user
+        self.database = pkt.database
+        self.params["database"] = self.database
+        await self._authenticate()
+        if self.database == ADMIN_DATABASE:
+            server_params = {"server_version": "15.0 (pgquorum admin console)",
+                             "client_encoding": "UTF8", "server_encoding": "UTF8",
+                             "DateStyle": "ISO, MDY", "integer_datetimes": "on",
+                             "standard_conforming_strings": "on"}
+        else:
+            await self._connect_nodes()
+            lead = self._lead()
+            server_params = lead.params
+            lead.set_forward_async(True)
+        self.key = self.router.new_cancel_key()
+        out = [m.encode_parameter_status(k, v) for k, v in server_params.items()]
+        out.append(m.encode_backend_key(*self.key))
+        out.append(m.encode_ready(IDLE))
+        self.transport.writelines(out)
+        self.state = "idle"
+        return True
+
+    async def _authenticate(self) -> None:
+        settings = self.router.settings
+        secret = self.router.users.get(self.user)
+        auth = ServerAuth(settings.auth_method, self.user, secret)
+        out, done = auth.start()
+        self.write(out)
+        while not done:
+            mtype, payload = await self.next_message()
+            if mtype != m.PASSWORD:
+                raise ProtocolViolation(
+                    f"expected a password message, got message type {chr(mtype)!r}")
+            out, done = auth.receive(payload)
+            self.write(out)
+
+    def _backend_params(self) -> tuple[dict[str, str], str | None]:
+        settings = self.router.settings
+        params = {k: v for k, v in self.params.items() if k != "replication"}
+        if settings.backend_user:
+            params["user"] = settings.backend_user
+        secret = self.router.users.get(params["user"])
+        password = secret.password if secret and secret.password else settings.backend_password
+        return params, password
+
+    async def _connect_nodes(self) -> None:
+        cluster = self.router.cluster
+        targets = [st.node for st in cluster.online()]
+        if not targets:
+            raise PgError(CONNECTION_FAILURE, f"no ONLINE node in group {cluster.group.name!r}",
+                          severity="FATAL")
+        params, password = self._backend_params()
+        results = await asyncio.gather(
+            *(NodeConnection.open(n, params, password, self.write) for n in targets),
+            return_exceptions=True,
+        )
+        for node, res in zip(targets, results, strict=True):
+            if isinstance(res, NodeConnection):
+                self.conns[node.name] = res
+            elif isinstance(res, NodeLost):
+                cluster.mark_failed(node.name, res.reason)
+            elif isinstance(res, PgError):
+                for c in self.conns.values():
+                    c.close()
+                self.conns.clear()
+                raise res
+            elif isinstance(res, BaseException):
+                raise res
+        if not self.conns:
+            raise PgError(CONNECTION_FAILURE,
+                          f"no node of group {cluster.group.name!r} can be reached",
+                          severity="FATAL")
+
+    # -- node selection ---------------------------------------------------------------------
+
+    def _online_conns(self) -> list[NodeConnection]:
+        """Connections to ONLINE nodes, in group order; drops nodes failed meanwhile."""
+        cluster = self.router.cluster
+        conns = self.conns
+        dead = [name for name, c in conns.items()
+                if c.lost is not None or not cluster.is_online(name)]
+        for name in dead:
+            c = conns.pop(name)
+            if c.lost is not None:
+                cluster.mark_failed(name, c.lost.reason)
+            c.close()
+        if dead:
+            lead = next(iter(conns.values()), None)
+            if lead is not None:
+                lead.set_forward_async(True)
+        if not conns:
+            raise PgError(CONNECTION_FAILURE, "no ONLINE node is left for this session",
+                          severity="FATAL")
+        return list(conns.values())
+
+    def _lead(self) -> NodeConnection:
+        return self._online_conns()[0]
+
+    def _pick_read(self) -> NodeConnection:
+        conns = self._online_conns()
+        policy = self.router.settings.read_policy
+        if policy == "lead" or len(conns) == 1:
+            return conns[0]
+        if self.txn_status != IDLE:
+            # Inside a transaction block reads stick to one node; after a write (or under
+            # REPEATABLE READ / SERIALIZABLE, whose snapshot must be the writer's) the lead.
+            if self.txn_wrote or self.txn_strict or self.session_strict:
+                return conns[0]
+            if self.txn_node is None or self.txn_node not in conns:
+                self.txn_node = self._least_loaded(conns)
+            return self.txn_node
+        if self.session_strict:
+            return conns[0]
+        return self._least_loaded(conns)
+
+    def _least_loaded(self, conns: list[NodeConnection]) -> NodeConnection:
+        status = self.router.cluster.status
+        return min(conns, key=lambda c: (status[c.node.name].outstanding,
+                                         status[c.node.name].statements))
+
+    async def _resolve(self, a: Analysis) -> Route:
+        """The analysis' route, upgraded to WRITE when a called function is volatile."""
+        route = a.route
+        if route is Route.READ:
+            if a.functions:
+                catalog = self.router.catalog(self.database)
+                unknown = catalog.unknown(a.functions)
+                if unknown:
+                    await self._lookup_functions(unknown)
+                if catalog.is_volatile(a.functions):
+                    route = Route.WRITE
+            if self.router.settings.read_policy == "all":
+                route = Route.WRITE
+        return route
+
+    async def _lookup_functions(self, names: list[str]) -> None:
+        catalog = self.router.catalog(self.database)
+        conn = self._lead()
+        rows = await fetch_rows(conn, catalog.lookup_sql(names))
+        if rows is not None:
+            catalog.learn((str(r[0]), str(r[1])) for r in rows)
+
+    # -- serving units ----------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        batch: list[tuple[int, bytes, object]] = []
+        while True:
+            if not batch:
+                self.state = "idle" if self.txn_status == IDLE else "idle in transaction"
+            mtype, payload = await self.next_message()
+            self.state = "active"
+            self.cancel_requested = False
+            if self._skip_to_sync:
+                if mtype == m.SYNC:
+                    self._skip_to_sync = False
+                    self.write(m.encode_ready(self.txn_status))
+                elif mtype == m.TERMINATE:
+                    return
+                continue
+            if mtype == m.QUERY:
+                await self._simple_query(payload)
+            elif mtype in (m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE):
+                batch.append((mtype, payload, None))
+            elif mtype == m.SYNC or mtype == m.FLUSH:
+                if mtype == m.FLUSH and not batch:
+                    continue
+                batch.append((mtype, payload, None))
+                try:
+                    await self._extended(batch)
+                finally:
+                    batch = []
+            elif mtype == m.TERMINATE:
+                return
+            elif mtype in (m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL):
+                continue  # outside COPY these are ignored, as PostgreSQL does
+            elif mtype == m.FUNCTION_CALL:
+                self._router_error(PgError(FEATURE_NOT_SUPPORTED,
+                                           "the fast-path function call protocol is not "
+                                           "supported by pgquorum",
+                                           hint="Call the function with SELECT instead."),
+                                   ready=True)
+            else:
+                raise ProtocolViolation(f"invalid frontend message type {mtype}")
+
+    def _router_error(self, err: PgError, *, ready: bool) -> None:
+        self.write(m.encode_error(err))
+        if ready:
+            self.write(m.encode_ready(self.txn_status))
+
+    async def _simple_query(self, payload: bytes) -> None:
+        sql = m.parse_query(payload)
+        a = self.router.analyzer.analyze(sql)
+        route = await self._resolve(a)
+        data = m.frame(m.QUERY, payload)
+        expect = [EXPECT_QUERY]
+        if route is Route.WRITE:
+            res = await self._write_unit(lambda c: (data, expect), single=a.statements == 1)
+        else:
+            conn = self._lead() if route is Route.LEAD else self._pick_read()
+            res = await self._read_unit(conn, data, expect)
+            if route is Route.LEAD:
+                self.txn_node = None if self.txn_status == IDLE else conn
+        self._after_unit(res, route, a)
+
+    def _after_unit(self, res: UnitResult | None, route: Route, a: Analysis | None) -> None:
+        self.units += 1
+        if a is not None and a.catalog_change:
+            self.router.catalog(self.database).clear()
+        if res is None or not res.status:
+            return
+        status = res.status
+        if a is not None and a.strict_isolation:
+            if status == IDLE:
+                self.session_strict = True
+            else:
+                self.txn_strict = True
+        if route is Route.WRITE:
+            self.txn_wrote = True
+        self.txn_status = status
+        if status == IDLE:
+            self.txn_wrote = False
+            self.txn_strict = False
+            self.txn_node = None
+            self.portals.clear()
+
+    async def _read_unit(self, conn: NodeConnection, data: bytes,
+                         expect: list[Expectation]) -> UnitResult:
+        st = self.router.cluster.status[conn.node.name]
+        st.outstanding += 1
+        st.statements += 1
+        try:
+            conn.send_unit(data, expect, relay=True)
+            res = await conn.wait()
+        except NodeLost as e:
+            self.router.cluster.mark_failed(conn.node.name, e.reason)
+            raise PgError(CONNECTION_FAILURE,
+                          f"lost the connection to node {conn.node.name} while it served this "
+                          f"session: {e.reason}", severity="FATAL") from None
+        finally:
+            st.outstanding -= 1
+        if res.error and self.txn_status != IDLE and res.status != IDLE:
+            # A read failed inside a transaction block on one node: run it on the others too,
+            # so every node's transaction is aborted the same way.
+            await self._replay_elsewhere(conn, data, expect)
+        return res
+
+    async def _replay_elsewhere(self, conn: NodeConnection, data: bytes,
+                                expect: list[Expectation]) -> None:
+        others = [c for c in self._online_conns() if c is not conn]
+        for c in others:
+            c.send_unit(data, list(expect), relay=False)
+        results = await asyncio.gather(*(c.wait() for c in others), return_exceptions=True)
+        for c, r in zip(others, results, strict=True):
+            if isinstance(r, NodeLost):
+                self.router.cluster.mark_failed(c.node.name, r.reason)
+
+    async def _write_unit(self, build: BuildUnit, *, single: bool) -> UnitResult:
+        """Run a unit on the lead, then on every other ONLINE node; reply with the lead's answer.
+
+        ``build(conn)`` returns the bytes and expectations for one node (they differ only when
+        a node needs a prepared statement it has not seen yet).
+        """
+        cluster = self.router.cluster
+        while True:
+            conns = self._online_conns()
+            lead = conns[0]
+            data, expect = build(lead)
+            st = cluster.status[lead.node.name]
+            st.outstanding += 1
+            st.statements += 1
+            try:
+                lead.send_unit(data, expect, relay=False)
+                lead_res = await lead.wait()
+                break
+            except NodeLost as e:
+                # The lead died before answering: the statement never reached the others,
+                # so a new lead can run it from scratch.
+                cluster.mark_failed(lead.node.name, e.reason)
+                if self.txn_status != IDLE:
+                    raise PgError(CONNECTION_FAILURE,
+                                  f"the lead node {lead.node.name} failed inside this "
+                                  f"transaction: {e.reason}", severity="FATAL") from None
+            finally:
+                st.outstanding -= 1
+        others = conns[1:]
+        if lead_res.error and lead_res.status == IDLE and single:
+            # One statement that failed on the lead outside a transaction block changed nothing
+            # there, so it must change nothing elsewhere either (it may have failed for a reason
+            # of the lead's own, such as a cancel or a lock timeout).
+            others = []
+        elif lead_res.error == QUERY_CANCELED and self.cancel_requested:
+            # The client cancelled: abort the others' transaction the same way.
+            cancel_self = m.encode_query("SELECT pg_cancel_backend(pg_backend_pid())")
+            build = lambda c: (cancel_self, [EXPECT_QUERY])  # noqa: E731
+        started = []
+        for c in others:
+            d, ex = build(c)
+            try:
+                c.send_unit(d, ex, relay=False)
+            except NodeLost as e:
+                cluster.mark_failed(c.node.name, e.reason)
+                continue
+            cluster.status[c.node.name].outstanding += 1
+            cluster.status[c.node.name].statements += 1
+            started.append(c)
+        others = started
+        results = await self._gather(others)
+        if lead_res.copy_in:
+            lead_res, results = await self._copy_in(lead, lead_res, others, results)
+        self._vote(lead, lead_res, others, results)
+        if lead_res.chunks:
+            assert self.transport is not None
+            if not self.transport.is_closing():
+                self.transport.writelines(lead_res.chunks)
+        return lead_res
+
+    async def _gather(self, conns: list[NodeConnection]) -> list[UnitResult | None]:
+        """Wait for each node's answer; a node that breaks is failed and gives None."""
+        out: list[UnitResult | None] = []
+        status = self.router.cluster.status
+        for c in conns:
+            try:
+                out.append(await c.wait())
+            except NodeLost as e:
+                self.router.cluster.mark_failed(c.node.name, e.reason)
+                out.append(None)
+            finally:
+                status[c.node.name].outstanding -= 1
+        return out
+
+    async def _copy_in(self, lead: NodeConnection, lead_res: UnitResult,
+                       others: list[NodeConnection], results: list[UnitResult | None],
+                       ) -> tuple[UnitResult, list[UnitResult | None]]:
+        """Stream the client's COPY data to every node that is waiting for it."""
+        receivers = [lead] + [c for c, r in zip(others, results, strict=True)
+                              if r is not None and r.copy_in]
+        assert self.transport is not None
+        # The client sees the lead's CopyInResponse; the rest of its reply comes at the end.
+        self.transport.writelines(lead_res.chunks)
+        lead_res.chunks = []
+        while True:
+            mtype, payload = await self.next_message()
+            if mtype in (m.SYNC, m.FLUSH):
+                continue  # ignored during COPY, as PostgreSQL does
+            if mtype not in (m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL):
+                raise ProtocolViolation(
+                    f"unexpected message type {chr(mtype)!r} during COPY from stdin")
+            data = m.frame(mtype, payload)
+            for c in receivers:
+                if c.lost is None:
+                    c.send_more(data)
+            if mtype != m.COPY_DATA:
+                break
+            for c in receivers:
+                if c.lost is None:
+                    await c.writable()
+        for c in receivers:
+            c.resume_copy()
+        status = self.router.cluster.status
+        for c in others:
+            status[c.node.name].outstanding += 1
+        lead_final = await lead.wait()
+        rest = await self._gather(others)
+        return lead_final, rest
+
+    def _vote(self, lead: NodeConnection, lead_res: UnitResult, others: list[NodeConnection],
+              results: list[UnitResult | None]) -> None:
+        """Compare every node's outcome with the lead's and report differences loudly."""
+        want = lead_res.outcome()
+        for c, r in zip(others, results, strict=True):
+            if r is None:
+                continue
+            got = r.outcome()
+            if got != want:
+                st = self.router.cluster.status[c.node.name]
+                st.divergences += 1
+                st.last_error = (f"outcome {_describe(got)} differs from lead "
+                                 f"{lead.node.name}'s {_describe(want)}")
+                log.error("DIVERGENCE: node %s answered %s, lead %s answered %s",
+                          c.node.name, _describe(got), lead.node.name, _describe(want))
+
+    # -- extended protocol ------------------------------------------------------------------
+
+    async def _extended(self, batch: list[tuple[int, bytes, object]]) -> None:
+        route = Route.READ
+        pinned: tuple[NodeConnection, ...] | None = None
+        bound: dict[str, Statement | None] = {}
+        strict = False
+        catalog_change = False
+        closes: list[str] = []
+        executes = 0
+        statements = self.statements
+        for i, (mtype, payload, _) in enumerate(batch):
+            info: object = None
+            if mtype == m.PARSE:
+                p = m.parse_parse(payload)
+                a = self.router.analyzer.analyze(p.query)
+                info = statements[p.name] = Statement(p.name, m.frame(m.PARSE, payload), a,
+                                                      next(self._versions))
+                strict = strict or a.strict_isolation
+            elif mtype == m.BIND:
+                b = m.parse_bind(payload)
+                info = bound[b.portal] = statements.get(b.statement)
+            elif mtype == m.EXECUTE:
+                executes += 1
+                portal = m.parse_execute(payload).portal
+                if portal in bound:
+                    stmt = bound[portal]
+                    if stmt is not None:
+                        r = await self._resolve(stmt.analysis)
+                        catalog_change = catalog_change or stmt.analysis.catalog_change
+                        strict = strict or stmt.analysis.strict_isolation
+                    else:
+                        r = Route.LEAD  # unknown statement: let the lead report the error
+                    route = _stronger(route, r)
+                else:
+                    pinned = self.portals.get(portal, pinned)
+            elif mtype == m.DESCRIBE:
+                d = m.parse_describe(payload)
+                if d.kind == "S":
+                    info = statements.get(d.name)
+                elif d.name not in bound:
+                    pinned = self.portals.get(d.name, pinned)
+            elif mtype == m.CLOSE:
+                c = m.parse_close(payload)
+                if c.kind == "S":
+                    statements.pop(c.name, None)
+                    closes.append(c.name)
+                    info = c.name
+            batch[i] = (mtype, payload, info)
+
+        def build(conn: NodeConnection) -> tuple[bytes, list[Expectation]]:
+            return _build_batch(conn, batch)
+
+        res: UnitResult | None
+        if pinned is not None and route is not Route.WRITE:
+            targets: tuple[NodeConnection, ...] = pinned
+            res = await self._read_unit(pinned[0], *build(pinned[0]))
+        elif route is Route.WRITE:
+            res = await self._write_unit(build, single=executes == 1)
+            targets = tuple(self._online_conns())
+        else:
+            conn = self._lead() if route is Route.LEAD else self._pick_read()
+            targets = (conn,)
+            res = await self._read_unit(conn, *build(conn))
+        for portal in bound:
+            self.portals[portal] = targets
+        if closes:
+            for c in self.conns.values():
+                if c not in targets:
+                    c.pending_close.extend(n for n in closes if n in c.prepared)
+        a = Analysis(route=route, functions=frozenset(), strict_isolation=strict,
+                     catalog_change=catalog_change)
+        self._after_unit(res, route, a)
+
+
+def _stronger(a: Route, b: Route) -> Route:
+    if a is Route.WRITE or b is Route.WRITE:
+        return Route.WRITE
+    if a is Route.LEAD or b is Route.LEAD:
+        return Route.LEAD
+    return Route.READ
+
+
+def _build_batch(conn: NodeConnection,
+                 batch: list[tuple[int, bytes, object]]) -> tuple[bytes, list[Expectation]]:
+    """The bytes of a batch for one node, with the Parse/Close it still needs injected."""
+    parts: list[bytes] = []
+    expect: list[Expectation] = []
+    if conn.pending_close:
+        for name in conn.pending_close:
+            parts.append(m.encode_close("S", name))
+            expect.append(Expectation(m.CLOSE, name, swallow=True))
+        conn.pending_close = []
+    have = conn.prepared
+    will_have: dict[str, int] = {}
+    for mtype, payload, info in batch:
+        if isinstance(info, Statement):
+            if mtype == m.PARSE:
+                will_have[info.name] = info.version
+                parts.append(info.parse_frame)
+                expect.append(Expectation(m.PARSE, info.name, False, info.version))
+                continue
+            known = will_have.get(info.name, have.get(info.name))
+            if known != info.version:
+                if known is not None and info.name:
+                    parts.append(m.encode_close("S", info.name))
+                    expect.append(Expectation(m.CLOSE, info.name, swallow=True))
+                parts.append(info.parse_frame)
+                expect.append(Expectation(m.PARSE, info.name, True, info.version))
+                will_have[info.name] = info.version
+        parts.append(m.frame(mtype, payload))
+        if mtype == m.FLUSH:
+            continue
+        if mtype == m.SYNC:
+            expect.append(EXPECT_SYNC)
+        elif mtype == m.CLOSE and isinstance(info, str):
+            expect.append(Expectation(m.CLOSE, info))
+        else:
+            expect.append(Expectation(mtype))
+    return b"".join(parts), expect
+
+
+def _describe(outcome: tuple[object, ...]) -> str:
+    return ", ".join(str(x) for x in outcome) or "(nothing)"
+
+
+async def fetch_rows(conn: NodeConnection, sql: str) -> list[list[str | None]] | None:
+    """Run an internal query on a node between units; None if it failed."""
+    conn.send_unit(m.encode_query(sql), [EXPECT_QUERY], relay=False)
+    res = await conn.wait()
+    if res.error:
+        return None
+    return [decode_data_row(c[5:]) for c in res.chunks if c[0] == m.DATA_ROW]
+
+
+def decode_data_row(payload: bytes) -> list[str | None]:
+    n = int.from_bytes(payload[0:2], "big")
+    pos = 2
+    out: list[str | None] = []
+    for _ in range(n):
+        size = int.from_bytes(payload[pos : pos + 4], "big", signed=True)
+        pos += 4
+        if size < 0:
+            out.append(None)
+        else:
+            out.append(payload[pos : pos + size].decode())
+            pos += size
+    return out
+
+
+def new_secret() -> int:
+    return secrets.randbits(31)
+

@@ -1,0 +1,1 @@
+"""SQL analysis on the real PostgreSQL grammar (pglast): classify statements for routing."""

@@ -1,0 +1,473 @@
+"""Statement classification for routing, on the real PostgreSQL grammar (pglast).
+
+A statement is READ only when the parse tree proves it cannot change data or session
+state; everything else, including anything unknown or unparsable, is WRITE and goes to
+every node.  Function calls are collected rather than judged here: whether ``f()`` is
+volatile is a catalog question (see :mod:`pgquorum.sql.catalog`).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from pglast import Error as PglastError
+from pglast import ast
+from pglast.enums import ObjectType, TransactionStmtKind, VariableSetKind
+from pglast.parser import fingerprint, parse_sql
+
+
+class Route(enum.Enum):
+    READ = "read"  # provably read-only: may run on any one node
+    WRITE = "write"  # may change data or session state: runs on every node, lead first
+    LEAD = "lead"  # must run on the lead only (LISTEN/UNLISTEN, cursor DECLARE/FETCH/MOVE/CLOSE)
+
+
+class CopyDirection(enum.Enum):
+    IN = "in"  # COPY ... FROM STDIN
+    OUT = "out"  # COPY ... TO STDOUT (or COPY (query) TO STDOUT)
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    route: Route
+    # Functions called, as "name" or "schema.name" (case as PostgreSQL resolves it: unquoted
+    # identifiers arrive lowercased from the parser, quoted ones keep their case).  Empty
+    # unless route is READ: the caller upgrades a READ to WRITE if any of them is volatile.
+    functions: frozenset[str]
+    copy: CopyDirection | None = None
+    strict_isolation: bool = False  # sets REPEATABLE READ / SERIALIZABLE
+    catalog_change: bool = False  # may change function volatility: clear the catalog cache
+    error: str | None = None  # pglast could not parse it; route is WRITE
+    statements: int = 1
+
+
+_EMPTY: frozenset[str] = frozenset()
+_NO_STATEMENTS = Analysis(Route.READ, _EMPTY, statements=0)
+
+# -- fingerprint safety ------------------------------------------------------------------
+#
+# pglast.parser.fingerprint (libpg_query) hashes the raw parse tree but deliberately leaves
+# things out: the values of constants (A_Const, and a TypeCast of a constant as a whole),
+# the options of TransactionStmt, cursor/prepared/channel names, aliases, and every node
+# 100 or more levels deep.  A fingerprint-cache entry is reused for any statement with the
+# same fingerprint without parsing it, so an analysis may only go in that cache when no
+# ignored part could have changed it:
+#   * SET/RESET and transaction control read constants ('serializable' vs 'read
+#     committed', BEGIN's isolation options): never fingerprint-cached.  They are short
+#     and repeated verbatim, so the exact-text cache serves them.
+#   * set_config(...) in a query: its arguments are constants -> not fingerprint-cached.
+#   * anything classified by walking a query tree (SELECT, EXPLAIN, COPY (query)) is only
+#     fingerprint-cached when the whole tree is at most _FINGERPRINT_SAFE_DEPTH deep, well
+#     inside the 100 levels the fingerprint covers (the depth here counts tuples and nodes
+#     exactly like libpg_query counts lists and nodes, starting with the statement list at
+#     0; measured, see the tests), so every FuncCall name and every locking clause or
+#     data-modifying CTE contributes to the hash.
+#   * everything else is decided by the statement's node type and its enum/bool/string
+#     fields (COPY's filename, DROP's object type, ...), which are all hashed.
+# Relation names, constants and aliases never influence a classification here.
+_FINGERPRINT_SAFE_DEPTH = 90
+_STMT_DEPTH = 2  # statement list (0) -> RawStmt (1) -> RawStmt.stmt (2)
+
+# -- parse tree walking ------------------------------------------------------------------
+
+# Node types that make a SELECT tree not read-only wherever they appear: data-modifying
+# CTEs (at any depth), FOR UPDATE/SHARE (takes row locks, which only the nodes running the
+# query would hold), SELECT INTO (creates a table).
+_WRITE_NODES: frozenset[type] = frozenset(
+    {
+        ast.InsertStmt,
+        ast.UpdateStmt,
+        ast.DeleteStmt,
+        ast.MergeStmt,
+        ast.LockingClause,
+        ast.IntoClause,
+    }
+)
+
+_CHILD_ATTRS: dict[type, tuple[str, ...]] = {}
+
+
+def _child_attrs(cls: type) -> tuple[str, ...]:
+    """Names of the attributes of a node class that may hold nodes or lists (cached)."""
+    attrs = _CHILD_ATTRS.get(cls)
+    if attrs is None:
+        slots = getattr(cls, "__slots__", None) if issubclass(cls, ast.Node) else None
+        if isinstance(slots, dict):
+            attrs = tuple(
+                name
+                for name, info in slots.items()
+                # Pointers to nodes/lists, and one embedded struct; 'char*' is a str and
+                # A_Const's 'ValUnion' is a constant value (never holds a call).
+                if (info.c_type.endswith("*") and info.c_type != "char*")
+                or info.c_type == "CreateStmt"
+            )
+        else:
+            attrs = ()
+        _CHILD_ATTRS[cls] = attrs
+    return attrs
+
+
+def _quote_part(part: str) -> str:
+    # A quoted identifier containing '.' or '"' cannot be written as a plain dotted name
+    # without becoming ambiguous; quoting it makes the catalog find no row for it, so it is
+    # treated as volatile.
+    if "." in part or '"' in part:
+        return '"' + part.replace('"', '""') + '"'
+    return part
+
+
+def _func_name(funcname: tuple[Any, ...]) -> str:
+    # "catalog.schema.name" is only valid for the current database: keep schema.name.
+    parts = [p.sval for p in funcname[-2:]]
+    return ".".join(_quote_part(p) for p in parts)
+
+
+def _const_str(node: Any) -> str | None:
+    """The value of a string constant (possibly cast), or None if it is anything else."""
+    if type(node) is ast.TypeCast:
+        node = node.arg
+    if type(node) is ast.A_Const and type(node.val) is ast.String:
+        return str(node.val.sval)
+    return None
+
+
+_SET_CONFIG = frozenset({"set_config", "pg_catalog.set_config"})
+_ISOLATION_GUCS = frozenset({"transaction_isolation", "default_transaction_isolation"})
+_LAX_LEVELS = frozenset({"read committed", "read uncommitted"})
+
+
+def _strict_level(value: Any) -> bool:
+    """True unless `value` is provably a non-strict isolation level (unknown -> strict)."""
+    level = _const_str(value)
+    return level is None or level.lower() not in _LAX_LEVELS
+
+
+def _set_config_strict(args: tuple[Any, ...] | None) -> bool:
+    if not args or len(args) < 2:
+        return False
+    name = _const_str(args[0])
+    if name is None:  # set_config($1, ...): could be the isolation level
+        return True
+    return name.lower() in _ISOLATION_GUCS and _strict_level(args[1])
+
+
+class _Scan:
+    __slots__ = ("const_dependent", "depth", "functions", "strict", "writes")
+
+    def __init__(self) -> None:
+        self.functions: set[str] = set()
+        self.writes = False
+        self.strict = False
+        self.const_dependent = False
+        self.depth = 0
+
+
+def _scan(root: Any, depth: int) -> _Scan:
+    """Walk a query tree iteratively (no recursion limit): calls, write nodes, depth."""
+    result = _Scan()
+    functions = result.functions
+    max_depth = depth
+    stack: list[tuple[Any, int]] = [(root, depth)]
+    pop = stack.pop
+    push = stack.append
+    node_types = (tuple, ast.Node)
+    while stack:
+        obj, d = pop()
+        if d > max_depth:
+            max_depth = d
+        cls = type(obj)
+        d += 1
+        if cls is tuple:
+            for item in obj:
+                if isinstance(item, node_types):
+                    push((item, d))
+            continue
+        if cls is ast.FuncCall:
+            name = _func_name(obj.funcname)
+            functions.add(name)
+            if name in _SET_CONFIG:
+                result.const_dependent = True
+                result.strict = result.strict or _set_config_strict(obj.args)
+        elif cls in _WRITE_NODES:
+            # No early exit: a later set_config() may still set strict_isolation.
+            result.writes = True
+        for attr in _child_attrs(cls):
+            value = getattr(obj, attr)
+            if value is not None:
+                push((value, d))
+    result.depth = max_depth
+    return result
+
+
+# -- per statement -----------------------------------------------------------------------
+
+
+class _Part:
+    """Classification of one statement, plus whether the fingerprint cache may hold it."""
+
+    __slots__ = ("catalog", "copy", "fp_safe", "functions", "route", "strict")
+
+    def __init__(
+        self,
+        route: Route,
+        functions: frozenset[str] = _EMPTY,
+        *,
+        copy: CopyDirection | None = None,
+        strict: bool = False,
+        catalog: bool = False,
+        fp_safe: bool = True,
+    ) -> None:
+        self.route = route
+        self.functions = functions
+        self.copy = copy
+        self.strict = strict
+        self.catalog = catalog
+        self.fp_safe = fp_safe
+
+
+_LEAD_STMTS: frozenset[type] = frozenset(
+    {
+        ast.ListenStmt,
+        ast.UnlistenStmt,
+        ast.DeclareCursorStmt,  # a cursor lives in one backend: the lead's
+        ast.FetchStmt,  # FETCH and MOVE
+        ast.ClosePortalStmt,
+    }
+)
+
+# Statements after which cached function volatility may be wrong: new or altered
+# functions, new names, functions moving schema.  DO runs arbitrary code, which may
+# include dynamic DDL.  (Dropping alone could only leave a cached value too volatile,
+# which is safe, but DROP SCHEMA/EXTENSION/FUNCTION are flagged as asked.)
+_CATALOG_STMTS: frozenset[type] = frozenset(
+    {
+        ast.CreateFunctionStmt,  # CREATE [OR REPLACE] FUNCTION / PROCEDURE
+        ast.AlterFunctionStmt,  # ALTER FUNCTION / PROCEDURE / ROUTINE
+        ast.CreateExtensionStmt,
+        ast.AlterExtensionStmt,  # ALTER EXTENSION UPDATE
+        ast.AlterExtensionContentsStmt,  # ALTER EXTENSION ADD/DROP FUNCTION
+        ast.DropOwnedStmt,
+        ast.DoStmt,
+    }
+)
+_ROUTINES = frozenset(
+    {
+        ObjectType.OBJECT_FUNCTION,
+        ObjectType.OBJECT_PROCEDURE,
+        ObjectType.OBJECT_ROUTINE,
+        ObjectType.OBJECT_AGGREGATE,
+    }
+)
+_DROP_CATALOG = _ROUTINES | {ObjectType.OBJECT_SCHEMA, ObjectType.OBJECT_EXTENSION}
+_RENAME_CATALOG = _ROUTINES | {ObjectType.OBJECT_SCHEMA}
+_MOVE_CATALOG = _ROUTINES | {ObjectType.OBJECT_EXTENSION}
+# Node types whose `replace` flag means CREATE OR REPLACE.
+_REPLACEABLE: frozenset[type] = frozenset(
+    {
+        ast.ViewStmt,
+        ast.RuleStmt,
+        ast.CreateTrigStmt,
+        ast.DefineStmt,
+        ast.CreatePLangStmt,
+        ast.CreateTransformStmt,
+    }
+)
+
+
+def _catalog_change(stmt: Any, cls: type) -> bool:
+    if cls in _CATALOG_STMTS:
+        return True
+    if cls is ast.DropStmt:
+        return stmt.removeType in _DROP_CATALOG
+    if cls is ast.RenameStmt:
+        return stmt.renameType in _RENAME_CATALOG
+    if cls is ast.AlterObjectSchemaStmt:
+        return stmt.objectType in _MOVE_CATALOG
+    if cls is ast.DefineStmt and stmt.kind is ObjectType.OBJECT_AGGREGATE:
+        return True
+    return cls in _REPLACEABLE and bool(stmt.replace)
+
+
+def _options_strict(options: tuple[Any, ...] | None) -> bool:
+    for option in options or ():
+        if type(option) is ast.DefElem and option.defname == "transaction_isolation":
+            return _strict_level(option.arg)
+    return False
+
+
+def _variable_set_strict(stmt: Any) -> bool:
+    name = (stmt.name or "").lower()  # GUC names are case-insensitive
+    if stmt.kind is VariableSetKind.VAR_SET_VALUE and name in _ISOLATION_GUCS:
+        return _strict_level(stmt.args[0] if stmt.args else None)
+    if stmt.kind is VariableSetKind.VAR_SET_MULTI and name in (
+        "transaction",
+        "session characteristics",
+    ):
+        return _options_strict(stmt.args)
+    return False
+
+
+_BEGIN_KINDS = frozenset({TransactionStmtKind.TRANS_STMT_BEGIN, TransactionStmtKind.TRANS_STMT_START})
+
+
+def _query_part(query: Any, depth: int) -> _Part:
+    """A query tree is READ only when the walk finds no write node in it."""
+    scan = _scan(query, depth)
+    fp_safe = not scan.const_dependent and scan.depth <= _FINGERPRINT_SAFE_DEPTH
+    if scan.writes:
+        return _Part(Route.WRITE, strict=scan.strict, fp_safe=fp_safe)
+    functions = frozenset(scan.functions) if scan.functions else _EMPTY
+    return _Part(Route.READ, functions, strict=scan.strict, fp_safe=fp_safe)
+
+
+def _classify(stmt: Any, depth: int) -> _Part:
+    cls = type(stmt)
+    if cls is ast.SelectStmt:  # also VALUES, TABLE, set operations
+        return _query_part(stmt, depth)
+    if cls is ast.VariableShowStmt:
+        return _Part(Route.READ)
+    if cls in _LEAD_STMTS:
+        return _Part(Route.LEAD)
+    if cls is ast.ExplainStmt:
+        # EXPLAIN of a READ is READ with or without ANALYZE: ANALYZE executes exactly that
+        # read-only query (its functions are passed on for the volatility check).  EXPLAIN
+        # of anything else is WRITE with or without ANALYZE, so the ANALYZE option (a
+        # constant-like value) never matters for the fingerprint cache.
+        inner = _classify(stmt.query, depth + 1)
+        if inner.route is Route.READ:
+            return _Part(Route.READ, inner.functions, strict=inner.strict, fp_safe=inner.fp_safe)
+        return _Part(Route.WRITE, strict=inner.strict, fp_safe=inner.fp_safe)
+    if cls is ast.CopyStmt:
+        if stmt.is_from:  # FROM STDIN streams client data; FROM file/PROGRAM is server-side
+            return _Part(Route.WRITE, copy=CopyDirection.IN if stmt.filename is None else None)
+        if stmt.filename is not None:  # TO 'file' / TO PROGRAM: side effect on the server
+            return _Part(Route.WRITE)
+        if stmt.query is None:  # COPY table TO STDOUT
+            return _Part(Route.READ, copy=CopyDirection.OUT)
+        inner = _classify(stmt.query, depth + 1)  # COPY (INSERT ... RETURNING) is a write
+        route = Route.READ if inner.route is Route.READ else Route.WRITE
+        functions = inner.functions if route is Route.READ else _EMPTY
+        return _Part(
+            route, functions, copy=CopyDirection.OUT, strict=inner.strict, fp_safe=inner.fp_safe
+        )
+    if cls is ast.VariableSetStmt:
+        return _Part(Route.WRITE, strict=_variable_set_strict(stmt), fp_safe=False)
+    if cls is ast.TransactionStmt:
+        strict = stmt.kind in _BEGIN_KINDS and _options_strict(stmt.options)
+        return _Part(Route.WRITE, strict=strict, fp_safe=False)
+    return _Part(Route.WRITE, catalog=_catalog_change(stmt, cls))
+
+
+def _combine(parts: list[_Part]) -> tuple[Analysis, bool]:
+    routes = {part.route for part in parts}
+    if Route.WRITE in routes:
+        route = Route.WRITE
+    elif Route.LEAD in routes:
+        route = Route.LEAD
+    else:
+        route = Route.READ
+    functions = _EMPTY
+    if route is Route.READ:
+        called = [part.functions for part in parts if part.functions]
+        if len(called) == 1:
+            functions = called[0]
+        elif called:
+            functions = frozenset().union(*called)
+    copy = next((part.copy for part in parts if part.copy is not None), None)
+    analysis = Analysis(
+        route,
+        functions,
+        copy=copy,
+        strict_isolation=any(part.strict for part in parts),
+        catalog_change=any(part.catalog for part in parts),
+        statements=len(parts),
+    )
+    return analysis, all(part.fp_safe for part in parts)
+
+
+def _parse(sql: str) -> tuple[Analysis, bool]:
+    """Full analysis of `sql` and whether it may be stored in the fingerprint cache."""
+    try:
+        stmts = parse_sql(sql)
+    except PglastError as exc:
+        return Analysis(Route.WRITE, _EMPTY, error=str(exc)), False
+    except RecursionError:  # pathological nesting: let the servers judge it
+        return Analysis(Route.WRITE, _EMPTY), False
+    if not stmts:
+        return _NO_STATEMENTS, True
+    return _combine([_classify(raw.stmt, _STMT_DEPTH) for raw in stmts])
+
+
+class Analyzer:
+    """Classifies SQL strings, with two bounded caches.
+
+    By exact text first (a dict lookup), then by pglast fingerprint (~5us, much cheaper
+    than a full parse) so that statements differing only in constants share one analysis;
+    see the fingerprint-safety notes above for what may be shared.  Each cache holds at
+    most `max_entries`; when full, the oldest eighth is dropped.  Texts longer than
+    `max_text_len` are not kept by text (they would pin a lot of memory) but still use the
+    fingerprint cache.  Not thread-safe; fine for one asyncio loop (no awaits inside).
+    """
+
+    __slots__ = ("_by_fp", "_by_text", "_max_entries", "_max_text_len", "fp_hits", "parses")
+
+    def __init__(self, max_entries: int = 10_000, max_text_len: int = 16_384) -> None:
+        self._by_text: dict[str, Analysis] = {}
+        self._by_fp: dict[str, Analysis] = {}
+        self._max_entries = max(1, max_entries)
+        self._max_text_len = max_text_len
+        self.fp_hits = 0  # text misses answered by the fingerprint cache
+        self.parses = 0  # full parses (text and fingerprint misses)
+
+    def analyze(self, sql: str) -> Analysis:
+        analysis = self._by_text.get(sql)
+        if analysis is not None:
+            return analysis
+        return self._analyze_miss(sql)
+
+    def _analyze_miss(self, sql: str) -> Analysis:
+        if "\x00" in sql:
+            # The parser would stop at the NUL and classify only a prefix.
+            analysis = Analysis(Route.WRITE, _EMPTY, error="query string contains a NUL byte")
+        else:
+            try:
+                key = fingerprint(sql)
+            except PglastError as exc:
+                analysis = Analysis(Route.WRITE, _EMPTY, error=str(exc))
+            else:
+                cached = self._by_fp.get(key)
+                if cached is not None:
+                    self.fp_hits += 1
+                    analysis = cached
+                else:
+                    self.parses += 1
+                    analysis, fp_safe = _parse(sql)
+                    if fp_safe:
+                        self._store(self._by_fp, key, analysis)
+        if len(sql) <= self._max_text_len:
+            self._store(self._by_text, sql, analysis)
+        return analysis
+
+    def _store(self, cache: dict[str, Analysis], key: str, analysis: Analysis) -> None:
+        if len(cache) >= self._max_entries:
+            # Dicts keep insertion order, so the first keys are the oldest.  Evicting in
+            # batches keeps this O(1) amortized: deleting one key at a time from the front
+            # makes each next(iter(cache)) skip an ever longer run of dead slots.
+            for old in list(itertools.islice(cache, max(1, len(cache) // 8))):
+                del cache[old]
+        cache[key] = analysis
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "text_entries": len(self._by_text),
+            "fingerprint_entries": len(self._by_fp),
+            "fingerprint_hits": self.fp_hits,
+            "parses": self.parses,
+        }
+
+    def clear(self) -> None:
+        self._by_text.clear()
+        self._by_fp.clear()

@@ -1,0 +1,116 @@
+"""Function volatility, learnt from pg_proc, to decide whether a SELECT may run on one node.
+
+A READ statement that calls a volatile function (nextval, random, anything user-defined
+and VOLATILE, or anything we cannot find) must run on every node instead.  Names come
+from :class:`pgquorum.sql.analyze.Analysis.functions`: "name" or "schema.name".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+_KNOWN = frozenset({"i", "s", "v"})
+
+
+class FunctionCatalog:
+    """Per-database cache of function volatility from pg_proc ('i' immutable, 's' stable,
+    'v' volatile).
+
+    A name maps to the most volatile of all its overloads: an unqualified name across every
+    schema (so search_path cannot matter), "schema.name" within that schema.  Plain dicts,
+    no awaits: safe to share between asyncio tasks on one loop.
+    """
+
+    __slots__ = ("_max_entries", "_volatility")
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._volatility: dict[str, str] = {}
+        # Clients can invent any number of names (each remembered as 'v'): stay bounded.
+        self._max_entries = max_entries
+
+    def unknown(self, functions: frozenset[str]) -> list[str]:
+        """Names not cached yet, sorted (stable lookup_sql text)."""
+        volatility = self._volatility
+        return sorted(name for name in functions if name not in volatility)
+
+    def is_volatile(self, functions: frozenset[str]) -> bool:
+        """True if any function is volatile or not cached (unknown counts as a write)."""
+        volatility = self._volatility
+        return any(volatility.get(name, "v") == "v" for name in functions)
+
+    def volatility(self, name: str) -> str | None:
+        return self._volatility.get(name)
+
+    def learn(self, rows: Iterable[tuple[str, str]], requested: Iterable[str] = ()) -> None:
+        """Store (name, volatility) rows as returned by lookup_sql.
+
+        lookup_sql returns a row for every requested name ('v' when pg_proc has none), so
+        `rows` alone is enough for its output; rows from elsewhere can pass the names that
+        were asked for as `requested`, and those without a row are remembered as 'v'.
+        Anything but 'i' or 's' is stored as 'v'.
+        """
+        volatility = self._volatility
+        if len(volatility) >= self._max_entries:
+            volatility.clear()
+        seen: set[str] = set()
+        for name, value in rows:
+            volatility[name] = value if value in _KNOWN else "v"
+            seen.add(name)
+        for name in requested:
+            if name not in seen:
+                volatility[name] = "v"
+
+    def clear(self) -> None:
+        """Forget everything (after CREATE/ALTER/DROP FUNCTION, extensions, schemas...)."""
+        self._volatility.clear()
+
+    def __len__(self) -> int:
+        return len(self._volatility)
+
+    @staticmethod
+    def lookup_sql(names: Sequence[str]) -> str:
+        """One SELECT returning (name text, volatility text) for each distinct name.
+
+        `name` is echoed exactly as given; volatility is max(provolatile) over all matching
+        overloads ('i' < 's' < 'v' under COLLATE "C", so max is the most volatile), or 'v'
+        when nothing matches, so a name with no function is learnt as volatile.  Names
+        containing a double quote (analyze.py's marker for an identifier that itself
+        contains '.' or '"') are never matched and come back 'v'.
+        """
+        if not names:
+            return "SELECT NULL::text AS name, NULL::text AS volatility WHERE false"
+        rows = []
+        for name in dict.fromkeys(names):  # dedup, keep order
+            schema: str | None
+            proname: str | None
+            if '"' in name:
+                schema, proname = None, None
+            else:
+                schema, dot, proname = name.partition(".")
+                if not dot:
+                    schema, proname = None, name
+                elif "." in proname:
+                    schema, proname = None, None
+            rows.append(f"({_literal(name)}, {_literal(schema)}, {_literal(proname)})")
+        return (
+            "SELECT q.name, coalesce(max(p.provolatile::text COLLATE \"C\"), 'v') AS volatility"
+            f" FROM (VALUES {', '.join(rows)}) AS q(name, nsp, pro)"
+            " LEFT JOIN (pg_catalog.pg_proc AS p"
+            " JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace)"
+            " ON p.proname = q.pro::name AND (q.nsp IS NULL OR n.nspname = q.nsp::name)"
+            " GROUP BY q.name"
+        )
+
+
+def _literal(value: str | None) -> str:
+    """A text literal that means `value` whatever standard_conforming_strings is.
+
+    An E'' string has fixed escaping rules, unlike '' whose backslashes become escapes
+    when standard_conforming_strings is off (a name ending in a backslash would then eat
+    the closing quote).  Doubling both backslashes and quotes leaves nothing to interpret.
+    """
+    if value is None:
+        return "NULL::text"
+    if "\x00" in value:
+        raise ValueError("function name contains a NUL character")
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'::text"

@@ -1,0 +1,33 @@
+"""Fixtures for tests that go through a router in front of real PostgreSQL nodes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from helpers import assert_nodes_identical
+from router_harness import RouterThread, router_config
+
+from pgquorum.local.instance import LocalNode
+
+
+@pytest.fixture(scope="session")
+def router(pg_nodes: list[LocalNode]) -> Iterator[RouterThread]:
+    """One router in front of the shared three nodes (no node is ever killed behind it)."""
+    rt = RouterThread(router_config(pg_nodes))
+    yield rt
+    rt.stop()
+
+
+@pytest.fixture
+def db(router: RouterThread, pg_nodes: list[LocalNode], request: pytest.FixtureRequest
+       ) -> Iterator[str]:
+    """A fresh database created through the router; at the end every node must hold the same."""
+    name = "t_" + re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50]
+    with psycopg.connect(router.dsn(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield name
+    assert_nodes_identical(pg_nodes, name)

@@ -201,7 +201,9 @@ def test_listen_notify_delivered_exactly_once(router: RouterThread, db: str) -> 
 
 def test_cancel(router: RouterThread, db: str) -> None:
     with psycopg.connect(router.dsn(db), autocommit=True) as conn:
-        timer = threading.Timer(0.5, conn.cancel)
+        # cancel_safe, not cancel: libpq's PQcancel blocks holding the GIL, which would freeze
+        # the router running in this same process.
+        timer = threading.Timer(0.5, conn.cancel_safe)
         timer.start()
         start = time.time()
         with pytest.raises(psycopg.errors.QueryCanceled):

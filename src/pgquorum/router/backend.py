@@ -146,8 +146,7 @@ class NodeConnection(asyncio.Protocol):
         return conn
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
 
     def _startup_message(self, mtype: int, payload: bytes) -> None:
         fut = self._startup

@@ -93,6 +93,7 @@ class Router:
 
     async def cancel(self, pid: int, secret: int) -> None:
         """Cancel whatever the session with this key runs, on every node it uses."""
+        log.debug("cancel request for session key %d", pid)
         session = self.sessions.get(pid)
         if session is None or session.key[1] != secret:
             return  # like PostgreSQL: no answer, no hint whether the key existed

@@ -100,8 +100,7 @@ class ClientSession(asyncio.Protocol):
     # -- asyncio.Protocol (client side) -----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's are not subclasses
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
         self.task = asyncio.get_running_loop().create_task(self.run())
@@ -203,6 +202,7 @@ class ClientSession(asyncio.Protocol):
         assert self.transport is not None
         while True:
             pkt = m.parse_startup(await self._next_startup())
+            log.debug("startup packet %r", pkt)
             if isinstance(pkt, m.SSLRequest):
                 ctx = self.router.ssl_ctx
                 if ctx is None or self.framer.buffered:
@@ -361,7 +361,7 @@ class ClientSession(asyncio.Protocol):
         conn = self._lead()
         rows = await fetch_rows(conn, catalog.lookup_sql(names))
         if rows is not None:
-            catalog.learn((str(r[0]), str(r[1])) for r in rows)
+            catalog.learn(((str(r[0]), str(r[1])) for r in rows), names)
 
     # -- serving units ----------------------------------------------------------------------
 

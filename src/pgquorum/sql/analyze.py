@@ -50,11 +50,12 @@ _NO_STATEMENTS = Analysis(Route.READ, _EMPTY, statements=0)
 # -- fingerprint safety ------------------------------------------------------------------
 #
 # pglast.parser.fingerprint (libpg_query) hashes the raw parse tree but deliberately leaves
-# things out: the values of constants (A_Const, and a TypeCast of a constant as a whole),
-# the options of TransactionStmt, cursor/prepared/channel names, aliases, and every node
-# 100 or more levels deep.  A fingerprint-cache entry is reused for any statement with the
-# same fingerprint without parsing it, so an analysis may only go in that cache when no
-# ignored part could have changed it:
+# things out: the values of constants (A_Const, and a TypeCast of a constant as a whole;
+# so also BEGIN's isolation level), cursor/prepared/channel names, aliases, and every node
+# 100 or more levels deep (some libpg_query versions also skip TransactionStmt options).
+# A fingerprint-cache entry is reused for any statement with the same fingerprint without
+# parsing it, so an analysis may only go in that cache when no ignored part could have
+# changed it:
 #   * SET/RESET and transaction control read constants ('serializable' vs 'read
 #     committed', BEGIN's isolation options): never fingerprint-cached.  They are short
 #     and repeated verbatim, so the exact-text cache serves them.
@@ -310,7 +311,9 @@ def _variable_set_strict(stmt: Any) -> bool:
     return False
 
 
-_BEGIN_KINDS = frozenset({TransactionStmtKind.TRANS_STMT_BEGIN, TransactionStmtKind.TRANS_STMT_START})
+_BEGIN_KINDS = frozenset(
+    {TransactionStmtKind.TRANS_STMT_BEGIN, TransactionStmtKind.TRANS_STMT_START}
+)
 
 
 def _query_part(query: Any, depth: int) -> _Part:

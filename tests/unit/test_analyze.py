@@ -1,0 +1,884 @@
+"""Statement classification (pgquorum.sql.analyze) and the volatility catalog (catalog.py).
+
+No database needed: lookup_sql's quoting is checked by parsing its output with pglast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pglast import ast
+from pglast.parser import fingerprint, parse_sql
+
+from pgquorum.sql import analyze as analyze_mod
+from pgquorum.sql.analyze import Analysis, Analyzer, CopyDirection, Route
+from pgquorum.sql.catalog import FunctionCatalog
+
+READ, WRITE, LEAD = Route.READ, Route.WRITE, Route.LEAD
+
+
+def analyze(sql: str) -> Analysis:
+    return Analyzer().analyze(sql)
+
+
+# -- routes --------------------------------------------------------------------------------
+
+READS = [
+    "SELECT 1",
+    "select abalance from pgbench_accounts where aid = 1234;",
+    "SELECT a, b FROM t JOIN u USING (id) WHERE a > 1 ORDER BY b LIMIT 10 OFFSET 5",
+    "SELECT 1 UNION SELECT 2 EXCEPT SELECT 3 INTERSECT SELECT 4",
+    "VALUES (1, 'a'), (2, 'b')",
+    "TABLE t",
+    "SELECT * FROM (SELECT * FROM (SELECT x FROM t) a) b",
+    "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.id = t.id)",
+    "WITH x AS (SELECT 1), y AS (SELECT * FROM x) SELECT * FROM y",
+    "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) SELECT * FROM r",
+    "SELECT DISTINCT ON (a) a, b FROM t",
+    "SELECT a FROM t GROUP BY a HAVING a > 1",
+    "SHOW search_path",
+    "SHOW ALL",
+    "SHOW transaction_isolation",
+    "EXPLAIN SELECT * FROM t",
+    "EXPLAIN (COSTS OFF, FORMAT JSON) SELECT * FROM t WHERE a = 1",
+    "EXPLAIN VALUES (1)",
+    "/* leading comment */ SELECT 1 -- trailing",
+]
+
+
+@pytest.mark.parametrize("sql", READS)
+def test_read(sql: str) -> None:
+    a = analyze(sql)
+    assert a.route is READ
+    assert a.error is None
+    assert a.copy is None
+    assert a.statements == 1
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "EXPLAIN ANALYZE SELECT * FROM t",
+        "EXPLAIN (ANALYZE, BUFFERS) SELECT 1",
+        "EXPLAIN (ANALYZE true) SELECT 1",
+    ],
+)
+def test_explain_analyze_of_a_read_is_read(sql: str) -> None:
+    # ANALYZE executes exactly the read-only query; its functions still go to the caller.
+    assert analyze(sql).route is READ
+
+
+WRITES = [
+    "INSERT INTO t VALUES (1)",
+    "INSERT INTO t SELECT * FROM u",
+    "INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET a = 2",
+    "UPDATE t SET a = 1 WHERE id = 2",
+    "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 5;",
+    "DELETE FROM t WHERE id = 1",
+    "MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN UPDATE SET a = u.a",
+    "CREATE TABLE t (id int)",
+    "CREATE TEMP TABLE tt (id int)",
+    "CREATE TEMPORARY TABLE tt AS SELECT 1",
+    "CREATE TABLE t2 AS SELECT * FROM t",
+    "CREATE INDEX ON t (a)",
+    "CREATE VIEW v AS SELECT 1",
+    "CREATE MATERIALIZED VIEW mv AS SELECT 1",
+    "REFRESH MATERIALIZED VIEW mv",
+    "ALTER TABLE t ADD COLUMN b int",
+    "DROP TABLE t",
+    "TRUNCATE t",
+    "GRANT SELECT ON t TO bob",
+    "COMMENT ON TABLE t IS 'x'",
+    "SELECT 1 INTO t2",
+    "SELECT * INTO TEMP t3 FROM t",
+    "BEGIN",
+    "BEGIN READ ONLY",
+    "START TRANSACTION",
+    "COMMIT",
+    "END",
+    "ROLLBACK",
+    "ABORT",
+    "SAVEPOINT s1",
+    "RELEASE SAVEPOINT s1",
+    "ROLLBACK TO SAVEPOINT s1",
+    "PREPARE TRANSACTION 'gid'",
+    "COMMIT PREPARED 'gid'",
+    "ROLLBACK PREPARED 'gid'",
+    "SET search_path = public",
+    "SET LOCAL statement_timeout = 0",
+    "SET TIME ZONE 'UTC'",
+    "RESET ALL",
+    "RESET search_path",
+    "PREPARE p AS SELECT 1",
+    "EXECUTE p",
+    "DEALLOCATE p",
+    "DEALLOCATE ALL",
+    "DISCARD ALL",
+    "NOTIFY chan, 'payload'",
+    "VACUUM t",
+    "VACUUM",
+    "ANALYZE t",
+    "ANALYZE",
+    "CHECKPOINT",
+    "CLUSTER t",
+    "REINDEX TABLE t",
+    "CALL p(1)",
+    "DO $$ BEGIN PERFORM 1; END $$",
+    "LOCK TABLE t IN ACCESS EXCLUSIVE MODE",
+    "SECURITY LABEL ON TABLE t IS 'x'",
+    "CREATE SEQUENCE s",
+    "ALTER SYSTEM SET work_mem = '1MB'",
+    "LOAD 'plpgsql'",
+    "EXPLAIN INSERT INTO t VALUES (1)",
+    "EXPLAIN ANALYZE INSERT INTO t VALUES (1)",
+    "EXPLAIN (ANALYZE false) DELETE FROM t",
+    "EXPLAIN (ANALYZE, FORMAT JSON) UPDATE t SET a = 1",
+    "EXPLAIN EXECUTE p",
+    "EXPLAIN CREATE TABLE t9 AS SELECT 1",
+    "EXPLAIN SELECT * FROM t FOR UPDATE",
+    "EXPLAIN ANALYZE WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+]
+
+
+@pytest.mark.parametrize("sql", WRITES)
+def test_write(sql: str) -> None:
+    a = analyze(sql)
+    assert a.route is WRITE
+    assert a.functions == frozenset()
+    assert a.error is None
+    assert a.statements == 1
+
+
+LOCKING_READS = [
+    "SELECT * FROM t FOR UPDATE",
+    "SELECT * FROM t FOR NO KEY UPDATE",
+    "SELECT * FROM t FOR SHARE",
+    "SELECT * FROM t FOR KEY SHARE",
+    "SELECT * FROM t FOR UPDATE OF t SKIP LOCKED",
+    "SELECT * FROM t FOR SHARE NOWAIT",
+    "SELECT 1 UNION SELECT 2 FOR UPDATE",
+    "SELECT * FROM (SELECT * FROM t FOR UPDATE) s",
+    "SELECT * FROM t WHERE id IN (SELECT id FROM u FOR SHARE)",
+    "SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.id = t.id FOR KEY SHARE)",
+    "SELECT (SELECT a FROM u LIMIT 1 FOR NO KEY UPDATE)",
+    "WITH c AS (SELECT * FROM t FOR UPDATE) SELECT * FROM c",
+    "SELECT * FROM t, LATERAL (SELECT * FROM u WHERE u.id = t.id FOR UPDATE) l",
+    "SELECT * FROM (SELECT * FROM (SELECT * FROM (SELECT * FROM t FOR SHARE) a) b) c",
+    "SELECT 1 UNION ALL (SELECT 2 FROM t FOR UPDATE)",
+    "COPY (SELECT * FROM t FOR UPDATE) TO STDOUT",
+]
+
+
+@pytest.mark.parametrize("sql", LOCKING_READS)
+def test_locking_read_is_write(sql: str) -> None:
+    a = analyze(sql)
+    assert a.route is WRITE
+    assert a.functions == frozenset()
+
+
+WRITABLE_CTES = [
+    "WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d",
+    "WITH i AS (INSERT INTO t VALUES (1) RETURNING id) SELECT id FROM i",
+    "WITH u AS (UPDATE t SET a = 1 RETURNING *) SELECT count(*) FROM u",
+    "WITH m AS (MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN DELETE RETURNING t.*)"
+    " SELECT * FROM m",
+    "WITH a AS (SELECT 1), d AS (DELETE FROM t) SELECT * FROM a",
+    # nested: in a subquery's WITH, in a CTE's CTE, in a set operation, in WHERE
+    "SELECT * FROM (WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d) s",
+    "WITH outer_cte AS (WITH d AS (DELETE FROM t RETURNING id) SELECT id FROM d)"
+    " SELECT * FROM outer_cte",
+    "SELECT 1 UNION SELECT * FROM (WITH i AS (INSERT INTO t VALUES (1) RETURNING id)"
+    " SELECT id FROM i) s",
+    "SELECT * FROM t WHERE id IN (WITH u AS (UPDATE t SET a = 1 RETURNING id) SELECT id FROM u)",
+    "COPY (WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d) TO STDOUT",
+]
+
+
+@pytest.mark.parametrize("sql", WRITABLE_CTES)
+def test_data_modifying_cte_is_write(sql: str) -> None:
+    assert analyze(sql).route is WRITE
+
+
+LEADS = [
+    "LISTEN chan",
+    "UNLISTEN chan",
+    "UNLISTEN *",
+    "DECLARE c CURSOR FOR SELECT * FROM t",
+    "DECLARE c SCROLL CURSOR WITH HOLD FOR SELECT now()",
+    "FETCH c",
+    "FETCH 10 FROM c",
+    "FETCH ALL IN c",
+    "FETCH BACKWARD 2 FROM c",
+    "MOVE c",
+    "MOVE LAST IN c",
+    "CLOSE c",
+    "CLOSE ALL",
+]
+
+
+@pytest.mark.parametrize("sql", LEADS)
+def test_lead(sql: str) -> None:
+    a = analyze(sql)
+    assert a.route is LEAD
+    assert a.functions == frozenset()  # only READ carries functions
+
+
+# -- COPY ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("sql", "route", "copy"),
+    [
+        ("COPY t TO STDOUT", READ, CopyDirection.OUT),
+        ("COPY t (a, b) TO STDOUT WITH (FORMAT csv, HEADER)", READ, CopyDirection.OUT),
+        ("COPY (SELECT * FROM t WHERE a > 1) TO STDOUT", READ, CopyDirection.OUT),
+        ("COPY (VALUES (1)) TO STDOUT (FORMAT binary)", READ, CopyDirection.OUT),
+        ("COPY (INSERT INTO t VALUES (1) RETURNING *) TO STDOUT", WRITE, CopyDirection.OUT),
+        ("COPY (DELETE FROM t RETURNING *) TO STDOUT", WRITE, CopyDirection.OUT),
+        ("COPY t FROM STDIN", WRITE, CopyDirection.IN),
+        ("COPY t (a) FROM STDIN WITH (FORMAT csv) WHERE a > 0", WRITE, CopyDirection.IN),
+        # server-side files and programs: side effects on each server, no client stream
+        ("COPY t TO '/tmp/t.csv'", WRITE, None),
+        ("COPY t TO PROGRAM 'gzip > /tmp/t.gz'", WRITE, None),
+        ("COPY (SELECT 1) TO '/tmp/one'", WRITE, None),
+        ("COPY t FROM '/tmp/t.csv'", WRITE, None),
+        ("COPY t FROM PROGRAM 'cat /tmp/t.csv'", WRITE, None),
+    ],
+)
+def test_copy(sql: str, route: Route, copy: CopyDirection | None) -> None:
+    a = analyze(sql)
+    assert (a.route, a.copy) == (route, copy)
+
+
+def test_copy_query_functions() -> None:
+    a = analyze("COPY (SELECT nextval('s'), lower(x) FROM t) TO STDOUT")
+    assert a.route is READ
+    assert a.functions == {"nextval", "lower"}
+
+
+# -- isolation -------------------------------------------------------------------------------
+
+ISOLATION = [
+    ("BEGIN ISOLATION LEVEL SERIALIZABLE", True),
+    ("BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ", True),
+    ("BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY, DEFERRABLE", True),
+    ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE", True),
+    ("START TRANSACTION READ WRITE, ISOLATION LEVEL REPEATABLE READ", True),
+    ("BEGIN ISOLATION LEVEL READ COMMITTED", False),
+    ("BEGIN ISOLATION LEVEL READ UNCOMMITTED", False),
+    ("BEGIN", False),
+    ("BEGIN READ ONLY", False),
+    ("COMMIT AND CHAIN", False),
+    ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", True),
+    ("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY", True),
+    ("SET TRANSACTION ISOLATION LEVEL READ COMMITTED", False),
+    ("SET TRANSACTION READ ONLY", False),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE", True),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED", False),
+    ("SET default_transaction_isolation = 'serializable'", True),
+    ("SET default_transaction_isolation TO 'repeatable read'", True),
+    ("SET SESSION default_transaction_isolation = 'SERIALIZABLE'", True),
+    ("SET default_transaction_isolation = serializable", True),
+    ("SET \"default_transaction_isolation\" = 'serializable'", True),
+    ("SET LOCAL default_transaction_isolation = 'serializable'", True),
+    ("SET transaction_isolation = 'serializable'", True),
+    ("SET default_transaction_isolation = 'read committed'", False),
+    ("SET default_transaction_isolation TO DEFAULT", False),
+    ("RESET default_transaction_isolation", False),
+    ("SET search_path = 'serializable'", False),
+    ("SET application_name = 'repeatable read'", False),
+]
+
+
+@pytest.mark.parametrize(("sql", "strict"), ISOLATION)
+def test_strict_isolation(sql: str, strict: bool) -> None:
+    a = analyze(sql)
+    assert a.route is WRITE
+    assert a.strict_isolation is strict
+
+
+@pytest.mark.parametrize(
+    ("sql", "strict"),
+    [
+        ("SELECT set_config('default_transaction_isolation', 'serializable', false)", True),
+        ("SELECT pg_catalog.set_config('transaction_isolation', 'repeatable read', true)", True),
+        ("SELECT set_config('default_transaction_isolation', 'read committed', false)", False),
+        ("SELECT set_config('search_path', 'public', false)", False),
+        ("SELECT set_config($1, $2, false)", True),  # could be anything: assume strict
+    ],
+)
+def test_set_config_isolation(sql: str, strict: bool) -> None:
+    a = analyze(sql)
+    # READ with set_config in functions: the catalog (volatile) upgrades it to WRITE.
+    assert a.route is READ
+    assert "set_config" in a.functions or "pg_catalog.set_config" in a.functions
+    assert a.strict_isolation is strict
+
+
+def test_strict_isolation_in_multi_statement() -> None:
+    a = analyze("SELECT 1; BEGIN ISOLATION LEVEL SERIALIZABLE; SELECT 2")
+    assert (a.route, a.strict_isolation, a.statements) == (WRITE, True, 3)
+
+
+# -- fingerprint cache traps -----------------------------------------------------------------
+
+CONSTANT_TRAPS = [
+    (
+        "SET default_transaction_isolation = 'read committed'",
+        "SET default_transaction_isolation = 'serializable'",
+    ),
+    (
+        "SET SESSION default_transaction_isolation = 'read committed'",
+        "SET SESSION default_transaction_isolation = 'repeatable read'",
+    ),
+    ("SET transaction_isolation = 'read committed'", "SET transaction_isolation = 'serializable'"),
+    # the isolation level is a constant in the parse tree, whatever the syntax
+    ("BEGIN ISOLATION LEVEL READ COMMITTED", "BEGIN ISOLATION LEVEL SERIALIZABLE"),
+    (
+        "START TRANSACTION ISOLATION LEVEL READ UNCOMMITTED",
+        "START TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+    ),
+    (
+        "SET TRANSACTION ISOLATION LEVEL READ COMMITTED",
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+    ),
+    (
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED",
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+    ),
+    (
+        "SELECT set_config('default_transaction_isolation', 'read committed', false)",
+        "SELECT set_config('default_transaction_isolation', 'serializable', false)",
+    ),
+    (
+        "SELECT set_config('search_path', 'serializable', false)",
+        "SELECT set_config('default_transaction_isolation', 'serializable', false)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("lax", "strict"), CONSTANT_TRAPS)
+def test_fingerprint_trap_constants(lax: str, strict: str) -> None:
+    # The trap is real: the two statements share a fingerprint ...
+    assert fingerprint(lax) == fingerprint(strict)
+    analyzer = Analyzer()
+    assert analyzer.analyze(lax).strict_isolation is False
+    # ... yet the second is not answered from the first one's fingerprint-cache entry.
+    assert analyzer.analyze(strict).strict_isolation is True
+    assert analyzer.stats()["fingerprint_hits"] == 0
+    # And the other way round.
+    analyzer = Analyzer()
+    assert analyzer.analyze(strict).strict_isolation is True
+    assert analyzer.analyze(lax).strict_isolation is False
+
+
+def test_fingerprint_trap_explain_analyze_option() -> None:
+    analyzer = Analyzer()
+    for sql in [
+        "EXPLAIN (ANALYZE false) INSERT INTO t VALUES (1)",
+        "EXPLAIN (ANALYZE true) INSERT INTO t VALUES (1)",
+        "EXPLAIN (ANALYZE 0) INSERT INTO t VALUES (1)",
+        "EXPLAIN (ANALYZE) INSERT INTO t VALUES (1)",
+        "EXPLAIN (ANALYZE off) INSERT INTO t VALUES (2)",
+        "EXPLAIN (ANALYZE on) INSERT INTO t VALUES (3)",
+    ]:
+        assert analyzer.analyze(sql).route is WRITE, sql
+
+
+def _nest(inner: str, n: int) -> str:
+    return "SELECT " + "abs(" * n + inner + ")" * n
+
+
+def test_fingerprint_trap_depth() -> None:
+    # libpg_query stops hashing 100 levels deep: deeply different statements collide.
+    safe, volatile = _nest("abs(1)", 60), _nest("nextval('s')", 60)
+    assert fingerprint(safe) == fingerprint(volatile)
+    analyzer = Analyzer()
+    assert analyzer.analyze(safe).functions == {"abs"}
+    assert analyzer.analyze(volatile).functions == {"abs", "nextval"}
+
+    read = "SELECT * FROM " + "(SELECT * FROM " * 40 + "t" + ") s" * 40
+    locking = "SELECT * FROM " + "(SELECT * FROM " * 40 + "t FOR UPDATE" + ") s" * 40
+    assert fingerprint(read) == fingerprint(locking)
+    analyzer = Analyzer()
+    assert analyzer.analyze(read).route is READ
+    assert analyzer.analyze(locking).route is WRITE
+
+
+SHAPES = {
+    "call": lambda f, n: "SELECT " + "abs(" * n + f + "(1)" + ")" * n,
+    "operator": lambda f, n: "SELECT " + "(1 + " * n + f + "(1)" + ")" * n,
+    "scalar subquery": lambda f, n: "SELECT " + "(SELECT " * n + f + "(1)" + ")" * n,
+    "from subquery": lambda f, n: (
+        "SELECT * FROM " + "(SELECT * FROM " * n + f + "(1) x" + ") s" * n
+    ),
+    "case": lambda f, n: "SELECT " + "CASE WHEN a THEN " * n + f + "(1)" + " END" * n,
+    "cte": lambda f, n: _cte(f"SELECT {f}(1)", n),
+}
+
+
+def _cte(query: str, n: int) -> str:
+    for _ in range(n):
+        query = f"WITH c AS ({query}) SELECT * FROM c"
+    return query
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_depth_measure_matches_fingerprint_cutoff(shape: str) -> None:
+    """The walker's depth counts levels like libpg_query: the first nesting at which
+    fingerprints stop seeing the difference is deeper than the cache's safety bound, and
+    the one just before is not cut off yet."""
+    make = SHAPES[shape]
+    for n in range(1, 200):
+        if fingerprint(make("abs", n)) == fingerprint(make("nextval", n)):
+            break
+    else:
+        pytest.fail("no fingerprint collision found")
+    depth = analyze_mod._scan(parse_sql(make("abs", n))[0].stmt, analyze_mod._STMT_DEPTH).depth
+    assert depth >= 100
+    shallower = parse_sql(make("abs", n - 1))[0].stmt
+    assert analyze_mod._scan(shallower, analyze_mod._STMT_DEPTH).depth <= 101
+    assert analyze_mod._FINGERPRINT_SAFE_DEPTH < 100
+
+
+# -- errors, empty, multi-statement ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELEC 1",
+        "SELECT (",
+        "SELECT 1; SELEC 2",
+        "INSERT INTO",
+        "SELECT 'unterminated",
+        "garbage garbage",
+    ],
+)
+def test_syntax_error(sql: str) -> None:
+    analyzer = Analyzer()
+    a = analyzer.analyze(sql)
+    assert a.route is WRITE
+    assert a.error
+    assert "syntax error" in a.error or "unterminated" in a.error
+    assert a.statements == 1
+    assert a.functions == frozenset()
+    assert analyzer.analyze(sql) is a  # cached by text
+    assert analyzer.stats()["fingerprint_entries"] == 0
+
+
+def test_nul_byte_is_an_error() -> None:
+    a = analyze("SELECT 1\x00; DELETE FROM t")
+    assert a.route is WRITE
+    assert a.error
+
+
+@pytest.mark.parametrize("sql", ["", "   ", "\n\t", "-- only a comment", "/* c */", ";", " ; ;; "])
+def test_empty(sql: str) -> None:
+    a = analyze(sql)
+    assert (a.route, a.statements, a.functions, a.error) == (READ, 0, frozenset(), None)
+
+
+@pytest.mark.parametrize(
+    ("sql", "route", "statements", "functions"),
+    [
+        ("SELECT 1; SELECT now()", READ, 2, {"now"}),
+        ("SELECT f(); SELECT g(); SHOW x", READ, 3, {"f", "g"}),
+        ("SELECT f(); INSERT INTO t VALUES (1)", WRITE, 2, set()),
+        ("INSERT INTO t VALUES (1); SELECT f()", WRITE, 2, set()),
+        ("SELECT f(); LISTEN x", LEAD, 2, set()),
+        ("FETCH c; SELECT 1", LEAD, 2, set()),
+        ("LISTEN x; UPDATE t SET a = 1", WRITE, 2, set()),
+        ("BEGIN; SELECT 1; COMMIT", WRITE, 3, set()),
+        ("SELECT 1;", READ, 1, set()),
+        ("SELECT 1;;", READ, 1, set()),
+        ("SELECT 1; -- done", READ, 1, set()),
+    ],
+)
+def test_multi_statement(sql: str, route: Route, statements: int, functions: set[str]) -> None:
+    a = analyze(sql)
+    assert (a.route, a.statements, a.functions) == (route, statements, functions)
+
+
+def test_multi_statement_copy_and_catalog() -> None:
+    a = analyze("COPY t FROM STDIN; SELECT 1")
+    assert (a.route, a.copy) == (WRITE, CopyDirection.IN)
+    a = analyze("SELECT 1; COPY t TO STDOUT")
+    assert (a.route, a.copy) == (READ, CopyDirection.OUT)
+    a = analyze("SELECT 1; CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'select 1'")
+    assert (a.route, a.catalog_change) == (WRITE, True)
+
+
+# -- functions -------------------------------------------------------------------------------
+
+FUNCTIONS = [
+    ("SELECT now()", {"now"}),
+    ("SELECT 1 + 2 * 3, 'a' || 'b', a = b, x::int, CAST(y AS text) FROM t", set()),
+    ("SELECT pg_catalog.now(), public.f(1)", {"pg_catalog.now", "public.f"}),
+    ("SELECT mydb.myschema.f()", {"myschema.f"}),
+    ("SELECT Lower(X) FROM t", {"lower"}),  # the parser folds unquoted identifiers
+    ('SELECT "MixedCase"(1), "S"."F"()', {"MixedCase", "S.F"}),
+    ('SELECT "a.b"(), "q""uote"()', {'"a.b"', '"q""uote"'}),
+    ("SELECT * FROM generate_series(1, 10) g", {"generate_series"}),
+    ("SELECT * FROM ROWS FROM (f(1), g(2)) WITH ORDINALITY", {"f", "g"}),
+    ("SELECT * FROM t, LATERAL unnest(t.arr) u", {"unnest"}),
+    ("SELECT * FROM t JOIN s.tf(t.id) x ON true", {"s.tf"}),
+    ("SELECT f(g(h(1)))", {"f", "g", "h"}),
+    ("SELECT * FROM t WHERE a = (SELECT max(b) FROM u WHERE c = lower(d))", {"max", "lower"}),
+    ("SELECT * FROM t WHERE EXISTS (SELECT 1 FROM u WHERE f(u.a))", {"f"}),
+    ("WITH c AS (SELECT random() AS r) SELECT r FROM c", {"random"}),
+    ("WITH c AS (WITH d AS (SELECT f()) SELECT * FROM d) SELECT * FROM c", {"f"}),
+    ("SELECT 1 UNION SELECT f() INTERSECT SELECT g()", {"f", "g"}),
+    ("VALUES (f(1)), (g(2))", {"f", "g"}),
+    (
+        "SELECT count(*), sum(a) FILTER (WHERE b > c(1)), string_agg(d, ',' ORDER BY e(d)) FROM t",
+        {"count", "sum", "c", "string_agg", "e"},
+    ),
+    ("SELECT row_number() OVER (PARTITION BY f(a) ORDER BY b) FROM t", {"row_number", "f"}),
+    ("SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY a) FROM t", {"percentile_cont"}),
+    (
+        "SELECT nextval('s'), currval('s'), setval('s', 1), lastval()",
+        {"nextval", "currval", "setval", "lastval"},
+    ),
+    ("SELECT * FROM t ORDER BY f(a) LIMIT g()", {"f", "g"}),
+    ("SELECT a FROM t GROUP BY f(a) HAVING g(count(*)) > 1", {"f", "g", "count"}),
+    ("SELECT CASE WHEN f() THEN g() ELSE h() END, COALESCE(i(), 0)", {"f", "g", "h", "i"}),
+    ("SELECT ARRAY[f()], ROW(g()), (h()).x", {"f", "g", "h"}),
+    ("SELECT trim(x), extract(year FROM ts)", {"pg_catalog.btrim", "pg_catalog.extract"}),
+    ("SELECT current_date, current_user, localtimestamp", set()),
+    ("SHOW search_path", set()),
+    ("EXPLAIN SELECT f() FROM g()", {"f", "g"}),
+    ("EXPLAIN ANALYZE SELECT f()", {"f"}),
+    ("SELECT * FROM t TABLESAMPLE SYSTEM (10) WHERE f(a)", {"f"}),
+    ("SELECT * FROM t WHERE a IN (f(), g()) AND b = ANY (h())", {"f", "g", "h"}),
+]
+
+
+@pytest.mark.parametrize(("sql", "functions"), FUNCTIONS)
+def test_functions(sql: str, functions: set[str]) -> None:
+    a = analyze(sql)
+    assert a.route is READ
+    assert a.functions == functions
+    assert isinstance(a.functions, frozenset)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT INTO t VALUES (nextval('s'))",
+        "SELECT nextval('s') FROM t FOR UPDATE",
+        "WITH d AS (DELETE FROM t RETURNING f(a)) SELECT g() FROM d",
+        "DECLARE c CURSOR FOR SELECT f()",
+        "SELECT f() INTO t2",
+        "CREATE TABLE t2 AS SELECT f()",
+        "SELECT f(); FETCH c",
+    ],
+)
+def test_functions_empty_when_not_read(sql: str) -> None:
+    assert analyze(sql).functions == frozenset()
+
+
+# -- catalog changes -------------------------------------------------------------------------
+
+CATALOG = [
+    ("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'select 1'", True),
+    ("CREATE OR REPLACE FUNCTION f() RETURNS int VOLATILE LANGUAGE sql AS 'select 1'", True),
+    ("CREATE PROCEDURE p() LANGUAGE sql AS $$ select 1 $$", True),
+    ("CREATE OR REPLACE PROCEDURE p() LANGUAGE sql BEGIN ATOMIC SELECT 1; END", True),
+    ("ALTER FUNCTION f() IMMUTABLE", True),
+    ("ALTER FUNCTION f(int) VOLATILE", True),
+    ("ALTER PROCEDURE p() SECURITY DEFINER", True),
+    ("ALTER ROUTINE r() STABLE", True),
+    ("ALTER FUNCTION f() RENAME TO g", True),
+    ("ALTER FUNCTION f() SET SCHEMA s", True),
+    ("DROP FUNCTION f", True),
+    ("DROP FUNCTION IF EXISTS f(int), g(text) CASCADE", True),
+    ("DROP PROCEDURE p", True),
+    ("DROP ROUTINE r", True),
+    ("DROP AGGREGATE a(int)", True),
+    ("CREATE AGGREGATE a (int) (sfunc = int4pl, stype = int)", True),
+    ("CREATE EXTENSION pgcrypto", True),
+    ("CREATE EXTENSION IF NOT EXISTS hstore SCHEMA s", True),
+    ("ALTER EXTENSION hstore UPDATE", True),
+    ("ALTER EXTENSION hstore SET SCHEMA s", True),
+    ("ALTER EXTENSION hstore ADD FUNCTION f()", True),
+    ("DROP EXTENSION pgcrypto", True),
+    ("DROP SCHEMA s CASCADE", True),
+    ("ALTER SCHEMA s RENAME TO t", True),
+    ("DROP OWNED BY bob", True),
+    (
+        "DO $$ BEGIN EXECUTE 'CREATE FUNCTION x() RETURNS int AS ''select 1'' LANGUAGE sql';"
+        " END $$",
+        True,
+    ),
+    ("CREATE OR REPLACE VIEW v AS SELECT 1", True),
+    ("CREATE OR REPLACE RULE r AS ON INSERT TO t DO NOTHING", True),
+    ("CREATE OR REPLACE TRIGGER tr AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION f()", True),
+    ("CREATE VIEW v AS SELECT 1", False),
+    ("CREATE TRIGGER tr AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION f()", False),
+    ("CREATE SCHEMA s", False),
+    ("CREATE TABLE t (id int)", False),
+    ("DROP TABLE t", False),
+    ("ALTER TABLE t RENAME TO u", False),
+    ("INSERT INTO t VALUES (1)", False),
+    ("SELECT 1", False),
+    ("CALL p()", False),
+    ("SET search_path = s", False),
+]
+
+
+@pytest.mark.parametrize(("sql", "change"), CATALOG)
+def test_catalog_change(sql: str, change: bool) -> None:
+    a = analyze(sql)
+    assert a.catalog_change is change
+    if change:
+        assert a.route is WRITE
+
+
+# -- caches ----------------------------------------------------------------------------------
+
+
+def test_fingerprint_cache_shares_analysis_between_constants() -> None:
+    analyzer = Analyzer()
+    first = analyzer.analyze("SELECT 1")
+    assert analyzer.stats()["parses"] == 1
+    second = analyzer.analyze("SELECT 2")
+    assert second is first
+    assert analyzer.stats() == {
+        "text_entries": 2,
+        "fingerprint_entries": 1,
+        "fingerprint_hits": 1,
+        "parses": 1,
+    }
+
+
+def test_fingerprint_cache_pgbench_statement() -> None:
+    analyzer = Analyzer()
+    results = {
+        id(analyzer.analyze(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};"))
+        for aid in range(1, 200)
+    }
+    assert len(results) == 1
+    assert analyzer.stats()["parses"] == 1
+    assert analyzer.stats()["fingerprint_hits"] == 198
+    update = "UPDATE pgbench_accounts SET abalance = abalance + {} WHERE aid = {};"
+    a = analyzer.analyze(update.format(-5, 7))
+    assert analyzer.analyze(update.format(12, 99)) is a  # writes without constants share too
+    assert a.route is WRITE
+
+
+def test_fingerprint_cache_keeps_functions_apart() -> None:
+    analyzer = Analyzer()
+    assert analyzer.analyze("SELECT lower('a')").functions == {"lower"}
+    assert analyzer.analyze("SELECT nextval('a')").functions == {"nextval"}
+    assert analyzer.analyze("SELECT lower('b')").functions == {"lower"}
+    assert analyzer.stats()["fingerprint_hits"] == 1
+
+
+def test_text_cache_hit_is_a_dict_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    analyzer = Analyzer()
+    a = analyzer.analyze("SELECT * FROM t WHERE id = 1")
+
+    def boom(sql: str) -> str:
+        raise AssertionError("fingerprint called on a text-cache hit")
+
+    monkeypatch.setattr(analyze_mod, "fingerprint", boom)
+    monkeypatch.setattr(analyze_mod, "parse_sql", boom)
+    assert analyzer.analyze("SELECT * FROM t WHERE id = 1") is a
+
+
+def test_not_fingerprint_cached_kinds() -> None:
+    analyzer = Analyzer()
+    for sql in [
+        "BEGIN",
+        "SET x = 1",
+        "SELECT set_config('a', 'b', false)",
+        "SELEC",
+        _nest("abs(1)", 60),
+    ]:
+        analyzer.analyze(sql)
+    assert analyzer.stats()["fingerprint_entries"] == 0
+    assert analyzer.stats()["text_entries"] == 5
+
+
+def test_caches_are_bounded() -> None:
+    analyzer = Analyzer(max_entries=16)
+    for i in range(500):
+        analyzer.analyze(f"SELECT c{i} FROM t WHERE x = {i}")
+        assert analyzer.stats()["text_entries"] <= 16
+        assert analyzer.stats()["fingerprint_entries"] <= 16
+    # the newest entries survive eviction
+    assert analyzer.analyze("SELECT c499 FROM t WHERE x = 499").route is READ
+    parses = analyzer.stats()["parses"]
+    analyzer.analyze("SELECT c499 FROM t WHERE x = 499")
+    assert analyzer.stats()["parses"] == parses
+
+
+def test_long_text_not_kept_by_text() -> None:
+    analyzer = Analyzer(max_text_len=100)
+    long_sql = "SELECT " + ", ".join(f"c{i}" for i in range(100)) + " FROM t"
+    a = analyzer.analyze(long_sql)
+    assert analyzer.stats()["text_entries"] == 0
+    assert analyzer.analyze(long_sql) is a  # through the fingerprint cache
+    assert analyzer.stats()["fingerprint_hits"] == 1
+
+
+def test_clear() -> None:
+    analyzer = Analyzer()
+    analyzer.analyze("SELECT 1")
+    analyzer.clear()
+    assert analyzer.stats()["text_entries"] == 0
+    assert analyzer.stats()["fingerprint_entries"] == 0
+
+
+def test_analysis_is_frozen() -> None:
+    a = analyze("SELECT 1")
+    with pytest.raises(AttributeError):
+        a.route = WRITE  # type: ignore[misc]
+
+
+# -- catalog ---------------------------------------------------------------------------------
+
+
+def _values(sql: str) -> list[tuple[str | None, ...]]:
+    """Parse lookup_sql's output with the real grammar; return its VALUES rows."""
+    stmts = parse_sql(sql)
+    assert len(stmts) == 1
+    select: Any = stmts[0].stmt
+    assert type(select).__name__ == "SelectStmt"  # (no isinstance: keep it Any for mypy)
+    join = select.fromClause[0]
+    subselect = join.larg.subquery
+    rows = []
+    for row in subselect.valuesLists:
+        values: list[str | None] = []
+        for cast in row:
+            assert isinstance(cast, ast.TypeCast)
+            const: Any = cast.arg
+            assert type(const).__name__ == "A_Const"
+            values.append(None if const.isnull else const.val.sval)
+        rows.append(tuple(values))
+    return rows
+
+
+NASTY_NAMES = [
+    "now",
+    "s.f",
+    "it's",
+    "x'); DROP TABLE t; --",
+    "back\\",
+    "back\\'",
+    "\\'; SELECT 1; --",
+    "$$",
+    "dollar$$quote",
+    "ünïcødé",
+    "MixedCase",
+]
+
+
+def test_lookup_sql_quoting_round_trips() -> None:
+    sql = FunctionCatalog.lookup_sql(NASTY_NAMES)
+    rows = _values(sql)
+    assert [row[0] for row in rows] == NASTY_NAMES
+    by_name = {row[0]: row[1:] for row in rows}
+    assert by_name["now"] == (None, "now")
+    assert by_name["s.f"] == ("s", "f")
+    assert by_name["it's"] == (None, "it's")
+    assert by_name["x'); DROP TABLE t; --"] == (None, "x'); DROP TABLE t; --")
+    assert by_name["back\\"] == (None, "back\\")
+    assert "DROP TABLE" not in sql.replace("'x''); DROP TABLE t; --'", "")
+
+
+def test_lookup_sql_uses_escape_strings() -> None:
+    # E'' literals mean the same whatever standard_conforming_strings is set to.
+    sql = FunctionCatalog.lookup_sql(["back\\"])
+    assert "E'back\\\\'" in sql
+    assert " 'back" not in sql
+
+
+def test_lookup_sql_shape() -> None:
+    sql = FunctionCatalog.lookup_sql(["now", "pg_catalog.now", "now", '"a.b"', "a.b.c"])
+    rows = _values(sql)
+    assert rows == [
+        ("now", None, "now"),
+        ("pg_catalog.now", "pg_catalog", "now"),
+        ('"a.b"', None, None),  # cannot be looked up: comes back 'v'
+        ("a.b.c", None, None),
+    ]
+    assert "max(p.provolatile::text" in sql
+    assert "coalesce(" in sql
+    assert "pg_catalog.pg_proc" in sql
+
+
+def test_lookup_sql_rejects_nul() -> None:
+    with pytest.raises(ValueError):
+        FunctionCatalog.lookup_sql(["a\x00b"])
+
+
+def test_lookup_sql_empty() -> None:
+    sql = FunctionCatalog.lookup_sql([])
+    assert len(parse_sql(sql)) == 1
+
+
+def test_catalog_learn_unknown_is_volatile() -> None:
+    catalog = FunctionCatalog()
+    fns = frozenset({"now", "lower", "random", "s.f"})
+    assert catalog.unknown(fns) == ["lower", "now", "random", "s.f"]
+    assert catalog.is_volatile(fns)  # unknown counts as volatile
+    assert catalog.is_volatile(frozenset({"lower"}))
+    assert not catalog.is_volatile(frozenset())
+
+    catalog.learn([("now", "s"), ("lower", "i")])
+    assert catalog.unknown(fns) == ["random", "s.f"]
+    assert not catalog.is_volatile(frozenset({"now", "lower"}))
+    assert catalog.is_volatile(fns)
+
+    catalog.learn([("random", "v"), ("s.f", "i")])
+    assert catalog.unknown(fns) == []
+    assert catalog.is_volatile(fns)
+    assert not catalog.is_volatile(frozenset({"now", "lower", "s.f"}))
+    assert catalog.volatility("random") == "v"
+
+
+def test_catalog_missing_rows_are_volatile() -> None:
+    catalog = FunctionCatalog()
+    catalog.learn([("lower", "i")], requested=["lower", "nosuch"])
+    assert catalog.unknown(frozenset({"lower", "nosuch"})) == []
+    assert catalog.volatility("nosuch") == "v"
+    assert catalog.is_volatile(frozenset({"nosuch"}))
+    assert not catalog.is_volatile(frozenset({"lower"}))
+
+
+def test_catalog_odd_values_are_volatile() -> None:
+    catalog = FunctionCatalog()
+    catalog.learn([("a", "x"), ("b", ""), ("c", None)])  # type: ignore[list-item]
+    assert catalog.is_volatile(frozenset({"a"}))
+    assert catalog.is_volatile(frozenset({"b"}))
+    assert catalog.is_volatile(frozenset({"c"}))
+
+
+def test_catalog_clear_and_bound() -> None:
+    catalog = FunctionCatalog(max_entries=10)
+    catalog.learn([(f"f{i}", "i") for i in range(10)])
+    assert len(catalog) == 10
+    catalog.learn([("g", "i")])  # full: starts over rather than growing without bound
+    assert len(catalog) == 1
+    catalog.clear()
+    assert len(catalog) == 0
+    assert catalog.unknown(frozenset({"g"})) == ["g"]
+
+
+def test_analyzer_and_catalog_together() -> None:
+    analyzer, catalog = Analyzer(), FunctionCatalog()
+    a = analyzer.analyze("SELECT now(), nextval('s')")
+    assert a.route is READ
+    missing = catalog.unknown(a.functions)
+    assert missing == ["nextval", "now"]
+    assert [row[0] for row in _values(FunctionCatalog.lookup_sql(missing))] == missing
+    catalog.learn([("nextval", "v"), ("now", "s")])
+    assert catalog.is_volatile(a.functions)  # -> the caller routes it as a WRITE
+    b = analyzer.analyze("SELECT now()")
+    assert not catalog.is_volatile(b.functions)
+    if analyzer.analyze("CREATE OR REPLACE FUNCTION now() RETURNS int AS 'x'").catalog_change:
+        catalog.clear()
+    assert catalog.is_volatile(b.functions)

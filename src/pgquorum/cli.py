@@ -7,9 +7,12 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
+import uvloop
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -17,15 +20,11 @@ from rich.table import Table
 from pgquorum.config import ConfigError, load_config
 
 console = Console()
+T = TypeVar("T")
 
 
-def _run(coro: object) -> None:
-    try:
-        import uvloop
-
-        uvloop.run(coro)  # type: ignore[arg-type]
-    except ImportError:
-        asyncio.run(coro)  # type: ignore[arg-type]
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    uvloop.run(coro)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -42,8 +41,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
-              help="TOML file describing the listen address, nodes, users file, read_policy.")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="TOML file describing the listen address, nodes, users file, read_policy.",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def router(config_path: Path, verbose: bool) -> None:
     """Run a router in front of existing PostgreSQL servers."""
@@ -76,23 +80,45 @@ async def _wait_for_signal() -> None:
 
 
 @main.command()
-@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 16),
-              help="Number of PostgreSQL servers in the group.")
-@click.option("--port", default=6432, show_default=True, type=click.IntRange(1, 65535),
-              help="Port of the router on 127.0.0.1.")
-@click.option("--dir", "directory", default=".pgquorum", show_default=True,
-              type=click.Path(path_type=Path), help="Directory for the data directories.")
-@click.option("--password", envvar="PGQUORUM_PASSWORD", default=None,
-              help="Require SCRAM passwords: the postgres user's password (set when the "
-                   "cluster is created). Also read from PGQUORUM_PASSWORD.")
+@click.option(
+    "--nodes",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Number of PostgreSQL servers in the group.",
+)
+@click.option(
+    "--port",
+    default=6432,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Port of the router on 127.0.0.1.",
+)
+@click.option(
+    "--dir",
+    "directory",
+    default=".pgquorum",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Directory for the data directories.",
+)
+@click.option(
+    "--password",
+    envvar="PGQUORUM_PASSWORD",
+    default=None,
+    help="Require SCRAM passwords: the postgres user's password (set when the "
+    "cluster is created). Also read from PGQUORUM_PASSWORD.",
+)
 @click.option("-v", "--verbose", is_flag=True)
 def up(nodes: int, port: int, directory: Path, password: str | None, verbose: bool) -> None:
     """Create (first run) or reuse a local cluster and run it until Ctrl-C or SIGTERM."""
     from pgquorum.local.binaries import PostgresNotFound
     from pgquorum.local.cluster import LocalCluster
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     cluster = LocalCluster(directory, nodes, port, password)
     try:
         with console.status("preparing PostgreSQL data directories"):
@@ -115,12 +141,11 @@ def up(nodes: int, port: int, directory: Path, password: str | None, verbose: bo
         cluster.write_state(router_pid=os.getpid())
         auth = f" password={password}" if password else ""
         console.print(f"pgquorum is up: {len(cluster.nodes)} nodes behind 127.0.0.1:{port}")
-        console.print(f"  psql \"host=127.0.0.1 port={port} user=postgres dbname=postgres{auth}\"")
+        console.print(f'  psql "host=127.0.0.1 port={port} user=postgres dbname=postgres{auth}"')
         console.print(f"  admin console: psql -h 127.0.0.1 -p {port} -U postgres pgquorum")
         console.print("  Ctrl-C stops everything")
         waiter = asyncio.ensure_future(_wait_for_signal())
-        with Live(_status_line(r), console=console, refresh_per_second=1,
-                  transient=True) as live:
+        with Live(_status_line(r), console=console, refresh_per_second=1, transient=True) as live:
             while not waiter.done():
                 await asyncio.wait([waiter], timeout=1)
                 live.update(_status_line(r))
@@ -148,8 +173,9 @@ def _status_line(r: object) -> str:
 
 
 @main.command()
-@click.option("--dir", "directory", default=".pgquorum", show_default=True,
-              type=click.Path(path_type=Path))
+@click.option(
+    "--dir", "directory", default=".pgquorum", show_default=True, type=click.Path(path_type=Path)
+)
 def down(directory: Path) -> None:
     """Stop a local cluster left running."""
     from pgquorum.local.cluster import stop_left_running
@@ -178,8 +204,8 @@ def status(host: str, port: int, user: str, password: str | None) -> None:
     console.print(table)
 
 
-def _run_value(coro):  # type: ignore[no-untyped-def]
-    result = []
+def _run_value(coro: Coroutine[Any, Any, T]) -> T:
+    result: list[T] = []
 
     async def wrap() -> None:
         result.append(await coro)

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from helpers import assert_nodes_identical
 from router_harness import RouterThread, router_config
 
+from helpers import assert_nodes_identical
 from pgquorum.local.instance import LocalNode
 
 
@@ -22,8 +22,9 @@ def router(pg_nodes: list[LocalNode]) -> Iterator[RouterThread]:
 
 
 @pytest.fixture
-def db(router: RouterThread, pg_nodes: list[LocalNode], request: pytest.FixtureRequest
-       ) -> Iterator[str]:
+def db(
+    router: RouterThread, pg_nodes: list[LocalNode], request: pytest.FixtureRequest
+) -> Iterator[str]:
     """A fresh database created through the router; at the end every node must hold the same."""
     name = "t_" + re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:50]
     with psycopg.connect(router.dsn(), autocommit=True) as conn:

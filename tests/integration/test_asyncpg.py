@@ -17,8 +17,9 @@ def test_asyncpg_roundtrip(router: RouterThread, db: str) -> None:
         conn = await asyncpg.connect(router.url(db))
         try:
             await conn.execute("CREATE TABLE a (id int PRIMARY KEY, name text, at timestamptz)")
-            await conn.executemany("INSERT INTO a (id, name) VALUES ($1, $2)",
-                                   [(i, f"name{i}") for i in range(200)])
+            await conn.executemany(
+                "INSERT INTO a (id, name) VALUES ($1, $2)", [(i, f"name{i}") for i in range(200)]
+            )
             stmt = await conn.prepare("SELECT name FROM a WHERE id = $1")
             for i in (0, 50, 199):
                 assert await stmt.fetchval(i) == f"name{i}"
@@ -27,8 +28,9 @@ def test_asyncpg_roundtrip(router: RouterThread, db: str) -> None:
             async with conn.transaction():
                 await conn.execute("UPDATE a SET name = 'x' WHERE id = $1", 1)
                 assert await conn.fetchval("SELECT name FROM a WHERE id = 1") == "x"
-            await conn.copy_records_to_table("a", records=[(1000 + i, "copied", None)
-                                                           for i in range(500)])
+            await conn.copy_records_to_table(
+                "a", records=[(1000 + i, "copied", None) for i in range(500)]
+            )
             assert await conn.fetchval("SELECT count(*) FROM a") == 700
             # Binary types through the router.
             val = await conn.fetchval("SELECT $1::numeric * 2", 21)

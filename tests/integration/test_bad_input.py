@@ -132,8 +132,10 @@ def test_ssl_refused_without_certificate(router: RouterThread) -> None:
 @pytest.fixture(scope="module")
 def password_router(make_nodes, tmp_path_factory) -> RouterThread:  # type: ignore[no-untyped-def]
     nodes: list[LocalNode] = make_nodes(2, password="nodesecret")
-    users = write_users(tmp_path_factory.mktemp("users") / "users.txt",
-                        {"postgres": "nodesecret", "alice": "alicepw"})
+    users = write_users(
+        tmp_path_factory.mktemp("users") / "users.txt",
+        {"postgres": "nodesecret", "alice": "alicepw"},
+    )
     rt = RouterThread(router_config(nodes, auth_method="scram-sha-256", users_file=users))
     yield rt
     rt.stop()

@@ -12,12 +12,29 @@ from pgquorum.local.binaries import PgBinaries
 from pgquorum.local.instance import LocalNode
 
 
-def psql(binaries: PgBinaries, router: RouterThread, db: str, *args: str,
-         stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def psql(
+    binaries: PgBinaries, router: RouterThread, db: str, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(binaries.path("psql")), "-X", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1",
-         "-p", str(router.port), "-U", "postgres", "-d", db, *args],
-        input=stdin, capture_output=True, text=True, timeout=60,
+        [
+            str(binaries.path("psql")),
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(router.port),
+            "-U",
+            "postgres",
+            "-d",
+            db,
+            *args,
+        ],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -50,17 +67,29 @@ def test_psql_error_has_sqlstate(pg_binaries: PgBinaries, router: RouterThread, 
 
 def pgbench(binaries: PgBinaries, router: RouterThread, db: str, *args: str) -> str:
     r = subprocess.run(
-        [str(binaries.path("pgbench")), "-h", "127.0.0.1", "-p", str(router.port),
-         "-U", "postgres", *args, db],
-        capture_output=True, text=True, timeout=300,
+        [
+            str(binaries.path("pgbench")),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(router.port),
+            "-U",
+            "postgres",
+            *args,
+            db,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout + r.stderr
 
 
 @pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
-def test_pgbench_all_protocols(pg_binaries: PgBinaries, router: RouterThread, db: str,
-                               pg_nodes: list[LocalNode], mode: str) -> None:
+def test_pgbench_all_protocols(
+    pg_binaries: PgBinaries, router: RouterThread, db: str, pg_nodes: list[LocalNode], mode: str
+) -> None:
     pgbench(pg_binaries, router, db, "-i", "-s", "1", "-q")
     out = pgbench(pg_binaries, router, db, "-M", mode, "-S", "-c", "4", "-j", "2", "-t", "200")
     assert "number of failed transactions: 0" in out
@@ -71,7 +100,9 @@ def test_pgbench_all_protocols(pg_binaries: PgBinaries, router: RouterThread, db
         # pgbench's own invariant: the balances moved exactly as the history says.
         got = node.psql(
             "SELECT (SELECT sum(abalance) FROM pgbench_accounts) = "
-            "(SELECT coalesce(sum(delta), 0) FROM pgbench_history)", database=db)
+            "(SELECT coalesce(sum(delta), 0) FROM pgbench_history)",
+            database=db,
+        )
         assert got.strip() == "t"
         assert node.psql("SELECT count(*) FROM pgbench_history", database=db).strip() == "200"
     # pgbench stamps history rows with CURRENT_TIMESTAMP, which each node evaluates itself until

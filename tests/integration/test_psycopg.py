@@ -13,8 +13,9 @@ from router_harness import RouterThread
 from pgquorum.local.instance import LocalNode
 
 
-def test_simple_protocol_writes_reach_every_node(router: RouterThread, db: str,
-                                                 pg_nodes: list[LocalNode]) -> None:
+def test_simple_protocol_writes_reach_every_node(
+    router: RouterThread, db: str, pg_nodes: list[LocalNode]
+) -> None:
     with psycopg.connect(router.dsn(db), autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
         conn.execute("INSERT INTO t VALUES (1, 'one'), (2, 'two')")
@@ -109,14 +110,18 @@ def test_copy_in_and_out(router: RouterThread, db: str, pg_nodes: list[LocalNode
         assert out.count(b"\n") == 5000
     for node in pg_nodes:
         assert node.psql("SELECT count(*), sum(id) FROM c", database=db).strip() == (
-            f"5000|{sum(range(5000))}")
+            f"5000|{sum(range(5000))}"
+        )
 
 
 def test_copy_in_error_is_reported(router: RouterThread, db: str) -> None:
     with psycopg.connect(router.dsn(db), autocommit=True) as conn:
         conn.execute("CREATE TABLE ce (id int PRIMARY KEY)")
-        with pytest.raises(psycopg.errors.UniqueViolation), conn.cursor() as cur, \
-                cur.copy("COPY ce FROM STDIN") as copy:
+        with (
+            pytest.raises(psycopg.errors.UniqueViolation),
+            conn.cursor() as cur,
+            cur.copy("COPY ce FROM STDIN") as copy,
+        ):
             copy.write_row((1,))
             copy.write_row((1,))
         assert conn.execute("SELECT count(*) FROM ce").fetchone() == (0,)
@@ -140,8 +145,9 @@ def test_multi_statement_string(router: RouterThread, db: str) -> None:
         assert conn.execute("SELECT count(*) FROM m").fetchone() == (2,)
 
 
-def test_reads_are_spread_over_nodes(router: RouterThread, db: str,
-                                     pg_nodes: list[LocalNode]) -> None:
+def test_reads_are_spread_over_nodes(
+    router: RouterThread, db: str, pg_nodes: list[LocalNode]
+) -> None:
     ports: set[int] = set()
     conns = [psycopg.connect(router.dsn(db), autocommit=True) for _ in range(6)]
     try:
@@ -166,8 +172,9 @@ def test_reads_in_a_transaction_follow_its_writes(router: RouterThread, db: str)
         conn.commit()
 
 
-def test_volatile_function_select_is_a_write(router: RouterThread, db: str,
-                                             pg_nodes: list[LocalNode]) -> None:
+def test_volatile_function_select_is_a_write(
+    router: RouterThread, db: str, pg_nodes: list[LocalNode]
+) -> None:
     with psycopg.connect(router.dsn(db), autocommit=True) as conn:
         conn.execute("CREATE SEQUENCE s")
         for _ in range(5):
@@ -184,8 +191,10 @@ def test_set_reaches_every_node(router: RouterThread, db: str) -> None:
 
 
 def test_listen_notify_delivered_exactly_once(router: RouterThread, db: str) -> None:
-    with psycopg.connect(router.dsn(db), autocommit=True) as listener, \
-            psycopg.connect(router.dsn(db), autocommit=True) as sender:
+    with (
+        psycopg.connect(router.dsn(db), autocommit=True) as listener,
+        psycopg.connect(router.dsn(db), autocommit=True) as sender,
+    ):
         listener.execute("LISTEN chan")
         for i in range(3):
             sender.execute(sql.SQL("NOTIFY chan, {}").format(sql.Literal(f"m{i}")))

@@ -211,8 +211,9 @@ def parse_startup(payload: bytes) -> StartupPacket:
         params[key] = cur.cstring()
     cur.end()
     if not params.get("user"):
-        raise PgError("28000", "no PostgreSQL user name specified in startup packet",
-                      severity="FATAL")
+        raise PgError(
+            "28000", "no PostgreSQL user name specified in startup packet", severity="FATAL"
+        )
     return StartupMessage(params)
 
 

@@ -36,29 +36,63 @@ class AdminConsole:
     def show_nodes(self) -> Table:
         cluster = self.router.cluster
         lead = cluster.lead()
-        cols = ["name", "host", "port", "role", "state", "statements", "outstanding",
-                "divergences", "since", "last_error"]
+        cols = [
+            "name",
+            "host",
+            "port",
+            "role",
+            "state",
+            "statements",
+            "outstanding",
+            "divergences",
+            "since",
+            "last_error",
+        ]
         rows: list[list[str | None]] = []
         for st in cluster.status.values():
-            rows.append([
-                st.node.name, st.node.host, str(st.node.port),
-                "lead" if st is lead else "replica", st.state.value, str(st.statements),
-                str(st.outstanding), str(st.divergences),
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.since)),
-                st.last_error or st.reason,
-            ])
+            rows.append(
+                [
+                    st.node.name,
+                    st.node.host,
+                    str(st.node.port),
+                    "lead" if st is lead else "replica",
+                    st.state.value,
+                    str(st.statements),
+                    str(st.outstanding),
+                    str(st.divergences),
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.since)),
+                    st.last_error or st.reason,
+                ]
+            )
         return cols, rows
 
     def show_sessions(self) -> Table:
-        cols = ["id", "user", "database", "client", "application_name", "state",
-                "connected_at", "units", "nodes"]
+        cols = [
+            "id",
+            "user",
+            "database",
+            "client",
+            "application_name",
+            "state",
+            "connected_at",
+            "units",
+            "nodes",
+        ]
         rows: list[list[str | None]] = []
         for s in self.router.sessions.values():
-            rows.append([
-                str(s.id), s.user, s.database, s.peer, s.params.get("application_name", ""),
-                s.state, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.connected_at)),
-                str(s.units), ",".join(s.conns),
-            ])
+            rows.append(
+                [
+                    str(s.id),
+                    s.user,
+                    s.database,
+                    s.peer,
+                    s.params.get("application_name", ""),
+                    s.state,
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.connected_at)),
+                    str(s.units),
+                    ",".join(s.conns),
+                ]
+            )
         return cols, rows
 
     def show_help(self) -> Table:
@@ -77,9 +111,11 @@ class AdminConsole:
             if isinstance(stmt, VariableShowStmt) and stmt.name in self.commands:
                 tables.append(self.commands[stmt.name]())
             else:
-                raise PgError(FEATURE_NOT_SUPPORTED,
-                              "unsupported admin command; try: " +
-                              ", ".join("SHOW " + c.upper() for c in self.commands))
+                raise PgError(
+                    FEATURE_NOT_SUPPORTED,
+                    "unsupported admin command; try: "
+                    + ", ".join("SHOW " + c.upper() for c in self.commands),
+                )
         return tables
 
     async def serve(self, session: ClientSession) -> None:
@@ -92,9 +128,14 @@ class AdminConsole:
                 continue
             if mtype != m.QUERY:
                 if mtype in (m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.FLUSH):
-                    session.write(m.encode_error(PgError(
-                        FEATURE_NOT_SUPPORTED,
-                        "the admin console supports only the simple query protocol")))
+                    session.write(
+                        m.encode_error(
+                            PgError(
+                                FEATURE_NOT_SUPPORTED,
+                                "the admin console supports only the simple query protocol",
+                            )
+                        )
+                    )
                     continue
                 raise m.ProtocolViolation(f"invalid frontend message type {mtype}")
             out: list[bytes] = []

@@ -55,8 +55,9 @@ class Expectation:
 
     __slots__ = ("kind", "statement", "swallow", "version")
 
-    def __init__(self, kind: int, statement: str | None = None, swallow: bool = False,
-                 version: int = 0) -> None:
+    def __init__(
+        self, kind: int, statement: str | None = None, swallow: bool = False, version: int = 0
+    ) -> None:
         self.kind = kind
         self.statement = statement
         self.swallow = swallow

@@ -9,12 +9,13 @@ from .backend import EXPECT_QUERY, NodeConnection
 from .session import decode_data_row
 
 
-async def admin_query(host: str, port: int, user: str, password: str | None,
-                      sql: str) -> tuple[list[str], list[list[str | None]]]:
+async def admin_query(
+    host: str, port: int, user: str, password: str | None, sql: str
+) -> tuple[list[str], list[list[str | None]]]:
     """Run one admin console command; return its column names and rows."""
-    conn = await NodeConnection.open(Node("router", host, port),
-                                     {"user": user, "database": "pgquorum"}, password,
-                                     lambda _: None)
+    conn = await NodeConnection.open(
+        Node("router", host, port), {"user": user, "database": "pgquorum"}, password, lambda _: None
+    )
     try:
         conn.send_unit(m.encode_query(sql), [EXPECT_QUERY], relay=False)
         res = await conn.wait()

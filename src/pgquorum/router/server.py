@@ -65,10 +65,14 @@ class Router:
             reuse_address=True,
             backlog=1024,
         )
-        log.info("router %s listening on %s:%d in front of group %s (%s)",
-                 self.settings.name, self.settings.listen_host, self.port,
-                 self.cluster.group.name,
-                 ", ".join(n.address for n in self.cluster.group.nodes))
+        log.info(
+            "router %s listening on %s:%d in front of group %s (%s)",
+            self.settings.name,
+            self.settings.listen_host,
+            self.port,
+            self.cluster.group.name,
+            ", ".join(n.address for n in self.cluster.group.nodes),
+        )
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -98,8 +102,13 @@ class Router:
         if session is None or session.key[1] != secret:
             return  # like PostgreSQL: no answer, no hint whether the key existed
         session.cancel_requested = True
-        await asyncio.gather(*(_send_cancel(c.node.host, c.node.port, c.pid, c.secret)
-                               for c in session.conns.values()), return_exceptions=True)
+        await asyncio.gather(
+            *(
+                _send_cancel(c.node.host, c.node.port, c.pid, c.secret)
+                for c in session.conns.values()
+            ),
+            return_exceptions=True,
+        )
 
 
 async def _send_cancel(host: str, port: int, pid: int, secret: int) -> None:
@@ -112,5 +121,8 @@ async def _send_cancel(host: str, port: int, pid: int, secret: int) -> None:
 
 
 def _shutdown_error() -> m.PgError:
-    return m.PgError("57P01", "terminating connection because the pgquorum router is shutting "
-                     "down", severity="FATAL")
+    return m.PgError(
+        "57P01",
+        "terminating connection because the pgquorum router is shutting down",
+        severity="FATAL",
+    )

@@ -17,7 +17,6 @@ import itertools
 import logging
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -188,8 +187,11 @@ class ClientSession(asyncio.Protocol):
                 log.warning("session %d (%s): %s", self.id, self.peer, e.message)
         except Exception:
             log.exception("session %d (%s): internal error", self.id, self.peer)
-            self.write(m.encode_error(PgError("XX000", "internal error in the pgquorum router",
-                                              severity="FATAL")))
+            self.write(
+                m.encode_error(
+                    PgError("XX000", "internal error in the pgquorum router", severity="FATAL")
+                )
+            )
         finally:
             self.router.sessions.pop(self.key[0], None)
             for c in self.conns.values():
@@ -226,10 +228,14 @@ class ClientSession(asyncio.Protocol):
         self.params["database"] = self.database
         await self._authenticate()
         if self.database == ADMIN_DATABASE:
-            server_params = {"server_version": "15.0 (pgquorum admin console)",
-                             "client_encoding": "UTF8", "server_encoding": "UTF8",
-                             "DateStyle": "ISO, MDY", "integer_datetimes": "on",
-                             "standard_conforming_strings": "on"}
+            server_params = {
+                "server_version": "15.0 (pgquorum admin console)",
+                "client_encoding": "UTF8",
+                "server_encoding": "UTF8",
+                "DateStyle": "ISO, MDY",
+                "integer_datetimes": "on",
+                "standard_conforming_strings": "on",
+            }
         else:
             await self._connect_nodes()
             lead = self._lead()
@@ -253,7 +259,8 @@ class ClientSession(asyncio.Protocol):
             mtype, payload = await self.next_message()
             if mtype != m.PASSWORD:
                 raise ProtocolViolation(
-                    f"expected a password message, got message type {chr(mtype)!r}")
+                    f"expected a password message, got message type {chr(mtype)!r}"
+                )
             out, done = auth.receive(payload)
             self.write(out)
 
@@ -270,8 +277,11 @@ class ClientSession(asyncio.Protocol):
         cluster = self.router.cluster
         targets = [st.node for st in cluster.online()]
         if not targets:
-            raise PgError(CONNECTION_FAILURE, f"no ONLINE node in group {cluster.group.name!r}",
-                          severity="FATAL")
+            raise PgError(
+                CONNECTION_FAILURE,
+                f"no ONLINE node in group {cluster.group.name!r}",
+                severity="FATAL",
+            )
         params, password = self._backend_params()
         results = await asyncio.gather(
             *(NodeConnection.open(n, params, password, self.write) for n in targets),
@@ -290,9 +300,11 @@ class ClientSession(asyncio.Protocol):
             elif isinstance(res, BaseException):
                 raise res
         if not self.conns:
-            raise PgError(CONNECTION_FAILURE,
-                          f"no node of group {cluster.group.name!r} can be reached",
-                          severity="FATAL")
+            raise PgError(
+                CONNECTION_FAILURE,
+                f"no node of group {cluster.group.name!r} can be reached",
+                severity="FATAL",
+            )
 
     # -- node selection ---------------------------------------------------------------------
 
@@ -300,8 +312,9 @@ class ClientSession(asyncio.Protocol):
         """Connections to ONLINE nodes, in group order; drops nodes failed meanwhile."""
         cluster = self.router.cluster
         conns = self.conns
-        dead = [name for name, c in conns.items()
-                if c.lost is not None or not cluster.is_online(name)]
+        dead = [
+            name for name, c in conns.items() if c.lost is not None or not cluster.is_online(name)
+        ]
         for name in dead:
             c = conns.pop(name)
             if c.lost is not None:
@@ -312,8 +325,9 @@ class ClientSession(asyncio.Protocol):
             if lead is not None:
                 lead.set_forward_async(True)
         if not conns:
-            raise PgError(CONNECTION_FAILURE, "no ONLINE node is left for this session",
-                          severity="FATAL")
+            raise PgError(
+                CONNECTION_FAILURE, "no ONLINE node is left for this session", severity="FATAL"
+            )
         return list(conns.values())
 
     def _lead(self) -> NodeConnection:
@@ -338,8 +352,9 @@ class ClientSession(asyncio.Protocol):
 
     def _least_loaded(self, conns: list[NodeConnection]) -> NodeConnection:
         status = self.router.cluster.status
-        return min(conns, key=lambda c: (status[c.node.name].outstanding,
-                                         status[c.node.name].statements))
+        return min(
+            conns, key=lambda c: (status[c.node.name].outstanding, status[c.node.name].statements)
+        )
 
     async def _resolve(self, a: Analysis) -> Route:
         """The analysis' route, upgraded to WRITE when a called function is volatile."""
@@ -397,11 +412,14 @@ class ClientSession(asyncio.Protocol):
             elif mtype in (m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL):
                 continue  # outside COPY these are ignored, as PostgreSQL does
             elif mtype == m.FUNCTION_CALL:
-                self._router_error(PgError(FEATURE_NOT_SUPPORTED,
-                                           "the fast-path function call protocol is not "
-                                           "supported by pgquorum",
-                                           hint="Call the function with SELECT instead."),
-                                   ready=True)
+                self._router_error(
+                    PgError(
+                        FEATURE_NOT_SUPPORTED,
+                        "the fast-path function call protocol is not supported by pgquorum",
+                        hint="Call the function with SELECT instead.",
+                    ),
+                    ready=True,
+                )
             else:
                 raise ProtocolViolation(f"invalid frontend message type {mtype}")
 
@@ -446,8 +464,9 @@ class ClientSession(asyncio.Protocol):
             self.txn_node = None
             self.portals.clear()
 
-    async def _read_unit(self, conn: NodeConnection, data: bytes,
-                         expect: list[Expectation]) -> UnitResult:
+    async def _read_unit(
+        self, conn: NodeConnection, data: bytes, expect: list[Expectation]
+    ) -> UnitResult:
         st = self.router.cluster.status[conn.node.name]
         st.outstanding += 1
         st.statements += 1
@@ -456,9 +475,12 @@ class ClientSession(asyncio.Protocol):
             res = await conn.wait()
         except NodeLost as e:
             self.router.cluster.mark_failed(conn.node.name, e.reason)
-            raise PgError(CONNECTION_FAILURE,
-                          f"lost the connection to node {conn.node.name} while it served this "
-                          f"session: {e.reason}", severity="FATAL") from None
+            raise PgError(
+                CONNECTION_FAILURE,
+                f"lost the connection to node {conn.node.name} while it served this "
+                f"session: {e.reason}",
+                severity="FATAL",
+            ) from None
         finally:
             st.outstanding -= 1
         if res.error and self.txn_status != IDLE and res.status != IDLE:
@@ -467,8 +489,9 @@ class ClientSession(asyncio.Protocol):
             await self._replay_elsewhere(conn, data, expect)
         return res
 
-    async def _replay_elsewhere(self, conn: NodeConnection, data: bytes,
-                                expect: list[Expectation]) -> None:
+    async def _replay_elsewhere(
+        self, conn: NodeConnection, data: bytes, expect: list[Expectation]
+    ) -> None:
         others = [c for c in self._online_conns() if c is not conn]
         for c in others:
             c.send_unit(data, list(expect), relay=False)
@@ -500,9 +523,12 @@ class ClientSession(asyncio.Protocol):
                 # so a new lead can run it from scratch.
                 cluster.mark_failed(lead.node.name, e.reason)
                 if self.txn_status != IDLE:
-                    raise PgError(CONNECTION_FAILURE,
-                                  f"the lead node {lead.node.name} failed inside this "
-                                  f"transaction: {e.reason}", severity="FATAL") from None
+                    raise PgError(
+                        CONNECTION_FAILURE,
+                        f"the lead node {lead.node.name} failed inside this "
+                        f"transaction: {e.reason}",
+                        severity="FATAL",
+                    ) from None
             finally:
                 st.outstanding -= 1
         others = conns[1:]
@@ -551,12 +577,17 @@ class ClientSession(asyncio.Protocol):
                 status[c.node.name].outstanding -= 1
         return out
 
-    async def _copy_in(self, lead: NodeConnection, lead_res: UnitResult,
-                       others: list[NodeConnection], results: list[UnitResult | None],
-                       ) -> tuple[UnitResult, list[UnitResult | None]]:
+    async def _copy_in(
+        self,
+        lead: NodeConnection,
+        lead_res: UnitResult,
+        others: list[NodeConnection],
+        results: list[UnitResult | None],
+    ) -> tuple[UnitResult, list[UnitResult | None]]:
         """Stream the client's COPY data to every node that is waiting for it."""
-        receivers = [lead] + [c for c, r in zip(others, results, strict=True)
-                              if r is not None and r.copy_in]
+        receivers = [lead] + [
+            c for c, r in zip(others, results, strict=True) if r is not None and r.copy_in
+        ]
         assert self.transport is not None
         # The client sees the lead's CopyInResponse; the rest of its reply comes at the end.
         self.transport.writelines(lead_res.chunks)
@@ -567,7 +598,8 @@ class ClientSession(asyncio.Protocol):
                 continue  # ignored during COPY, as PostgreSQL does
             if mtype not in (m.COPY_DATA, m.COPY_DONE, m.COPY_FAIL):
                 raise ProtocolViolation(
-                    f"unexpected message type {chr(mtype)!r} during COPY from stdin")
+                    f"unexpected message type {chr(mtype)!r} during COPY from stdin"
+                )
             data = m.frame(mtype, payload)
             for c in receivers:
                 if c.lost is None:
@@ -586,8 +618,13 @@ class ClientSession(asyncio.Protocol):
         rest = await self._gather(others)
         return lead_final, rest
 
-    def _vote(self, lead: NodeConnection, lead_res: UnitResult, others: list[NodeConnection],
-              results: list[UnitResult | None]) -> None:
+    def _vote(
+        self,
+        lead: NodeConnection,
+        lead_res: UnitResult,
+        others: list[NodeConnection],
+        results: list[UnitResult | None],
+    ) -> None:
         """Compare every node's outcome with the lead's and report differences loudly."""
         want = lead_res.outcome()
         for c, r in zip(others, results, strict=True):
@@ -597,10 +634,17 @@ class ClientSession(asyncio.Protocol):
             if got != want:
                 st = self.router.cluster.status[c.node.name]
                 st.divergences += 1
-                st.last_error = (f"outcome {_describe(got)} differs from lead "
-                                 f"{lead.node.name}'s {_describe(want)}")
-                log.error("DIVERGENCE: node %s answered %s, lead %s answered %s",
-                          c.node.name, _describe(got), lead.node.name, _describe(want))
+                st.last_error = (
+                    f"outcome {_describe(got)} differs from lead "
+                    f"{lead.node.name}'s {_describe(want)}"
+                )
+                log.error(
+                    "DIVERGENCE: node %s answered %s, lead %s answered %s",
+                    c.node.name,
+                    _describe(got),
+                    lead.node.name,
+                    _describe(want),
+                )
 
     # -- extended protocol ------------------------------------------------------------------
 
@@ -618,8 +662,9 @@ class ClientSession(asyncio.Protocol):
             if mtype == m.PARSE:
                 p = m.parse_parse(payload)
                 a = self.router.analyzer.analyze(p.query)
-                info = statements[p.name] = Statement(p.name, m.frame(m.PARSE, payload), a,
-                                                      next(self._versions))
+                info = statements[p.name] = Statement(
+                    p.name, m.frame(m.PARSE, payload), a, next(self._versions)
+                )
                 strict = strict or a.strict_isolation
             elif mtype == m.BIND:
                 b = m.parse_bind(payload)
@@ -669,11 +714,15 @@ class ClientSession(asyncio.Protocol):
         for portal in bound:
             self.portals[portal] = targets
         if closes:
-            for c in self.conns.values():
-                if c not in targets:
-                    c.pending_close.extend(n for n in closes if n in c.prepared)
-        a = Analysis(route=route, functions=frozenset(), strict_isolation=strict,
-                     catalog_change=catalog_change)
+            for other in self.conns.values():
+                if other not in targets:
+                    other.pending_close.extend(n for n in closes if n in other.prepared)
+        a = Analysis(
+            route=route,
+            functions=frozenset(),
+            strict_isolation=strict,
+            catalog_change=catalog_change,
+        )
         self._after_unit(res, route, a)
 
 
@@ -685,8 +734,9 @@ def _stronger(a: Route, b: Route) -> Route:
     return Route.READ
 
 
-def _build_batch(conn: NodeConnection,
-                 batch: list[tuple[int, bytes, object]]) -> tuple[bytes, list[Expectation]]:
+def _build_batch(
+    conn: NodeConnection, batch: list[tuple[int, bytes, object]]
+) -> tuple[bytes, list[Expectation]]:
     """The bytes of a batch for one node, with the Parse/Close it still needs injected."""
     parts: list[bytes] = []
     expect: list[Expectation] = []
@@ -754,4 +804,3 @@ def decode_data_row(payload: bytes) -> list[str | None]:
 
 def new_secret() -> int:
     return secrets.randbits(31)
-

@@ -45,8 +45,8 @@ case "$cmd" in
     test)
         ensure_postgres
         ensure_venv "[test]"
-        .venv/bin/ruff check src tests bench
-        .venv/bin/ruff format --check src tests bench
+        .venv/bin/ruff check .
+        .venv/bin/ruff format --check .
         .venv/bin/mypy
         exec .venv/bin/pytest "$@"
         ;;

@@ -54,9 +54,9 @@ def router(config_path: Path, verbose: bool) -> None:
     try:
         config = load_config(config_path)
     except ConfigError as e:
-        console.print(f"[red]{config_path}: invalid configuration[/red]")
+        console.print(f"{config_path}: invalid configuration", style="red", markup=False)
         for p in e.problems:
-            console.print(f"  - {p}")
+            console.print(f"  - {p}", markup=False)
         sys.exit(2)
     _setup_logging(verbose)
 
@@ -120,16 +120,20 @@ def up(nodes: int, port: int, directory: Path, password: str | None, verbose: bo
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     cluster = LocalCluster(directory, nodes, port, password)
+    # SIGTERM while servers are being started must still stop them: turn it into the same
+    # KeyboardInterrupt as Ctrl-C until the event loop installs its own handlers.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         with console.status("preparing PostgreSQL data directories"):
             cluster.prepare()
         with console.status(f"starting {len(cluster.nodes)} PostgreSQL servers"):
             cluster.start_nodes()
     except PostgresNotFound as e:
-        console.print(f"[red]{e}[/red]")
+        console.print(str(e), style="red", markup=False)
         sys.exit(1)
-    except Exception as e:
-        console.print(f"[red]could not start the local cluster: {e}[/red]")
+    except (Exception, KeyboardInterrupt) as e:
+        if not isinstance(e, KeyboardInterrupt):
+            console.print(f"could not start the local cluster: {e}", style="red", markup=False)
         cluster.stop_nodes()
         sys.exit(1)
 
@@ -153,11 +157,17 @@ def up(nodes: int, port: int, directory: Path, password: str | None, verbose: bo
 
     try:
         _run(serve())
+    except KeyboardInterrupt:
+        pass  # a signal before the loop's own handlers were installed: stop the same way
     finally:
         with console.status("stopping PostgreSQL servers"):
             cluster.stop_nodes()
         cluster.write_state(router_pid=None)
         console.print("pgquorum stopped")
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _status_line(r: object) -> str:
@@ -196,7 +206,7 @@ def status(host: str, port: int, user: str, password: str | None) -> None:
     try:
         cols, rows = _run_value(admin_query(host, port, user, password, "SHOW NODES"))
     except Exception as e:
-        console.print(f"[red]cannot reach the router at {host}:{port}: {e}[/red]")
+        console.print(f"cannot reach the router at {host}:{port}: {e}", style="red", markup=False)
         sys.exit(1)
     table = Table(*cols)
     for row in rows:

@@ -64,6 +64,7 @@ class LocalCluster:
 
     def prepare(self) -> list[LocalNode]:
         """Create (first run) or reuse the node data directories, on free ports."""
+        binaries = self.binaries  # before creating anything: a missing PostgreSQL is one error
         self.directory.mkdir(parents=True, exist_ok=True)
         os.chmod(self.directory, 0o755)  # the postgres user must reach the data directories
         existing = sorted(
@@ -72,7 +73,7 @@ class LocalCluster:
         )
         count = max(self.size, len(existing))
         self.nodes = [
-            LocalNode(f"node{i}", self.directory / f"node{i}", free_port(), self.binaries)
+            LocalNode(f"node{i}", self.directory / f"node{i}", free_port(), binaries)
             for i in range(1, count + 1)
         ]
         new = [n for n in self.nodes if not n.initialized()]
@@ -118,15 +119,30 @@ def stop_left_running(directory: Path) -> list[str]:
     state = cluster.read_state()
     done: list[str] = []
     pid = state.get("router_pid")
-    if isinstance(pid, int) and pid > 0:
+    if isinstance(pid, int) and pid > 0 and _is_pgquorum(pid):
         try:
             os.kill(pid, signal.SIGTERM)
             done.append(f"sent SIGTERM to router process {pid}")
         except ProcessLookupError:
             pass
+    if state:
+        cluster.nodes = []
+        state["router_pid"] = None
+        tmp = cluster._state_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(cluster._state_path())
     for p in sorted(cluster.directory.glob("node*")):
         if (p / "postmaster.pid").exists():
             node = LocalNode(p.name, p, 0, cluster.binaries)
             node.stop()
             done.append(f"stopped {p.name}")
     return done
+
+
+def _is_pgquorum(pid: int) -> bool:
+    """Whether a process id still belongs to a pgquorum process (ids get reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"pgquorum" in cmdline

@@ -119,23 +119,27 @@ class AdminConsole:
         return tables
 
     async def serve(self, session: ClientSession) -> None:
+        skipping = False  # after an error in an extended-protocol batch, until its Sync
         while True:
             mtype, payload = await session.next_message()
             if mtype == m.TERMINATE:
                 return
             if mtype == m.SYNC:
+                skipping = False
                 session.write(m.encode_ready(ord("I")))
                 continue
             if mtype != m.QUERY:
                 if mtype in (m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.FLUSH):
-                    session.write(
-                        m.encode_error(
-                            PgError(
-                                FEATURE_NOT_SUPPORTED,
-                                "the admin console supports only the simple query protocol",
+                    if not skipping:
+                        skipping = True
+                        session.write(
+                            m.encode_error(
+                                PgError(
+                                    FEATURE_NOT_SUPPORTED,
+                                    "the admin console supports only the simple query protocol",
+                                )
                             )
                         )
-                    )
                     continue
                 raise m.ProtocolViolation(f"invalid frontend message type {mtype}")
             out: list[bytes] = []

@@ -37,6 +37,7 @@ class Router:
         self.analyzer = Analyzer()
         self._catalogs: dict[str, FunctionCatalog] = {}
         self.sessions: dict[int, ClientSession] = {}
+        self.read_turn = 0  # round robin among equally loaded nodes
         self.admin = AdminConsole(self)
         self.ssl_ctx: ssl.SSLContext | None = None
         if self.settings.tls_cert and self.settings.tls_key:

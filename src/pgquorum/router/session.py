@@ -351,10 +351,12 @@ class ClientSession(asyncio.Protocol):
         return self._least_loaded(conns)
 
     def _least_loaded(self, conns: list[NodeConnection]) -> NodeConnection:
+        """The node with the least outstanding work; ties go round robin."""
         status = self.router.cluster.status
-        return min(
-            conns, key=lambda c: (status[c.node.name].outstanding, status[c.node.name].statements)
-        )
+        least = min(status[c.node.name].outstanding for c in conns)
+        ties = [c for c in conns if status[c.node.name].outstanding == least]
+        self.router.read_turn += 1
+        return ties[self.router.read_turn % len(ties)]
 
     async def _resolve(self, a: Analysis) -> Route:
         """The analysis' route, upgraded to WRITE when a called function is volatile."""

@@ -228,3 +228,19 @@ def test_statement_failing_everywhere_keeps_session(router: RouterThread, db: st
         with pytest.raises(psycopg.errors.UndefinedTable):
             conn.execute("INSERT INTO nope VALUES (1)")
         assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_standard_conforming_strings_off_runs_everything_everywhere(
+    router: RouterThread, db: str, pg_nodes: list[LocalNode]
+) -> None:
+    with psycopg.connect(router.dsn(db), autocommit=True) as conn:
+        conn.execute("CREATE TABLE scs (id int)")
+        conn.execute("INSERT INTO scs VALUES (1), (2)")
+        conn.execute("SET standard_conforming_strings = off")
+        # To pglast (which reads '' as a quote) this is one SELECT of a literal; to a server
+        # with the setting off (which reads \' as a quote) it is a SELECT and a DELETE.
+        # The router must not send it to one node only.
+        conn.execute("SELECT 'x\\''; DELETE FROM scs; --'")
+        conn.execute("SET standard_conforming_strings = on")
+    for node in pg_nodes:
+        assert node.psql("SELECT count(*) FROM scs", database=db) == "0"

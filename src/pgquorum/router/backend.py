@@ -300,6 +300,9 @@ class NodeConnection(asyncio.Protocol):
                 res.tags.append(m.parse_command_tag(bytes(buf[pos + 5 : end])))
             elif mtype == m.COPY_IN_RESPONSE:
                 res.copy_in = True
+            elif mtype == m.PARAMETER_STATUS:
+                k, v = m.parse_parameter_status(bytes(buf[pos + 5 : end]))
+                self.params[k] = v
             elif mtype == m.COPY_BOTH_RESPONSE:
                 raise NodeLost(self.node, "COPY BOTH (replication) is not supported")
             elif head is not None and head.swallow:

@@ -94,6 +94,7 @@ class ClientSession(asyncio.Protocol):
         self._versions = itertools.count(1)
         self._skip_to_sync = False
         self.cancel_requested = False  # set by a CancelRequest, cleared when a unit starts
+        self.lenient_strings = False  # standard_conforming_strings is off: see _resolve
         self.task: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol (client side) -----------------------------------------------------
@@ -241,6 +242,7 @@ class ClientSession(asyncio.Protocol):
             lead = self._lead()
             server_params = lead.params
             lead.set_forward_async(True)
+            self.lenient_strings = lead.params.get("standard_conforming_strings") == "off"
         self.key = self.router.new_cancel_key()
         out = [m.encode_parameter_status(k, v) for k, v in server_params.items()]
         out.append(m.encode_backend_key(*self.key))
@@ -361,6 +363,11 @@ class ClientSession(asyncio.Protocol):
     async def _resolve(self, a: Analysis) -> Route:
         """The analysis' route, upgraded to WRITE when a called function is volatile."""
         route = a.route
+        if self.lenient_strings:
+            # The SQL grammar pglast knows assumes standard_conforming_strings = on; with it
+            # off, backslashes inside literals change where statements end, so no analysis
+            # can be trusted: everything runs everywhere.
+            return Route.WRITE
         if route is Route.READ:
             if a.functions:
                 catalog = self.router.catalog(self.database)
@@ -447,6 +454,9 @@ class ClientSession(asyncio.Protocol):
 
     def _after_unit(self, res: UnitResult | None, route: Route, a: Analysis | None) -> None:
         self.units += 1
+        lead = next(iter(self.conns.values()), None)
+        if lead is not None:
+            self.lenient_strings = lead.params.get("standard_conforming_strings") == "off"
         if a is not None and a.catalog_change:
             self.router.catalog(self.database).clear()
         if res is None or not res.status:

@@ -660,3 +660,16 @@ def test_startup_with_empty_user_is_refused() -> None:
     with pytest.raises(PgError) as info:
         parse_startup(i32(PROTOCOL_3_0) + b"user\0\0\0")
     assert info.value.sqlstate == "28000" and info.value.fatal
+
+
+def test_take_run_returns_whole_messages_of_one_type() -> None:
+    data = b"".join(frame(ord("d"), bytes([i]) * i) for i in range(5)) + frame(ord("c"))
+    f = Framer()
+    f.feed(data[:-3])  # the CopyDone is incomplete
+    run = f.take_run(ord("d"))
+    assert run == data[: len(data) - 5]
+    assert f.take_run(ord("d")) == b""
+    f.feed(data[-3:])
+    assert f.next_message() == (ord("c"), b"")
+    f.feed(frame(ord("d"), b"x")[:4])
+    assert f.take_run(ord("d")) == b""  # a partial message stays buffered

@@ -41,6 +41,7 @@ class ClusterView:
         self.group = group
         self.status: dict[str, NodeStatus] = {n.name: NodeStatus(n) for n in group.nodes}
         self._listeners: list[Callable[[NodeStatus], None]] = []
+        self.generation = 0  # bumped on every state change, so callers can cache derived views
 
     def online(self) -> list[NodeStatus]:
         return [s for s in self.status.values() if s.state is NodeState.ONLINE]
@@ -63,6 +64,7 @@ class ClusterView:
         st.reason = reason
         st.last_error = reason
         st.since = time.time()
+        self.generation += 1
         log.error("node %s FAILED: %s", name, reason)
         for listener in self._listeners:
             listener(st)

@@ -74,3 +74,21 @@ class Framer:
             return None
         self._pos = end
         return buf[pos], bytes(buf[pos + 5 : end])
+
+    def take_run(self, mtype: int) -> bytes:
+        """The raw bytes of the whole messages of type ``mtype`` at the head of the buffer.
+
+        COPY data arrives as many small CopyData messages; forwarding them as one run keeps
+        the per-message work down to finding the boundaries. Anything malformed is left for
+        ``next_message`` to report.
+        """
+        buf, pos = self._buf, self._pos
+        start, n, limit = pos, len(buf), self.max_size
+        while n - pos >= 5 and buf[pos] == mtype:
+            length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
+            end = pos + 1 + length
+            if length < 4 or length > limit or end > n:
+                break
+            pos = end
+        self._pos = pos
+        return bytes(buf[start:pos])

@@ -74,6 +74,8 @@ class ClientSession(asyncio.Protocol):
         self._gone = False
         self._reading_paused = False
         self.conns: dict[str, NodeConnection] = {}
+        self._online: list[NodeConnection] = []
+        self._online_generation = -1
         self.params: dict[str, str] = {}
         self.user = ""
         self.database = ""
@@ -313,6 +315,10 @@ class ClientSession(asyncio.Protocol):
     def _online_conns(self) -> list[NodeConnection]:
         """Connections to ONLINE nodes, in group order; drops nodes failed meanwhile."""
         cluster = self.router.cluster
+        if self._online_generation == cluster.generation and self._online:
+            # A connection lost since then raises NodeLost when used, which fails its node
+            # and bumps the generation.
+            return self._online
         conns = self.conns
         dead = [
             name for name, c in conns.items() if c.lost is not None or not cluster.is_online(name)
@@ -330,7 +336,12 @@ class ClientSession(asyncio.Protocol):
             raise PgError(
                 CONNECTION_FAILURE, "no ONLINE node is left for this session", severity="FATAL"
             )
-        return list(conns.values())
+        self._online = list(conns.values())
+        self._online_generation = cluster.generation
+        return self._online
+
+    def _all_writes(self) -> bool:
+        return self.lenient_strings or self.router.settings.read_policy == "all"
 
     def _lead(self) -> NodeConnection:
         return self._online_conns()[0]
@@ -363,6 +374,8 @@ class ClientSession(asyncio.Protocol):
     async def _resolve(self, a: Analysis) -> Route:
         """The analysis' route, upgraded to WRITE when a called function is volatile."""
         route = a.route
+        if route is Route.READ and not a.functions and not self._all_writes():
+            return route
         if self.lenient_strings:
             # The SQL grammar pglast knows assumes standard_conforming_strings = on; with it
             # off, backslashes inside literals change where statements end, so no analysis
@@ -450,19 +463,23 @@ class ClientSession(asyncio.Protocol):
             res = await self._read_unit(conn, data, expect)
             if route is Route.LEAD:
                 self.txn_node = None if self.txn_status == IDLE else conn
-        self._after_unit(res, route, a)
+        self._after_unit(res, route, a.strict_isolation, a.catalog_change)
 
-    def _after_unit(self, res: UnitResult | None, route: Route, a: Analysis | None) -> None:
+    def _after_unit(
+        self, res: UnitResult | None, route: Route, strict: bool, catalog_change: bool
+    ) -> None:
         self.units += 1
-        lead = next(iter(self.conns.values()), None)
-        if lead is not None:
-            self.lenient_strings = lead.params.get("standard_conforming_strings") == "off"
-        if a is not None and a.catalog_change:
+        if route is not Route.READ:
+            # Only writes (SET) change settings; reads cannot turn this one off.
+            lead = next(iter(self.conns.values()), None)
+            if lead is not None:
+                self.lenient_strings = lead.params.get("standard_conforming_strings") == "off"
+        if catalog_change:
             self.router.catalog(self.database).clear()
         if res is None or not res.status:
             return
         status = res.status
-        if a is not None and a.strict_isolation:
+        if strict:
             if status == IDLE:
                 self.session_strict = True
             else:
@@ -605,6 +622,10 @@ class ClientSession(asyncio.Protocol):
         self.transport.writelines(lead_res.chunks)
         lead_res.chunks = []
         while True:
+            run = self.framer.take_run(m.COPY_DATA)
+            if run:
+                await self._copy_to(receivers, run)
+                continue
             mtype, payload = await self.next_message()
             if mtype in (m.SYNC, m.FLUSH):
                 continue  # ignored during COPY, as PostgreSQL does
@@ -612,15 +633,9 @@ class ClientSession(asyncio.Protocol):
                 raise ProtocolViolation(
                     f"unexpected message type {chr(mtype)!r} during COPY from stdin"
                 )
-            data = m.frame(mtype, payload)
-            for c in receivers:
-                if c.lost is None:
-                    c.send_more(data)
+            await self._copy_to(receivers, m.frame(mtype, payload))
             if mtype != m.COPY_DATA:
                 break
-            for c in receivers:
-                if c.lost is None:
-                    await c.writable()
         for c in receivers:
             c.resume_copy()
         status = self.router.cluster.status
@@ -629,6 +644,14 @@ class ClientSession(asyncio.Protocol):
         lead_final = await lead.wait()
         rest = await self._gather(others)
         return lead_final, rest
+
+    async def _copy_to(self, receivers: list[NodeConnection], data: bytes) -> None:
+        for c in receivers:
+            if c.lost is None:
+                c.send_more(data)
+        for c in receivers:
+            if c.lost is None:
+                await c.writable()
 
     def _vote(
         self,
@@ -729,13 +752,7 @@ class ClientSession(asyncio.Protocol):
             for other in self.conns.values():
                 if other not in targets:
                     other.pending_close.extend(n for n in closes if n in other.prepared)
-        a = Analysis(
-            route=route,
-            functions=frozenset(),
-            strict_isolation=strict,
-            catalog_change=catalog_change,
-        )
-        self._after_unit(res, route, a)
+        self._after_unit(res, route, strict, catalog_change)
 
 
 def _stronger(a: Route, b: Route) -> Route:
@@ -782,8 +799,12 @@ def _build_batch(
         elif mtype == m.CLOSE and isinstance(info, str):
             expect.append(Expectation(m.CLOSE, info))
         else:
-            expect.append(Expectation(mtype))
+            expect.append(_EXPECT[mtype])
     return b"".join(parts), expect
+
+
+# Expectations without a statement name are immutable and shared.
+_EXPECT = {t: Expectation(t) for t in (m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.PARSE)}
 
 
 def _describe(outcome: tuple[object, ...]) -> str:

@@ -308,7 +308,12 @@ def router(nodes: list[LocalNode], work: Path, log_dir: Path) -> Iterator[int]:
         'name = "default"',
     ]
     for n in nodes:
-        lines += ["[[group.nodes]]", f'name = "{n.name}"', 'host = "127.0.0.1"', f"port = {n.port}"]
+        lines += [
+            "[[group.nodes]]",
+            f'name = "{n.name}"',
+            f'host = "{n.router_host}"',
+            f"port = {n.port}",
+        ]
     conf.write_text("\n".join(lines) + "\n")
     shutil.copy(conf, log_dir / "router.toml")
     exe = Path(sys.executable).parent / "pgquorum"
@@ -377,7 +382,8 @@ def pgpool(
         "memqcache_oiddir": str(pool_dir / "oiddir"),
     }
     for i, n in enumerate(nodes):
-        settings[f"backend_hostname{i}"] = "127.0.0.1"
+        # Like the router, pgpool reaches the nodes through their Unix sockets.
+        settings[f"backend_hostname{i}"] = n.router_host
         settings[f"backend_port{i}"] = n.port
         settings[f"backend_weight{i}"] = 1
         settings[f"backend_flag{i}"] = "ALLOW_TO_FAILOVER"

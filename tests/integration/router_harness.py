@@ -17,7 +17,8 @@ from pgquorum.local.instance import LocalNode
 from pgquorum.router.server import Router
 
 
-def router_config(nodes: list[LocalNode], **overrides: Any) -> Config:
+def router_config(nodes: list[LocalNode], *, tcp: bool = False, **overrides: Any) -> Config:
+    """A router config over ``nodes``: through their Unix sockets, or loopback TCP if ``tcp``."""
     settings = RouterSettings(
         listen_host="127.0.0.1",
         listen_port=0,
@@ -32,7 +33,9 @@ def router_config(nodes: list[LocalNode], **overrides: Any) -> Config:
         backend_password=None,
     )
     settings = dataclasses.replace(settings, **overrides)
-    group = Group("default", tuple(Node(n.name, n.host, n.port) for n in nodes))
+    group = Group(
+        "default", tuple(Node(n.name, n.host if tcp else n.router_host, n.port) for n in nodes)
+    )
     return Config(router=settings, group=group)
 
 

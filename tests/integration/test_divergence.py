@@ -15,7 +15,7 @@ from pgquorum.cluster.model import NodeState
 @pytest.fixture
 def own_router(make_nodes):  # type: ignore[no-untyped-def]
     nodes = make_nodes(3)
-    rt = RouterThread(router_config(nodes))
+    rt = RouterThread(router_config(nodes, tcp=True))
     yield rt, nodes
     rt.stop()
 

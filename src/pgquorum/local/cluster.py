@@ -109,7 +109,7 @@ class LocalCluster:
             backend_user=None,
             backend_password=self.password,
         )
-        group = Group("default", tuple(Node(n.name, n.host, n.port) for n in self.nodes))
+        group = Group("default", tuple(Node(n.name, n.router_host, n.port) for n in self.nodes))
         return Config(router=settings, group=group)
 
 

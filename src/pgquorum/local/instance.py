@@ -338,6 +338,12 @@ class LocalNode:
             os.chown(path, pw.pw_uid, pw.pw_gid)
         return path
 
+    @property
+    def router_host(self) -> str:
+        """What a router on this machine should connect to: the Unix-socket directory when the
+        server listens on one (cheaper than loopback TCP), else the TCP host."""
+        return self._socket_dir() or self.host
+
     def _socket_dir(self) -> str:
         # A too-long socket path makes the server refuse to start; TCP alone
         # is enough for us (pg_ctl -w waits on postmaster.pid, not a socket).

@@ -127,9 +127,7 @@ class NodeConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         conn = cls(node, client_write)
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: conn, node.host, node.port), timeout
-            )
+            await asyncio.wait_for(open_transport(node, lambda: conn), timeout)
         except (OSError, TimeoutError) as e:
             raise NodeLost(node, f"cannot connect: {e or 'timeout'}") from None
         conn._auth = ClientAuth(params["user"], password)
@@ -373,6 +371,17 @@ class NodeConnection(asyncio.Protocol):
                 self._lost = NodeLost(self.node, "closed by the router")
                 self.transport.write(m.TERMINATE_MESSAGE)
             self.transport.close()
+
+
+async def open_transport(
+    node: Node, factory: Callable[[], asyncio.Protocol]
+) -> tuple[asyncio.BaseTransport, asyncio.Protocol]:
+    """Connect to a node: TCP, or its Unix-domain socket when the host is a directory (as in
+    libpq). A node on the router's own machine answers faster over its socket."""
+    loop = asyncio.get_running_loop()
+    if node.host.startswith("/"):
+        return await loop.create_unix_connection(factory, f"{node.host}/.s.PGSQL.{node.port}")
+    return await loop.create_connection(factory, node.host, node.port)
 
 
 def lost_error(e: NodeLost) -> PgError:

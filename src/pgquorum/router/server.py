@@ -6,8 +6,9 @@ import asyncio
 import logging
 import secrets
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
+from pgquorum.cluster.model import Node
 from pgquorum.cluster.state import ClusterView
 from pgquorum.config import Config, RouterSettings
 from pgquorum.protocol import messages as m
@@ -16,6 +17,7 @@ from pgquorum.sql.analyze import Analyzer
 from pgquorum.sql.catalog import FunctionCatalog
 
 from .admin import AdminConsole
+from .backend import open_transport
 from .session import ClientSession
 
 if TYPE_CHECKING:
@@ -104,21 +106,17 @@ class Router:
             return  # like PostgreSQL: no answer, no hint whether the key existed
         session.cancel_requested = True
         await asyncio.gather(
-            *(
-                _send_cancel(c.node.host, c.node.port, c.pid, c.secret)
-                for c in session.conns.values()
-            ),
+            *(_send_cancel(c.node, c.pid, c.secret) for c in session.conns.values()),
             return_exceptions=True,
         )
 
 
-async def _send_cancel(host: str, port: int, pid: int, secret: int) -> None:
-    _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+async def _send_cancel(node: Node, pid: int, secret: int) -> None:
+    transport, _ = await asyncio.wait_for(open_transport(node, asyncio.Protocol), 5)
     try:
-        writer.write(m.encode_cancel_request(pid, secret))
-        await writer.drain()
+        cast(asyncio.WriteTransport, transport).write(m.encode_cancel_request(pid, secret))
     finally:
-        writer.close()
+        transport.close()  # after the buffered request is sent
 
 
 def _shutdown_error() -> m.PgError:

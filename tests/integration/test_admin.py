@@ -80,7 +80,7 @@ def test_show_nodes_with_psql(
     assert [r[0] for r in rows] == ["node1", "node2", "node3"], res.stdout
     for r, node in zip(rows, pg_nodes, strict=True):
         assert len(r) == len(NODE_COLUMNS), r
-        assert r[1] == node.host and r[2] == str(node.port)
+        assert r[1] == node.router_host and r[2] == str(node.port)
         assert r[3] == ("lead" if node.name == "node1" else "replica"), r
         assert r[4] == "ONLINE", r
         assert int(r[5]) >= 0 and int(r[6]) >= 0 and int(r[7]) == 0, r

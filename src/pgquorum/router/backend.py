@@ -98,6 +98,7 @@ class NodeConnection(asyncio.Protocol):
         self._result: UnitResult | None = None
         self._waiter: asyncio.Future[UnitResult] | None = None
         self._copy_result: UnitResult | None = None
+        self._on_done: Callable[[UnitResult | None], None] | None = None
         self._lost: NodeLost | None = None
         self._write_ok = asyncio.Event()
         self._write_ok.set()
@@ -176,15 +177,29 @@ class NodeConnection(asyncio.Protocol):
     def busy(self) -> bool:
         return self._waiter is not None
 
-    def send_unit(self, data: bytes, expect: list[Expectation], *, relay: bool) -> None:
-        """Send one unit; ``relay`` forwards the answer to the client as it arrives."""
+    def send_unit(
+        self,
+        data: bytes,
+        expect: list[Expectation],
+        *,
+        relay: bool,
+        on_done: Callable[[UnitResult | None], None] | None = None,
+    ) -> None:
+        """Send one unit; ``relay`` forwards the answer to the client as it arrives.
+
+        The answer is awaited with ``wait()``, or, when ``on_done`` is given, handed to that
+        callback (None if the node was lost): the session's fast path for reads, which saves
+        the task switches of awaiting.
+        """
         if self._lost:
             raise self._lost
         assert self.transport is not None and not self._expect
         self._expect.extend(expect)
         self._relay = relay
         self._result = UnitResult()
-        self._waiter = asyncio.get_running_loop().create_future()
+        if on_done is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+        self._on_done = on_done
         self.transport.write(data)
 
     def send_more(self, data: bytes) -> None:
@@ -322,6 +337,11 @@ class NodeConnection(asyncio.Protocol):
                 waiter = self._waiter
                 if not expect:
                     self._result = None
+                    on_done = self._on_done
+                    if on_done is not None:
+                        self._on_done = None
+                        on_done(res)  # may start the next unit on this very connection
+                        continue
                 if waiter is not None and not waiter.done():
                     waiter.set_result(res)
         if relay_from >= 0:
@@ -337,6 +357,10 @@ class NodeConnection(asyncio.Protocol):
             self._startup.set_exception(err)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(err)
+        on_done = self._on_done
+        if on_done is not None:
+            self._on_done = None
+            on_done(None)
         if self.transport is not None:
             self.transport.abort()
 

@@ -17,9 +17,11 @@ import itertools
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from pgquorum.cluster.state import NodeStatus
 from pgquorum.protocol import messages as m
 from pgquorum.protocol.auth import ServerAuth
 from pgquorum.protocol.errors import (
@@ -95,6 +97,12 @@ class ClientSession(asyncio.Protocol):
         self.portals: dict[str, tuple[NodeConnection, ...]] = {}
         self._versions = itertools.count(1)
         self._skip_to_sync = False
+        # The fast path: reads outside transaction blocks handled in callbacks, without
+        # waking the session task (see _fast_path).
+        self._fast_ready = False
+        self._fast_unit: tuple[NodeConnection, NodeStatus] | None = None
+        self._fast_error: PgError | None = None
+        self._pushback: deque[tuple[int, bytes]] = deque()
         self.cancel_requested = False  # set by a CancelRequest, cleared when a unit starts
         self.lenient_strings = False  # standard_conforming_strings is off: see _resolve
         self.task: asyncio.Task[None] | None = None
@@ -113,7 +121,10 @@ class ClientSession(asyncio.Protocol):
             self._reading_paused = True
             assert self.transport is not None
             self.transport.pause_reading()
-        self._wakeup()
+        if self._fast_ready and self._fast_unit is None:
+            self._fast_path()
+        else:
+            self._wakeup()
 
     def eof_received(self) -> bool | None:
         return None
@@ -157,6 +168,8 @@ class ClientSession(asyncio.Protocol):
 
     async def next_message(self) -> tuple[int, bytes]:
         while True:
+            if self._pushback:
+                return self._pushback.popleft()
             msg = self.framer.next_message()
             if msg is not None:
                 return msg
@@ -400,6 +413,153 @@ class ClientSession(asyncio.Protocol):
         if rows is not None:
             catalog.learn(((str(r[0]), str(r[1])) for r in rows), names)
 
+    # -- the fast path ----------------------------------------------------------------------
+
+    def _fast_path(self) -> None:
+        """Serve buffered reads straight from the protocol callbacks.
+
+        Runs only while the session task is parked between units. A simple Query or an
+        extended batch (up to Sync) that is a provable read outside a transaction block goes
+        to a node at once, and the next one is taken when its answer has been relayed.
+        Anything else is pushed back and the task is woken to handle it the general way.
+        """
+        framer = self.framer
+        if self._reading_paused and framer.buffered < _READ_PAUSE_BYTES // 2:
+            self._reading_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        while self._fast_ready and self._fast_unit is None:
+            try:
+                msg = framer.next_message()
+            except PgError:
+                self._wakeup()  # the task reports it
+                return
+            if msg is None:
+                return
+            mtype = msg[0]
+            if mtype == m.QUERY:
+                if self._fast_query(msg[1]):
+                    continue
+                self._pushback.append(msg)
+            elif mtype == m.PARSE or mtype == m.BIND:
+                msgs = [msg]
+                while mtype != m.SYNC:
+                    try:
+                        nxt = framer.next_message()
+                    except PgError:
+                        nxt = None
+                    if nxt is None:
+                        break
+                    msgs.append(nxt)
+                    mtype = nxt[0]
+                if mtype == m.SYNC and self._fast_extended(msgs):
+                    continue
+                self._pushback.extend(msgs)
+            else:
+                self._pushback.append(msg)
+            self._wakeup()
+            return
+        if not self._fast_ready:
+            self._wakeup()  # the task has a message and waits for the unit in flight
+
+    def _fast_start(self, conn: NodeConnection, data: bytes, expect: list[Expectation]) -> bool:
+        st = self.router.cluster.status[conn.node.name]
+        try:
+            conn.send_unit(data, expect, relay=True, on_done=self._fast_done)
+        except NodeLost:
+            return False  # the task retries and handles the loss
+        st.outstanding += 1
+        st.statements += 1
+        self._fast_unit = (conn, st)
+        self.state = "active"
+        self.cancel_requested = False
+        return True
+
+    def _fast_query(self, payload: bytes) -> bool:
+        if self.txn_status != IDLE or self._all_writes():
+            return False
+        try:
+            a = self.router.analyzer.analyze(m.parse_query(payload))
+        except PgError:
+            return False
+        if a.route is not Route.READ or a.functions:
+            return False
+        try:
+            conn = self._pick_read()
+        except PgError:
+            return False
+        return self._fast_start(conn, m.frame(m.QUERY, payload), [EXPECT_QUERY])
+
+    def _fast_extended(self, msgs: list[tuple[int, bytes]]) -> bool:
+        """A batch of Parse/Bind/Describe/Execute ending in Sync whose every Execute is a
+        provable read of a statement parsed in the batch or before."""
+        if self.txn_status != IDLE or self._all_writes():
+            return False
+        statements = self.statements
+        parsed: dict[str, Statement] = {}
+        bound: set[str] = set()
+        batch: list[tuple[int, bytes, object]] = []
+        try:
+            for mtype, payload in msgs:
+                info: object = None
+                if mtype == m.PARSE:
+                    p = m.parse_parse(payload)
+                    a = self.router.analyzer.analyze(p.query)
+                    if a.route is not Route.READ or a.functions or a.strict_isolation:
+                        return False
+                    info = parsed[p.name] = Statement(p.name, m.frame(m.PARSE, payload), a, 0)
+                elif mtype == m.BIND:
+                    b = m.parse_bind(payload)
+                    info = parsed.get(b.statement) or statements.get(b.statement)
+                    if not isinstance(info, Statement):
+                        return False
+                    a = info.analysis
+                    if a.route is not Route.READ or a.functions:
+                        return False
+                    bound.add(b.portal)
+                elif mtype == m.EXECUTE:
+                    if m.parse_execute(payload).portal not in bound:
+                        return False
+                elif mtype == m.DESCRIBE:
+                    d = m.parse_describe(payload)
+                    if d.kind == "S":
+                        info = parsed.get(d.name) or statements.get(d.name)
+                    elif d.name not in bound:
+                        return False
+                elif mtype != m.SYNC:
+                    return False
+                batch.append((mtype, payload, info))
+        except PgError:
+            return False
+        try:
+            conn = self._pick_read()
+        except PgError:
+            return False
+        for stmt in parsed.values():
+            stmt.version = next(self._versions)
+            statements[stmt.name] = stmt
+        return self._fast_start(conn, *_build_batch(conn, batch))
+
+    def _fast_done(self, res: UnitResult | None) -> None:
+        assert self._fast_unit is not None
+        conn, st = self._fast_unit
+        self._fast_unit = None
+        st.outstanding -= 1
+        if res is None:
+            reason = conn.lost.reason if conn.lost else "connection lost"
+            self.router.cluster.mark_failed(conn.node.name, reason)
+            self._fast_error = PgError(
+                CONNECTION_FAILURE,
+                f"lost the connection to node {conn.node.name} while it served this "
+                f"session: {reason}",
+                severity="FATAL",
+            )
+            self._wakeup()
+            return
+        self._after_unit(res, Route.READ, False, False)
+        self.state = "idle"
+        self._fast_path()
+
     # -- serving units ----------------------------------------------------------------------
 
     async def _serve(self) -> None:
@@ -407,7 +567,18 @@ class ClientSession(asyncio.Protocol):
         while True:
             if not batch:
                 self.state = "idle" if self.txn_status == IDLE else "idle in transaction"
-            mtype, payload = await self.next_message()
+                # Parked between units: reads may now take the fast path (see _fast_path).
+                self._fast_ready = not self._skip_to_sync
+                try:
+                    mtype, payload = await self.next_message()
+                finally:
+                    self._fast_ready = False
+                while self._fast_unit is not None:  # never overtake a unit in flight
+                    await self._wait_data()
+                if self._fast_error is not None:
+                    raise self._fast_error
+            else:
+                mtype, payload = await self.next_message()
             self.state = "active"
             self.cancel_requested = False
             if self._skip_to_sync:

@@ -882,3 +882,25 @@ def test_analyzer_and_catalog_together() -> None:
     if analyzer.analyze("CREATE OR REPLACE FUNCTION now() RETURNS int AS 'x'").catalog_change:
         catalog.clear()
     assert catalog.is_volatile(b.functions)
+
+
+@pytest.mark.parametrize(
+    ("sql", "lock_free"),
+    [
+        ("BEGIN", True),
+        ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE", True),
+        ("SAVEPOINT s1", True),
+        ("RELEASE SAVEPOINT s1", True),
+        ("ROLLBACK TO SAVEPOINT s1", True),
+        ("ROLLBACK", True),
+        ("SET work_mem = '8MB'", True),
+        ("BEGIN; SET LOCAL statement_timeout = 0", True),
+        ("COMMIT", False),  # deferred triggers and constraint checks may take locks
+        ("PREPARE TRANSACTION 'x'", False),
+        ("BEGIN; UPDATE t SET a = 1", False),
+        ("UPDATE t SET a = 1", False),
+        ("SELECT 1", False),
+    ],
+)
+def test_lock_free(sql: str, lock_free: bool) -> None:
+    assert Analyzer().analyze(sql).lock_free is lock_free

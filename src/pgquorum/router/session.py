@@ -628,7 +628,9 @@ class ClientSession(asyncio.Protocol):
         data = m.frame(m.QUERY, payload)
         expect = [EXPECT_QUERY]
         if route is Route.WRITE:
-            res = await self._write_unit(lambda c: (data, expect), single=a.statements == 1)
+            res = await self._write_unit(
+                lambda c: (data, expect), single=a.statements == 1, lock_free=a.lock_free
+            )
         else:
             conn = self._lead() if route is Route.LEAD else self._pick_read()
             res = await self._read_unit(conn, data, expect)
@@ -700,7 +702,9 @@ class ClientSession(asyncio.Protocol):
             if isinstance(r, NodeLost):
                 self.router.cluster.mark_failed(c.node.name, r.reason)
 
-    async def _write_unit(self, build: BuildUnit, *, single: bool) -> UnitResult:
+    async def _write_unit(
+        self, build: BuildUnit, *, single: bool, lock_free: bool = False
+    ) -> UnitResult:
         """Run a unit on the lead, then on every other ONLINE node; reply with the lead's answer.
 
         ``build(conn)`` returns the bytes and expectations for one node (they differ only when
@@ -716,6 +720,9 @@ class ClientSession(asyncio.Protocol):
             st.statements += 1
             try:
                 lead.send_unit(data, expect, relay=False)
+                if lock_free:
+                    # Nothing to order by the lead's locks: start the others at once.
+                    break
                 lead_res = await lead.wait()
                 break
             except NodeLost as e:
@@ -732,6 +739,21 @@ class ClientSession(asyncio.Protocol):
             finally:
                 st.outstanding -= 1
         others = conns[1:]
+        if lock_free:
+            started = self._start_others(others, build)
+            st.outstanding += 1
+            try:
+                lead_res = await lead.wait()
+            except NodeLost as e:
+                cluster.mark_failed(lead.node.name, e.reason)
+                raise PgError(
+                    CONNECTION_FAILURE,
+                    f"the lead node {lead.node.name} failed: {e.reason}",
+                    severity="FATAL",
+                ) from None
+            finally:
+                st.outstanding -= 1
+            return self._finish_write(lead, lead_res, started, await self._gather(started))
         if lead_res.error and lead_res.status == IDLE and single:
             # One statement that failed on the lead outside a transaction block changed nothing
             # there, so it must change nothing elsewhere either (it may have failed for a reason
@@ -741,6 +763,15 @@ class ClientSession(asyncio.Protocol):
             # The client cancelled: abort the others' transaction the same way.
             cancel_self = m.encode_query("SELECT pg_cancel_backend(pg_backend_pid())")
             build = lambda c: (cancel_self, [EXPECT_QUERY])  # noqa: E731
+        started = self._start_others(others, build)
+        results = await self._gather(started)
+        if lead_res.copy_in:
+            lead_res, results = await self._copy_in(lead, lead_res, started, results)
+        return self._finish_write(lead, lead_res, started, results)
+
+    def _start_others(self, others: list[NodeConnection], build: BuildUnit) -> list[NodeConnection]:
+        """Send the unit to the non-lead nodes; those that cannot take it are failed."""
+        cluster = self.router.cluster
         started = []
         for c in others:
             d, ex = build(c)
@@ -749,13 +780,19 @@ class ClientSession(asyncio.Protocol):
             except NodeLost as e:
                 cluster.mark_failed(c.node.name, e.reason)
                 continue
-            cluster.status[c.node.name].outstanding += 1
-            cluster.status[c.node.name].statements += 1
+            st = cluster.status[c.node.name]
+            st.outstanding += 1
+            st.statements += 1
             started.append(c)
-        others = started
-        results = await self._gather(others)
-        if lead_res.copy_in:
-            lead_res, results = await self._copy_in(lead, lead_res, others, results)
+        return started
+
+    def _finish_write(
+        self,
+        lead: NodeConnection,
+        lead_res: UnitResult,
+        others: list[NodeConnection],
+        results: list[UnitResult | None],
+    ) -> UnitResult:
         self._vote(lead, lead_res, others, results)
         if lead_res.chunks:
             assert self.transport is not None

@@ -42,6 +42,9 @@ class Analysis:
     catalog_change: bool = False  # may change function volatility: clear the catalog cache
     error: str | None = None  # pglast could not parse it; route is WRITE
     statements: int = 1
+    # Takes no locks another transaction could wait for (BEGIN, SET, SAVEPOINT, ROLLBACK...):
+    # a WRITE that may run on every node at once instead of lead first.
+    lock_free: bool = False
 
 
 _EMPTY: frozenset[str] = frozenset()
@@ -209,7 +212,7 @@ def _scan(root: Any, depth: int) -> _Scan:
 class _Part:
     """Classification of one statement, plus whether the fingerprint cache may hold it."""
 
-    __slots__ = ("catalog", "copy", "fp_safe", "functions", "route", "strict")
+    __slots__ = ("catalog", "copy", "fp_safe", "functions", "lock_free", "route", "strict")
 
     def __init__(
         self,
@@ -220,7 +223,9 @@ class _Part:
         strict: bool = False,
         catalog: bool = False,
         fp_safe: bool = True,
+        lock_free: bool = False,
     ) -> None:
+        self.lock_free = lock_free
         self.route = route
         self.functions = functions
         self.copy = copy
@@ -314,6 +319,14 @@ def _variable_set_strict(stmt: Any) -> bool:
 _BEGIN_KINDS = frozenset(
     {TransactionStmtKind.TRANS_STMT_BEGIN, TransactionStmtKind.TRANS_STMT_START}
 )
+# Transaction control that takes no locks: starting, savepoints, and giving locks up.
+_LOCK_FREE_KINDS = _BEGIN_KINDS | {
+    TransactionStmtKind.TRANS_STMT_ROLLBACK,
+    TransactionStmtKind.TRANS_STMT_SAVEPOINT,
+    TransactionStmtKind.TRANS_STMT_RELEASE,
+    TransactionStmtKind.TRANS_STMT_ROLLBACK_TO,
+    TransactionStmtKind.TRANS_STMT_ROLLBACK_PREPARED,
+}
 
 
 def _query_part(query: Any, depth: int) -> _Part:
@@ -357,10 +370,12 @@ def _classify(stmt: Any, depth: int) -> _Part:
             route, functions, copy=CopyDirection.OUT, strict=inner.strict, fp_safe=inner.fp_safe
         )
     if cls is ast.VariableSetStmt:
-        return _Part(Route.WRITE, strict=_variable_set_strict(stmt), fp_safe=False)
+        return _Part(Route.WRITE, strict=_variable_set_strict(stmt), fp_safe=False, lock_free=True)
     if cls is ast.TransactionStmt:
         strict = stmt.kind in _BEGIN_KINDS and _options_strict(stmt.options)
-        return _Part(Route.WRITE, strict=strict, fp_safe=False)
+        # COMMIT may run deferred triggers and constraint checks, which take locks.
+        lock_free = stmt.kind in _LOCK_FREE_KINDS
+        return _Part(Route.WRITE, strict=strict, fp_safe=False, lock_free=lock_free)
     return _Part(Route.WRITE, catalog=_catalog_change(stmt, cls))
 
 
@@ -387,6 +402,7 @@ def _combine(parts: list[_Part]) -> tuple[Analysis, bool]:
         strict_isolation=any(part.strict for part in parts),
         catalog_change=any(part.catalog for part in parts),
         statements=len(parts),
+        lock_free=all(part.lock_free for part in parts),
     )
     return analysis, all(part.fp_safe for part in parts)
 

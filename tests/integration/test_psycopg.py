@@ -244,3 +244,23 @@ def test_standard_conforming_strings_off_runs_everything_everywhere(
         conn.execute("SET standard_conforming_strings = on")
     for node in pg_nodes:
         assert node.psql("SELECT count(*) FROM scs", database=db) == "0"
+
+
+def test_begin_options_reach_the_nodes(router: RouterThread, db: str) -> None:
+    # The router answers BEGIN itself and sends it with each node's first work in the
+    # transaction: its options must still apply there.
+    with psycopg.connect(router.dsn(db), autocommit=True) as conn:
+        conn.execute("CREATE TABLE iso (id int)")
+        conn.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+        assert conn.execute("SHOW transaction_isolation").fetchone() == ("serializable",)
+        conn.execute("INSERT INTO iso VALUES (1)")
+        conn.execute("COMMIT")
+        conn.execute("BEGIN")
+        assert conn.execute("SHOW transaction_isolation").fetchone() == ("read committed",)
+        conn.execute("INSERT INTO iso VALUES (2)")
+        conn.execute("ROLLBACK")
+        conn.execute("BEGIN READ ONLY")
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("INSERT INTO iso VALUES (3)")
+        conn.execute("ROLLBACK")
+        assert conn.execute("SELECT array_agg(id) FROM iso").fetchone() == ([1],)

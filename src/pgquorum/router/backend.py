@@ -66,6 +66,7 @@ class Expectation:
 
 EXPECT_SYNC = Expectation(m.SYNC)
 EXPECT_QUERY = Expectation(m.QUERY)
+EXPECT_QUERY_SWALLOWED = Expectation(m.QUERY, swallow=True)
 
 
 class UnitResult:
@@ -99,6 +100,7 @@ class NodeConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[UnitResult] | None = None
         self._copy_result: UnitResult | None = None
         self._on_done: Callable[[UnitResult | None], None] | None = None
+        self.pending_begin: bytes | None = None  # see ClientSession._defer_begin
         self._lost: NodeLost | None = None
         self._write_ok = asyncio.Event()
         self._write_ok.set()
@@ -194,6 +196,11 @@ class NodeConnection(asyncio.Protocol):
         if self._lost:
             raise self._lost
         assert self.transport is not None and not self._expect
+        if self.pending_begin is not None:
+            # The client's BEGIN, held back until this node gets work in the transaction.
+            data = self.pending_begin + data
+            self._expect.append(EXPECT_QUERY_SWALLOWED)
+            self.pending_begin = None
         self._expect.extend(expect)
         self._relay = relay
         self._result = UnitResult()
@@ -310,7 +317,10 @@ class NodeConnection(asyncio.Protocol):
                     expect.popleft()
             elif mtype == m.COMMAND_COMPLETE:
                 # Inside a simple Query: one per statement.
-                res.tags.append(m.parse_command_tag(bytes(buf[pos + 5 : end])))
+                if head is not None and head.swallow:
+                    keep = False
+                else:
+                    res.tags.append(m.parse_command_tag(bytes(buf[pos + 5 : end])))
             elif mtype == m.COPY_IN_RESPONSE:
                 res.copy_in = True
             elif mtype == m.PARAMETER_STATUS:

@@ -626,6 +626,9 @@ class ClientSession(asyncio.Protocol):
         a = self.router.analyzer.analyze(sql)
         route = await self._resolve(a)
         data = m.frame(m.QUERY, payload)
+        if a.begin and self.txn_status == IDLE and not a.error:
+            self._defer_begin(data, a.strict_isolation)
+            return
         expect = [EXPECT_QUERY]
         if route is Route.WRITE:
             res = await self._write_unit(
@@ -634,9 +637,18 @@ class ClientSession(asyncio.Protocol):
         else:
             conn = self._lead() if route is Route.LEAD else self._pick_read()
             res = await self._read_unit(conn, data, expect)
-            if route is Route.LEAD:
-                self.txn_node = None if self.txn_status == IDLE else conn
         self._after_unit(res, route, a.strict_isolation, a.catalog_change)
+
+    def _defer_begin(self, data: bytes, strict: bool) -> None:
+        """Answer a plain BEGIN at once and send it to each node with that node's first work
+        in the transaction: one round trip to every node saved per transaction, and a node the
+        transaction never uses never hears of it."""
+        for c in self._online_conns():
+            c.pending_begin = data
+        self.units += 1
+        self.txn_status = ord("T")
+        self.txn_strict = strict
+        self.write(m.encode_command_complete("BEGIN") + m.encode_ready(self.txn_status))
 
     def _after_unit(
         self, res: UnitResult | None, route: Route, strict: bool, catalog_change: bool
@@ -657,7 +669,9 @@ class ClientSession(asyncio.Protocol):
                 self.session_strict = True
             else:
                 self.txn_strict = True
-        if route is Route.WRITE:
+        if route is not Route.READ:
+            # After a write, or lead-only work such as DECLARE CURSOR, the transaction's
+            # reads must see it: they go to the lead.
             self.txn_wrote = True
         self.txn_status = status
         if status == IDLE:

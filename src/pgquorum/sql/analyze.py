@@ -45,6 +45,7 @@ class Analysis:
     # Takes no locks another transaction could wait for (BEGIN, SET, SAVEPOINT, ROLLBACK...):
     # a WRITE that may run on every node at once instead of lead first.
     lock_free: bool = False
+    begin: bool = False  # exactly one BEGIN / START TRANSACTION
 
 
 _EMPTY: frozenset[str] = frozenset()
@@ -212,7 +213,16 @@ def _scan(root: Any, depth: int) -> _Scan:
 class _Part:
     """Classification of one statement, plus whether the fingerprint cache may hold it."""
 
-    __slots__ = ("catalog", "copy", "fp_safe", "functions", "lock_free", "route", "strict")
+    __slots__ = (
+        "begin",
+        "catalog",
+        "copy",
+        "fp_safe",
+        "functions",
+        "lock_free",
+        "route",
+        "strict",
+    )
 
     def __init__(
         self,
@@ -224,7 +234,9 @@ class _Part:
         catalog: bool = False,
         fp_safe: bool = True,
         lock_free: bool = False,
+        begin: bool = False,
     ) -> None:
+        self.begin = begin
         self.lock_free = lock_free
         self.route = route
         self.functions = functions
@@ -375,7 +387,13 @@ def _classify(stmt: Any, depth: int) -> _Part:
         strict = stmt.kind in _BEGIN_KINDS and _options_strict(stmt.options)
         # COMMIT may run deferred triggers and constraint checks, which take locks.
         lock_free = stmt.kind in _LOCK_FREE_KINDS
-        return _Part(Route.WRITE, strict=strict, fp_safe=False, lock_free=lock_free)
+        return _Part(
+            Route.WRITE,
+            strict=strict,
+            fp_safe=False,
+            lock_free=lock_free,
+            begin=stmt.kind in _BEGIN_KINDS,
+        )
     return _Part(Route.WRITE, catalog=_catalog_change(stmt, cls))
 
 
@@ -403,6 +421,7 @@ def _combine(parts: list[_Part]) -> tuple[Analysis, bool]:
         catalog_change=any(part.catalog for part in parts),
         statements=len(parts),
         lock_free=all(part.lock_free for part in parts),
+        begin=len(parts) == 1 and parts[0].begin,
     )
     return analysis, all(part.fp_safe for part in parts)
 

@@ -53,11 +53,12 @@ class Expectation:
     """A frontend message awaiting its response; ``swallow`` hides the reply from the client
     (the router injected the message itself, e.g. a Parse a node had not seen yet)."""
 
-    __slots__ = ("kind", "statement", "swallow", "version")
+    __slots__ = ("ends", "kind", "statement", "swallow", "version")
 
     def __init__(
         self, kind: int, statement: str | None = None, swallow: bool = False, version: int = 0
     ) -> None:
+        self.ends = _ENDS[kind]
         self.kind = kind
         self.statement = statement
         self.swallow = swallow
@@ -275,6 +276,9 @@ class NodeConnection(asyncio.Protocol):
             end = pos + 1 + int.from_bytes(buf[pos + 1 : pos + 5], "big")
             if end > n:
                 break
+            if mtype == m.DATA_ROW and relay_from >= 0:
+                pos = end  # the bulk of a result, inside a run already being relayed
+                continue
             if self._startup is not None:
                 self._startup_message(mtype, bytes(buf[pos + 5 : end]))
                 pos = end
@@ -294,7 +298,7 @@ class NodeConnection(asyncio.Protocol):
                 continue
             head = expect[0] if expect else None
             keep = True
-            if head is not None and mtype in _ENDS[head.kind]:
+            if head is not None and mtype in head.ends:
                 expect.popleft()
                 if head.swallow:
                     keep = False

@@ -378,11 +378,19 @@ class ClientSession(asyncio.Protocol):
 
     def _least_loaded(self, conns: list[NodeConnection]) -> NodeConnection:
         """The node with the least outstanding work; ties go round robin."""
+        count = len(conns)
+        turn = self.router.read_turn = (self.router.read_turn + 1) % count
         status = self.router.cluster.status
-        least = min(status[c.node.name].outstanding for c in conns)
-        ties = [c for c in conns if status[c.node.name].outstanding == least]
-        self.router.read_turn += 1
-        return ties[self.router.read_turn % len(ties)]
+        best = conns[turn]
+        least = status[best.node.name].outstanding
+        for i in range(1, count):
+            if not least:
+                break
+            c = conns[(turn + i) % count]
+            load = status[c.node.name].outstanding
+            if load < least:
+                best, least = c, load
+        return best
 
     async def _resolve(self, a: Analysis) -> Route:
         """The analysis' route, upgraded to WRITE when a called function is volatile."""

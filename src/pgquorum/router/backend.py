@@ -36,6 +36,18 @@ _ENDS: dict[int, frozenset[int]] = {
     m.EXECUTE: frozenset((m.COMMAND_COMPLETE, m.EMPTY_QUERY, m.PORTAL_SUSPENDED)),
     m.CLOSE: frozenset((m.CLOSE_COMPLETE,)),
 }
+_DATA_ROW, _ERROR, _COMPLETE, _READY = (
+    m.DATA_ROW,
+    m.ERROR_RESPONSE,
+    m.COMMAND_COMPLETE,
+    m.READY_FOR_QUERY,
+)
+_COPY_IN, _COPY_BOTH, _PARAMETER_STATUS = (
+    m.COPY_IN_RESPONSE,
+    m.COPY_BOTH_RESPONSE,
+    m.PARAMETER_STATUS,
+)
+_PARSE, _CLOSE, _SYNC, _QUERY = m.PARSE, m.CLOSE, m.SYNC, m.QUERY
 # Messages a node may send at any time, also between units.
 _ASYNC = frozenset((m.NOTICE_RESPONSE, m.NOTIFICATION, m.PARAMETER_STATUS))
 
@@ -271,12 +283,13 @@ class NodeConnection(asyncio.Protocol):
         pos = 0
         relay_from = -1  # start of a run of bytes to forward to the client unchanged
         out = self._client_write
+        relay = self._relay
         while n - pos >= 5:
             mtype = buf[pos]
             end = pos + 1 + int.from_bytes(buf[pos + 1 : pos + 5], "big")
             if end > n:
                 break
-            if mtype == m.DATA_ROW and relay_from >= 0:
+            if mtype == _DATA_ROW and relay_from >= 0:
                 pos = end  # the bulk of a result, inside a run already being relayed
                 continue
             if self._startup is not None:
@@ -288,7 +301,7 @@ class NodeConnection(asyncio.Protocol):
             if res is None or (not expect and not res.copy_in):
                 # Between units: only asynchronous messages are allowed.
                 if mtype not in _ASYNC:
-                    if mtype == m.ERROR_RESPONSE:
+                    if mtype == _ERROR:
                         f = m.parse_error_fields(bytes(buf[pos + 5 : end]))
                         raise NodeLost(self.node, f.get("M", "error while idle"))
                     raise NodeLost(self.node, f"unexpected message {chr(mtype)!r} while idle")
@@ -303,39 +316,40 @@ class NodeConnection(asyncio.Protocol):
                 if head.swallow:
                     keep = False
                 if head.statement is not None:
-                    if head.kind == m.PARSE:
+                    if head.kind == _PARSE:
                         self.prepared[head.statement] = head.version
-                    elif head.kind == m.CLOSE:
+                    elif head.kind == _CLOSE:
                         self.prepared.pop(head.statement, None)
-                if mtype == m.COMMAND_COMPLETE:
-                    res.tags.append(m.parse_command_tag(bytes(buf[pos + 5 : end])))
-                elif mtype == m.READY_FOR_QUERY:
+                if mtype == _COMPLETE:
+                    if not relay:  # tags are compared for replicated writes only
+                        res.tags.append(m.parse_command_tag(bytes(buf[pos + 5 : end])))
+                elif mtype == _READY:
                     self.status = res.status = buf[pos + 5]
-            elif mtype == m.ERROR_RESPONSE:
+            elif mtype == _ERROR:
                 if res.error is None:
                     res.error = m.parse_error_fields(bytes(buf[pos + 5 : end])).get("C", "XX000")
                 if head is not None and head.swallow:
                     keep = True  # an injected message failed: the client must see why
                 # The node now skips everything up to the next Sync.
-                while expect and expect[0].kind not in (m.SYNC, m.QUERY):
+                while expect and expect[0].kind not in (_SYNC, _QUERY):
                     expect.popleft()
-            elif mtype == m.COMMAND_COMPLETE:
+            elif mtype == _COMPLETE:
                 # Inside a simple Query: one per statement.
                 if head is not None and head.swallow:
                     keep = False
-                else:
+                elif not relay:
                     res.tags.append(m.parse_command_tag(bytes(buf[pos + 5 : end])))
-            elif mtype == m.COPY_IN_RESPONSE:
+            elif mtype == _COPY_IN:
                 res.copy_in = True
-            elif mtype == m.PARAMETER_STATUS:
+            elif mtype == _PARAMETER_STATUS:
                 k, v = m.parse_parameter_status(bytes(buf[pos + 5 : end]))
                 self.params[k] = v
-            elif mtype == m.COPY_BOTH_RESPONSE:
+            elif mtype == _COPY_BOTH:
                 raise NodeLost(self.node, "COPY BOTH (replication) is not supported")
             elif head is not None and head.swallow:
                 keep = False  # e.g. ParameterDescription of an injected message
             if keep:
-                if self._relay:
+                if relay:
                     if relay_from < 0:
                         relay_from = pos
                 else:
@@ -344,7 +358,7 @@ class NodeConnection(asyncio.Protocol):
                 out(bytes(buf[relay_from:pos]))
                 relay_from = -1
             pos = end
-            if not expect or mtype == m.COPY_IN_RESPONSE:
+            if not expect or mtype == _COPY_IN:
                 if relay_from >= 0:
                     out(bytes(buf[relay_from:pos]))
                     relay_from = -1

@@ -211,7 +211,8 @@ def status(host: str, port: int, user: str, password: str | None) -> None:
     table = Table(*cols)
     for row in rows:
         table.add_row(*(v or "" for v in row))
-    console.print(table)
+    # Piped output has no terminal width to fit: do not cut the cells short.
+    (console if console.is_terminal else Console(width=240)).print(table)
 
 
 def _run_value(coro: Coroutine[Any, Any, T]) -> T:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import secrets
 import ssl
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from pgquorum.cluster.model import Node
 from pgquorum.cluster.state import ClusterView
@@ -19,9 +19,6 @@ from pgquorum.sql.catalog import FunctionCatalog
 from .admin import AdminConsole
 from .backend import open_transport
 from .session import ClientSession
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger(__name__)
 

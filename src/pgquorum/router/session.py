@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import secrets
 import time
 from collections import deque
 from collections.abc import Callable
@@ -1063,7 +1062,3 @@ def decode_data_row(payload: bytes) -> list[str | None]:
             out.append(payload[pos : pos + size].decode())
             pos += size
     return out
-
-
-def new_secret() -> int:
-    return secrets.randbits(31)

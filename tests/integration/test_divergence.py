@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import psycopg
 import pytest
@@ -54,3 +56,38 @@ def test_killed_replica_is_failed_and_writes_go_on(own_router) -> None:  # type:
     with psycopg.connect(rt.dsn(), autocommit=True) as conn:
         conn.execute("INSERT INTO f VALUES (100)")
     assert_nodes_identical(nodes[:2], "postgres")
+
+
+def test_reads_outside_transactions_survive_a_killed_node(own_router) -> None:  # type: ignore[no-untyped-def]
+    rt, nodes = own_router
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE r (id int)")
+        conn.execute("INSERT INTO r SELECT generate_series(1, 100)")
+    errors: list[BaseException] = []
+    counts: list[int] = []
+    stop = threading.Event()
+
+    def reader(prepare: bool) -> None:
+        try:
+            with psycopg.connect(
+                rt.dsn(), autocommit=True, prepare_threshold=0 if prepare else None
+            ) as c:
+                while not stop.is_set():
+                    counts.append(c.execute("SELECT count(*) FROM r").fetchone()[0])  # type: ignore[index]
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(i % 2 == 0,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    before = len(counts)
+    nodes[1].kill()
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert not errors, errors
+    assert len(counts) > before and set(counts) == {100}
+    assert rt.router.cluster.status["node2"].state is NodeState.FAILED
+    assert_nodes_identical([nodes[0], nodes[2]], "postgres")

@@ -114,6 +114,7 @@ class NodeConnection(asyncio.Protocol):
         self._copy_result: UnitResult | None = None
         self._on_done: Callable[[UnitResult | None], None] | None = None
         self.pending_begin: bytes | None = None  # see ClientSession._defer_begin
+        self.relayed = False  # the running unit's answer has (partly) reached the client
         self._lost: NodeLost | None = None
         self._write_ok = asyncio.Event()
         self._write_ok.set()
@@ -206,6 +207,7 @@ class NodeConnection(asyncio.Protocol):
         callback (None if the node was lost): the session's fast path for reads, which saves
         the task switches of awaiting.
         """
+        self.relayed = False
         if self._lost:
             raise self._lost
         assert self.transport is not None and not self._expect
@@ -326,8 +328,13 @@ class NodeConnection(asyncio.Protocol):
                 elif mtype == _READY:
                     self.status = res.status = buf[pos + 5]
             elif mtype == _ERROR:
+                fields = m.parse_error_fields(bytes(buf[pos + 5 : end]))
+                if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+                    # The node is ending this connection (shutdown, crash, terminate): that
+                    # is the node lost, not an answer to relay.
+                    raise NodeLost(self.node, fields.get("M", "fatal error"))
                 if res.error is None:
-                    res.error = m.parse_error_fields(bytes(buf[pos + 5 : end])).get("C", "XX000")
+                    res.error = fields.get("C", "XX000")
                 if head is not None and head.swallow:
                     keep = True  # an injected message failed: the client must see why
                 # The node now skips everything up to the next Sync.
@@ -356,11 +363,13 @@ class NodeConnection(asyncio.Protocol):
                     res.chunks.append(bytes(buf[pos:end]))
             elif relay_from >= 0:
                 out(bytes(buf[relay_from:pos]))
+                self.relayed = True
                 relay_from = -1
             pos = end
             if not expect or mtype == _COPY_IN:
                 if relay_from >= 0:
                     out(bytes(buf[relay_from:pos]))
+                    self.relayed = True
                     relay_from = -1
                 waiter = self._waiter
                 if not expect:
@@ -374,6 +383,7 @@ class NodeConnection(asyncio.Protocol):
                     waiter.set_result(res)
         if relay_from >= 0:
             out(bytes(buf[relay_from:pos]))
+            self.relayed = True
         return pos
 
     # -- failure ----------------------------------------------------------------------------

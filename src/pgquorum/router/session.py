@@ -99,7 +99,7 @@ class ClientSession(asyncio.Protocol):
         # The fast path: reads outside transaction blocks handled in callbacks, without
         # waking the session task (see _fast_path).
         self._fast_ready = False
-        self._fast_unit: tuple[NodeConnection, NodeStatus] | None = None
+        self._fast_unit: tuple[NodeConnection, NodeStatus, BuildUnit] | None = None
         self._fast_error: PgError | None = None
         self._pushback: deque[tuple[int, bytes]] = deque()
         self.cancel_requested = False  # set by a CancelRequest, cleared when a unit starts
@@ -469,15 +469,24 @@ class ClientSession(asyncio.Protocol):
         if not self._fast_ready:
             self._wakeup()  # the task has a message and waits for the unit in flight
 
-    def _fast_start(self, conn: NodeConnection, data: bytes, expect: list[Expectation]) -> bool:
+    def _known_read(self, a: Analysis) -> bool:
+        """A READ whose functions (if any) the catalog already knows to be non-volatile."""
+        if a.route is not Route.READ:
+            return False
+        if not a.functions:
+            return True
+        catalog = self.router.catalog(self.database)
+        return not catalog.unknown(a.functions) and not catalog.is_volatile(a.functions)
+
+    def _fast_start(self, conn: NodeConnection, build: BuildUnit) -> bool:
         st = self.router.cluster.status[conn.node.name]
         try:
-            conn.send_unit(data, expect, relay=True, on_done=self._fast_done)
+            conn.send_unit(*build(conn), relay=True, on_done=self._fast_done)
         except NodeLost:
             return False  # the task retries and handles the loss
         st.outstanding += 1
         st.statements += 1
-        self._fast_unit = (conn, st)
+        self._fast_unit = (conn, st, build)
         self.state = "active"
         self.cancel_requested = False
         return True
@@ -489,13 +498,14 @@ class ClientSession(asyncio.Protocol):
             a = self.router.analyzer.analyze(m.parse_query(payload))
         except PgError:
             return False
-        if a.route is not Route.READ or a.functions:
+        if not self._known_read(a):
             return False
         try:
             conn = self._pick_read()
         except PgError:
             return False
-        return self._fast_start(conn, m.frame(m.QUERY, payload), [EXPECT_QUERY])
+        data = m.frame(m.QUERY, payload)
+        return self._fast_start(conn, lambda c: (data, [EXPECT_QUERY]))
 
     def _fast_extended(self, msgs: list[tuple[int, bytes]]) -> bool:
         """A batch of Parse/Bind/Describe/Execute ending in Sync whose every Execute is a
@@ -512,7 +522,7 @@ class ClientSession(asyncio.Protocol):
                 if mtype == m.PARSE:
                     p = m.parse_parse(payload)
                     a = self.router.analyzer.analyze(p.query)
-                    if a.route is not Route.READ or a.functions or a.strict_isolation:
+                    if not self._known_read(a) or a.strict_isolation:
                         return False
                     info = parsed[p.name] = Statement(p.name, m.frame(m.PARSE, payload), a, 0)
                 elif mtype == m.BIND:
@@ -520,8 +530,7 @@ class ClientSession(asyncio.Protocol):
                     info = parsed.get(b.statement) or statements.get(b.statement)
                     if not isinstance(info, Statement):
                         return False
-                    a = info.analysis
-                    if a.route is not Route.READ or a.functions:
+                    if not self._known_read(info.analysis):
                         return False
                     bound.add(b.portal)
                 elif mtype == m.EXECUTE:
@@ -545,16 +554,23 @@ class ClientSession(asyncio.Protocol):
         for stmt in parsed.values():
             stmt.version = next(self._versions)
             statements[stmt.name] = stmt
-        return self._fast_start(conn, *_build_batch(conn, batch))
+        return self._fast_start(conn, lambda c: _build_batch(c, batch))
 
     def _fast_done(self, res: UnitResult | None) -> None:
         assert self._fast_unit is not None
-        conn, st = self._fast_unit
+        conn, st, build = self._fast_unit
         self._fast_unit = None
         st.outstanding -= 1
         if res is None:
             reason = conn.lost.reason if conn.lost else "connection lost"
             self.router.cluster.mark_failed(conn.node.name, reason)
+            if not conn.relayed:
+                # Nothing reached the client yet: the read runs again on another node.
+                try:
+                    if self._fast_start(self._pick_read(), build):
+                        return
+                except PgError:
+                    pass
             self._fast_error = PgError(
                 CONNECTION_FAILURE,
                 f"lost the connection to node {conn.node.name} while it served this "
@@ -563,7 +579,10 @@ class ClientSession(asyncio.Protocol):
             )
             self._wakeup()
             return
-        self._after_unit(res, Route.READ, False, False)
+        if res.status == IDLE:
+            self.units += 1  # a read outside a block: no transaction state to follow
+        else:
+            self._after_unit(res, Route.READ, False, False)
         self.state = "idle"
         self._fast_path()
 
@@ -643,7 +662,7 @@ class ClientSession(asyncio.Protocol):
             )
         else:
             conn = self._lead() if route is Route.LEAD else self._pick_read()
-            res = await self._read_unit(conn, data, expect)
+            res = await self._read_unit(conn, lambda c: (data, expect), retry=True)
         self._after_unit(res, route, a.strict_isolation, a.catalog_change)
 
     def _defer_begin(self, data: bytes, strict: bool) -> None:
@@ -688,24 +707,33 @@ class ClientSession(asyncio.Protocol):
             self.portals.clear()
 
     async def _read_unit(
-        self, conn: NodeConnection, data: bytes, expect: list[Expectation]
+        self, conn: NodeConnection, build: BuildUnit, *, retry: bool
     ) -> UnitResult:
-        st = self.router.cluster.status[conn.node.name]
-        st.outstanding += 1
-        st.statements += 1
-        try:
-            conn.send_unit(data, expect, relay=True)
-            res = await conn.wait()
-        except NodeLost as e:
-            self.router.cluster.mark_failed(conn.node.name, e.reason)
-            raise PgError(
-                CONNECTION_FAILURE,
-                f"lost the connection to node {conn.node.name} while it served this "
-                f"session: {e.reason}",
-                severity="FATAL",
-            ) from None
-        finally:
-            st.outstanding -= 1
+        """Run a unit on one node, relaying its answer. With ``retry``, a read outside a
+        transaction block whose node is lost before any of the answer reached the client
+        runs again on another node."""
+        cluster = self.router.cluster
+        while True:
+            data, expect = build(conn)
+            st = cluster.status[conn.node.name]
+            st.outstanding += 1
+            st.statements += 1
+            try:
+                conn.send_unit(data, expect, relay=True)
+                res = await conn.wait()
+                break
+            except NodeLost as e:
+                cluster.mark_failed(conn.node.name, e.reason)
+                if not (retry and self.txn_status == IDLE and not conn.relayed):
+                    raise PgError(
+                        CONNECTION_FAILURE,
+                        f"lost the connection to node {conn.node.name} while it served this "
+                        f"session: {e.reason}",
+                        severity="FATAL",
+                    ) from None
+                conn = self._pick_read()
+            finally:
+                st.outstanding -= 1
         if res.error and self.txn_status != IDLE and res.status != IDLE:
             # A read failed inside a transaction block on one node: run it on the others too,
             # so every node's transaction is aborted the same way.
@@ -967,14 +995,14 @@ class ClientSession(asyncio.Protocol):
         res: UnitResult | None
         if pinned is not None and route is not Route.WRITE:
             targets: tuple[NodeConnection, ...] = pinned
-            res = await self._read_unit(pinned[0], *build(pinned[0]))
+            res = await self._read_unit(pinned[0], build, retry=False)
         elif route is Route.WRITE:
             res = await self._write_unit(build, single=executes == 1)
             targets = tuple(self._online_conns())
         else:
             conn = self._lead() if route is Route.LEAD else self._pick_read()
             targets = (conn,)
-            res = await self._read_unit(conn, *build(conn))
+            res = await self._read_unit(conn, build, retry=route is Route.READ)
         for portal in bound:
             self.portals[portal] = targets
         if closes:

@@ -91,3 +91,38 @@ def test_reads_outside_transactions_survive_a_killed_node(own_router) -> None:  
     assert len(counts) > before and set(counts) == {100}
     assert rt.router.cluster.status["node2"].state is NodeState.FAILED
     assert_nodes_identical([nodes[0], nodes[2]], "postgres")
+
+
+def test_node_lost_mid_answer_ends_the_session_promptly(own_router) -> None:  # type: ignore[no-untyped-def]
+    """A read whose node dies after part of the answer was relayed cannot be retried: the
+    client must get an error at once, not wait forever."""
+    rt, nodes = own_router
+    outcome: list[BaseException | None] = []
+
+    def reader() -> None:
+        try:
+            with psycopg.connect(rt.dsn(), autocommit=True) as c:
+                # Once the router knows these functions are not volatile, the big read takes
+                # the fast path (served from callbacks, outside the session task).
+                c.execute("SELECT generate_series(1, 1), repeat('x', 1)")
+                # generate_series in the target list streams rows at once (in FROM it would
+                # first materialize all of them).
+                c.execute("SELECT generate_series(1, 20000000), repeat('x', 500)")
+            outcome.append(None)
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    serving = None
+    deadline = time.time() + 20
+    while serving is None and time.time() < deadline:
+        serving = next((s for s in rt.router.cluster.status.values() if s.outstanding), None)
+        time.sleep(0.05)
+    assert serving is not None
+    time.sleep(0.5)  # rows are streaming to the client by now
+    next(n for n in nodes if n.name == serving.node.name).kill()
+    t.join(15)
+    assert not t.is_alive(), "the client was left waiting"
+    assert isinstance(outcome[0], psycopg.OperationalError), outcome
+    assert rt.router.cluster.status[serving.node.name].state is NodeState.FAILED

@@ -191,7 +191,8 @@ class NodeConnection(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        return self._waiter is not None
+        """A unit is running: the node still owes answers."""
+        return bool(self._expect)
 
     def send_unit(
         self,

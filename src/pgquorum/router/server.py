@@ -102,8 +102,10 @@ class Router:
         if session is None or session.key[1] != secret:
             return  # like PostgreSQL: no answer, no hint whether the key existed
         session.cancel_requested = True
+        # Only nodes still working on the session's unit: a cancel that reaches an idle node
+        # late would cancel whatever the session sends it next.
         await asyncio.gather(
-            *(_send_cancel(c.node, c.pid, c.secret) for c in session.conns.values()),
+            *(_send_cancel(c.node, c.pid, c.secret) for c in session.conns.values() if c.busy),
             return_exceptions=True,
         )
 

@@ -155,6 +155,8 @@ class ClientSession(asyncio.Protocol):
     async def _wait_data(self) -> None:
         if self._gone:
             raise ClientGone
+        if self._fast_error is not None:
+            raise self._fast_error  # a fast-path read lost its node: see _fast_done
         if self._reading_paused and self.framer.buffered < _READ_PAUSE_BYTES // 2:
             self._reading_paused = False
             assert self.transport is not None
@@ -219,7 +221,6 @@ class ClientSession(asyncio.Protocol):
         assert self.transport is not None
         while True:
             pkt = m.parse_startup(await self._next_startup())
-            log.debug("startup packet %r", pkt)
             if isinstance(pkt, m.SSLRequest):
                 ctx = self.router.ssl_ctx
                 if ctx is None or self.framer.buffered:
@@ -571,12 +572,7 @@ class ClientSession(asyncio.Protocol):
                         return
                 except PgError:
                     pass
-            self._fast_error = PgError(
-                CONNECTION_FAILURE,
-                f"lost the connection to node {conn.node.name} while it served this "
-                f"session: {reason}",
-                severity="FATAL",
-            )
+            self._fast_error = _served_node_lost(conn, reason)
             self._wakeup()
             return
         if res.status == IDLE:
@@ -602,7 +598,7 @@ class ClientSession(asyncio.Protocol):
                 while self._fast_unit is not None:  # never overtake a unit in flight
                     await self._wait_data()
                 if self._fast_error is not None:
-                    raise self._fast_error
+                    raise self._fast_error  # the fast unit before this message failed
             else:
                 mtype, payload = await self.next_message()
             self.state = "active"
@@ -662,7 +658,7 @@ class ClientSession(asyncio.Protocol):
             )
         else:
             conn = self._lead() if route is Route.LEAD else self._pick_read()
-            res = await self._read_unit(conn, lambda c: (data, expect), retry=True)
+            res = await self._read_unit(conn, lambda c: (data, expect), retry=route is Route.READ)
         self._after_unit(res, route, a.strict_isolation, a.catalog_change)
 
     def _defer_begin(self, data: bytes, strict: bool) -> None:
@@ -725,29 +721,30 @@ class ClientSession(asyncio.Protocol):
             except NodeLost as e:
                 cluster.mark_failed(conn.node.name, e.reason)
                 if not (retry and self.txn_status == IDLE and not conn.relayed):
-                    raise PgError(
-                        CONNECTION_FAILURE,
-                        f"lost the connection to node {conn.node.name} while it served this "
-                        f"session: {e.reason}",
-                        severity="FATAL",
-                    ) from None
+                    raise _served_node_lost(conn, e.reason) from None
                 conn = self._pick_read()
             finally:
                 st.outstanding -= 1
         if res.error and self.txn_status != IDLE and res.status != IDLE:
             # A read failed inside a transaction block on one node: run it on the others too,
             # so every node's transaction is aborted the same way.
-            await self._replay_elsewhere(conn, data, expect)
+            await self._replay_elsewhere(conn, build)
         return res
 
-    async def _replay_elsewhere(
-        self, conn: NodeConnection, data: bytes, expect: list[Expectation]
-    ) -> None:
-        others = [c for c in self._online_conns() if c is not conn]
-        for c in others:
-            c.send_unit(data, list(expect), relay=False)
-        results = await asyncio.gather(*(c.wait() for c in others), return_exceptions=True)
-        for c, r in zip(others, results, strict=True):
+    async def _replay_elsewhere(self, conn: NodeConnection, build: BuildUnit) -> None:
+        started = []
+        for c in self._online_conns():
+            if c is conn:
+                continue
+            # Built per node: an extended batch carries the Parse/Close that node still needs.
+            try:
+                c.send_unit(*build(c), relay=False)
+            except NodeLost as e:
+                self.router.cluster.mark_failed(c.node.name, e.reason)
+                continue
+            started.append(c)
+        results = await asyncio.gather(*(c.wait() for c in started), return_exceptions=True)
+        for c, r in zip(started, results, strict=True):
             if isinstance(r, NodeLost):
                 self.router.cluster.mark_failed(c.node.name, r.reason)
 
@@ -1010,6 +1007,14 @@ class ClientSession(asyncio.Protocol):
                 if other not in targets:
                     other.pending_close.extend(n for n in closes if n in other.prepared)
         self._after_unit(res, route, strict, catalog_change)
+
+
+def _served_node_lost(conn: NodeConnection, reason: str) -> PgError:
+    return PgError(
+        CONNECTION_FAILURE,
+        f"lost the connection to node {conn.node.name} while it served this session: {reason}",
+        severity="FATAL",
+    )
 
 
 def _stronger(a: Route, b: Route) -> Route:

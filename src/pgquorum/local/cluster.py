@@ -53,11 +53,16 @@ class LocalCluster:
         return data if isinstance(data, dict) else {}
 
     def write_state(self, **extra: object) -> None:
-        state = {
-            "nodes": [{"name": n.name, "port": n.port} for n in self.nodes],
-            "router_port": self.router_port,
-            **extra,
-        }
+        self._save_state(
+            {
+                "nodes": [{"name": n.name, "port": n.port} for n in self.nodes],
+                "router_port": self.router_port,
+                **extra,
+            }
+        )
+
+    def _save_state(self, state: dict[str, object]) -> None:
+        # Write then rename, so a crash never leaves half a file for `down` to read.
         tmp = self._state_path().with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self._state_path())
@@ -126,11 +131,7 @@ def stop_left_running(directory: Path) -> list[str]:
         except ProcessLookupError:
             pass
     if state:
-        cluster.nodes = []
-        state["router_pid"] = None
-        tmp = cluster._state_path().with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        tmp.replace(cluster._state_path())
+        cluster._save_state({**state, "router_pid": None})  # never signal that pid again
     for p in sorted(cluster.directory.glob("node*")):
         if (p / "postmaster.pid").exists():
             node = LocalNode(p.name, p, 0, cluster.binaries)

@@ -13,15 +13,11 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from pgquorum.cluster.model import Node
 from pgquorum.protocol import messages as m
 from pgquorum.protocol.auth import ClientAuth
-from pgquorum.protocol.errors import CONNECTION_FAILURE, PgError
-
-if TYPE_CHECKING:
-    import ssl
+from pgquorum.protocol.errors import PgError
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +118,6 @@ class NodeConnection(asyncio.Protocol):
         self.params: dict[str, str] = {}
         self.pid = 0
         self.secret = 0
-        self.status = ord("I")
         # Prepared statements this node holds for the session: name -> version.
         self.prepared: dict[str, int] = {}
         self.pending_close: list[str] = []  # statements the client closed while we were elsewhere
@@ -139,7 +134,6 @@ class NodeConnection(asyncio.Protocol):
         password: str | None,
         client_write: Callable[[bytes], None],
         timeout: float = 10.0,
-        ssl_ctx: ssl.SSLContext | None = None,
     ) -> NodeConnection:
         loop = asyncio.get_running_loop()
         conn = cls(node, client_write)
@@ -327,7 +321,7 @@ class NodeConnection(asyncio.Protocol):
                     if not relay:  # tags are compared for replicated writes only
                         res.tags.append(m.parse_command_tag(bytes(buf[pos + 5 : end])))
                 elif mtype == _READY:
-                    self.status = res.status = buf[pos + 5]
+                    res.status = buf[pos + 5]
             elif mtype == _ERROR:
                 fields = m.parse_error_fields(bytes(buf[pos + 5 : end]))
                 if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
@@ -445,7 +439,3 @@ async def open_transport(
     if node.host.startswith("/"):
         return await loop.create_unix_connection(factory, f"{node.host}/.s.PGSQL.{node.port}")
     return await loop.create_connection(factory, node.host, node.port)
-
-
-def lost_error(e: NodeLost) -> PgError:
-    return PgError(CONNECTION_FAILURE, str(e), severity="FATAL")

@@ -19,6 +19,7 @@ from .protocol.auth import METHODS, load_users
 from .protocol.framing import DEFAULT_MAX_MESSAGE_SIZE
 
 READ_POLICIES = ("balance", "all", "lead")
+DEFAULT_STATE_DB = "pgquorum-state.db"  # next to the configuration file
 AUTH_METHODS = METHODS
 
 # Smaller than this and ordinary catalog queries would not fit; PostgreSQL itself caps
@@ -58,6 +59,9 @@ class RouterSettings:
     max_message_size: int
     backend_user: str | None
     backend_password: str | None
+    # The state database (node states, events, commit decisions); None keeps it in memory,
+    # for tests and embedding only: a restart then forgets failed nodes and decisions.
+    state_db: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,7 @@ def _parse_router(c: _Checker, data: dict, base_dir: Path) -> RouterSettings | N
             "tls_key",
             "max_message_size",
             "statement_timeout_s",
+            "state_db",
         ),
         "router",
     )
@@ -290,6 +295,10 @@ def _parse_router(c: _Checker, data: dict, base_dir: Path) -> RouterSettings | N
         _int_range(MIN_MESSAGE_SIZE, MAX_MESSAGE_SIZE),
     )
     c.get(router, "statement_timeout_s", "router", _non_negative_number)
+    state_text = c.get(router, "state_db", "router", _nonempty_string)
+    state_db = base_dir / Path(state_text or DEFAULT_STATE_DB).expanduser()
+    if state_db.exists() and not state_db.is_file():
+        c.add("router.state_db", f"{str(state_db)!r} is not a file")
 
     backend = c.table(data, "backend", "backend", required=False) or {}
     c.unknown_keys(backend, ("user", "password"), "backend")
@@ -311,6 +320,7 @@ def _parse_router(c: _Checker, data: dict, base_dir: Path) -> RouterSettings | N
         # An empty string in the file means "not set", so an example file can list the keys.
         backend_user=backend_user or None,
         backend_password=backend_password or None,
+        state_db=state_db,
     )
 
 

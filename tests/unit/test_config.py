@@ -28,6 +28,7 @@ tls_cert = "server.crt"
 tls_key = "server.key"
 max_message_size = 1048576
 statement_timeout_s = 0
+state_db = "state/router1.db"
 
 [backend]
 user = "router"
@@ -94,6 +95,7 @@ def test_full_config(files: Path) -> None:
             max_message_size=1048576,
             backend_user="router",
             backend_password="secret",
+            state_db=files / "state" / "router1.db",
         ),
         group=Group(
             "main",
@@ -112,7 +114,14 @@ def test_defaults(tmp_path: Path) -> None:
     assert r.users_file is r.tls_cert is r.tls_key is None
     assert r.max_message_size == DEFAULT_MAX_MESSAGE_SIZE
     assert r.backend_user is r.backend_password is None
+    assert r.state_db == tmp_path / "pgquorum-state.db"  # next to the file
     assert config.group == Group("default", (Node("n1", "localhost", 5432),))
+
+
+def test_state_db_must_not_be_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "somedir").mkdir()
+    problems = problems_of(tmp_path, MINIMAL.replace("[group]", 'state_db = "somedir"\n[group]'))
+    assert any(p.startswith("router.state_db:") and "is not a file" in p for p in problems)
 
 
 def test_empty_backend_strings_mean_unset(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """The router's live view of its group: node states, the lead, and per-node counters.
 
 Everything the router knows about the cluster goes through :class:`ClusterView`, so that its
-source can later move from this in-memory table to a durable state database or a mediator.
+source can later move from the state database to a mediator. States are durable: a node that
+one router (or a peer) failed stays FAILED when the router restarts.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .model import Group, Node, NodeState
+from .store import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ class NodeStatus:
     since: float = field(default_factory=time.time)
     statements: int = 0  # units of work served (reads and writes)
     outstanding: int = 0  # units in flight right now: the read balancer's load measure
-    divergences: int = 0  # replicated statements whose outcome differed from the lead's
+    divergences: int = 0  # replicated statements whose outcome differed from the majority's
     last_error: str = ""
 
 
@@ -37,11 +39,34 @@ class ClusterView:
     the same group picks the same lead without talking to the others.
     """
 
-    def __init__(self, group: Group) -> None:
+    def __init__(self, group: Group, store: StateStore | None = None, router: str = "") -> None:
         self.group = group
+        self.store = store if store is not None else StateStore(None)
+        self.router = router
         self.status: dict[str, NodeStatus] = {n.name: NodeStatus(n) for n in group.nodes}
         self._listeners: list[Callable[[NodeStatus], None]] = []
         self.generation = 0  # bumped on every state change, so callers can cache derived views
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Take over the states in the state database (written by this or another router).
+
+        Only ever moves a node away from ONLINE here: coming back ONLINE is recovery's
+        business (next issue), never a side effect of reading.
+        """
+        stored = self.store.node_states(self.group.name)
+        for name, st in self.status.items():
+            rec = stored.get(name)
+            if rec is None or rec.state is NodeState.ONLINE or st.state is rec.state:
+                continue
+            st.state = rec.state
+            st.reason = rec.reason
+            st.last_error = rec.reason
+            st.since = rec.since
+            self.generation += 1
+            log.warning("node %s is %s in the state database: %s", name, rec.state, rec.reason)
+            for listener in self._listeners:
+                listener(st)
 
     def online(self) -> list[NodeStatus]:
         return [s for s in self.status.values() if s.state is NodeState.ONLINE]
@@ -63,7 +88,13 @@ class ClusterView:
         st.state = NodeState.FAILED
         st.reason = reason
         st.last_error = reason
-        st.since = time.time()
+        try:
+            st.since = self.store.set_state(
+                self.group.name, name, NodeState.FAILED, reason, self.router
+            )
+        except Exception:  # the node stays out of service in memory all the same
+            log.exception("cannot record node %s as FAILED in the state database", name)
+            st.since = time.time()
         self.generation += 1
         log.error("node %s FAILED: %s", name, reason)
         for listener in self._listeners:

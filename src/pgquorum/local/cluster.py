@@ -21,6 +21,7 @@ from .binaries import PgBinaries, find_binaries
 from .instance import LocalNode, free_port
 
 STATE_FILE = "cluster.json"
+STATE_DB = "state.db"  # the router's state database
 USERS_FILE = "users.txt"
 
 
@@ -104,7 +105,9 @@ class LocalCluster:
         settings = RouterSettings(
             listen_host="127.0.0.1",
             listen_port=self.router_port,
-            name=f"local:{self.router_port}",
+            # One name across restarts: the router resolves the prepared transactions its
+            # previous run left in doubt by this name.
+            name="local",
             read_policy="balance",
             auth_method="scram-sha-256" if self.password is not None else "trust",
             users_file=users_file,
@@ -113,6 +116,7 @@ class LocalCluster:
             max_message_size=64 * 1024 * 1024,
             backend_user=None,
             backend_password=self.password,
+            state_db=self.directory / STATE_DB,
         )
         group = Group("default", tuple(Node(n.name, n.router_host, n.port) for n in self.nodes))
         return Config(router=settings, group=group)

@@ -450,6 +450,22 @@ def encode_data_row(values: Iterable[str | None]) -> bytes:
     return frame(DATA_ROW, body)
 
 
+def parse_data_row(payload: bytes) -> list[str | None]:
+    """A DataRow in text format (the router's own queries only: client rows are never decoded)."""
+    n = int.from_bytes(payload[0:2], "big")
+    pos = 2
+    out: list[str | None] = []
+    for _ in range(n):
+        size = int.from_bytes(payload[pos : pos + 4], "big", signed=True)
+        pos += 4
+        if size < 0:
+            out.append(None)
+        else:
+            out.append(payload[pos : pos + size].decode())
+            pos += size
+    return out
+
+
 def encode_password(data: bytes) -> bytes:
     return frame(PASSWORD, data)
 

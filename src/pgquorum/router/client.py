@@ -6,7 +6,6 @@ from pgquorum.cluster.model import Node
 from pgquorum.protocol import messages as m
 
 from .backend import EXPECT_QUERY, NodeConnection
-from .session import decode_data_row
 
 
 async def admin_query(
@@ -30,7 +29,7 @@ async def admin_query(
                     cols.append(cur.cstring())
                     cur.raw(18)
             elif chunk[0] == m.DATA_ROW:
-                rows.append(decode_data_row(chunk[5:]))
+                rows.append(m.parse_data_row(chunk[5:]))
         return cols, rows
     finally:
         conn.close()

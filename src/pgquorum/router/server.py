@@ -10,6 +10,7 @@ from typing import cast
 
 from pgquorum.cluster.model import Node
 from pgquorum.cluster.state import ClusterView
+from pgquorum.cluster.store import StateStore
 from pgquorum.config import Config, RouterSettings
 from pgquorum.protocol import messages as m
 from pgquorum.protocol.auth import UserSecret, load_users
@@ -18,6 +19,7 @@ from pgquorum.sql.catalog import FunctionCatalog
 
 from .admin import AdminConsole
 from .backend import open_transport
+from .commit import CommitCoordinator
 from .session import ClientSession
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,8 @@ class Router:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.settings: RouterSettings = config.router
-        self.cluster = ClusterView(config.group)
+        self.store = StateStore(self.settings.state_db)
+        self.cluster = ClusterView(config.group, self.store, self.settings.name)
         self.users: dict[str, UserSecret] = (
             load_users(self.settings.users_file) if self.settings.users_file else {}
         )
@@ -44,6 +47,20 @@ class Router:
             ctx.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
             self.ssl_ctx = ctx
         self._server: asyncio.Server | None = None
+        self.commits = CommitCoordinator(self)
+
+    def credentials(self, client_user: str) -> tuple[str, str | None]:
+        """The user and password the router logs in to nodes with, for a client's user."""
+        settings = self.settings
+        user = settings.backend_user or client_user
+        secret = self.users.get(user)
+        password = secret.password if secret and secret.password else settings.backend_password
+        return user, password
+
+    def internal_credentials(self) -> tuple[str, str | None]:
+        """For the router's own work (resolving prepared transactions needs a superuser or
+        the user who prepared them): the backend user, else postgres."""
+        return self.credentials("postgres")
 
     def catalog(self, database: str) -> FunctionCatalog:
         cat = self._catalogs.get(database)
@@ -65,6 +82,7 @@ class Router:
             reuse_address=True,
             backlog=1024,
         )
+        self.commits.start()  # resolves what an earlier run left in doubt, then periodically
         log.info(
             "router %s listening on %s:%d in front of group %s (%s)",
             self.settings.name,
@@ -83,6 +101,8 @@ class Router:
                 s.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
+        await self.commits.stop()
+        self.store.close()
 
     async def serve_forever(self) -> None:
         await self.start()

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from pgquorum import failpoints
 from pgquorum.cluster.state import NodeStatus
 from pgquorum.protocol import messages as m
 from pgquorum.protocol.auth import ServerAuth
@@ -34,6 +35,7 @@ from pgquorum.protocol.framing import Framer
 from pgquorum.sql.analyze import Analysis, Route
 
 from .backend import EXPECT_QUERY, EXPECT_SYNC, Expectation, NodeConnection, NodeLost, UnitResult
+from .commit import quote_literal
 
 if TYPE_CHECKING:
     from .server import Router
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IDLE = ord("I")
+IN_BLOCK = ord("T")
+_BEGIN = m.encode_query("BEGIN")
+_ROLLBACK = m.encode_query("ROLLBACK")
 ADMIN_DATABASE = "pgquorum"
 _READ_PAUSE_BYTES = 4 * 1024 * 1024
 _session_ids = itertools.count(1)
@@ -104,6 +109,10 @@ class ClientSession(asyncio.Protocol):
         self._pushback: deque[tuple[int, bytes]] = deque()
         self.cancel_requested = False  # set by a CancelRequest, cleared when a unit starts
         self.lenient_strings = False  # standard_conforming_strings is off: see _resolve
+        # The session created a temporary object: PostgreSQL refuses PREPARE TRANSACTION for
+        # transactions that touch one, so its commits are one-phase (voted per statement).
+        self.temp_objects = False
+        self.txn_one_phase = False  # the transaction did NOTIFY/LISTEN: it cannot PREPARE
         self.task: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol (client side) -----------------------------------------------------
@@ -282,12 +291,8 @@ class ClientSession(asyncio.Protocol):
             self.write(out)
 
     def _backend_params(self) -> tuple[dict[str, str], str | None]:
-        settings = self.router.settings
         params = {k: v for k, v in self.params.items() if k != "replication"}
-        if settings.backend_user:
-            params["user"] = settings.backend_user
-        secret = self.router.users.get(params["user"])
-        password = secret.password if secret and secret.password else settings.backend_password
+        params["user"], password = self.router.credentials(params["user"])
         return params, password
 
     async def _connect_nodes(self) -> None:
@@ -652,10 +657,17 @@ class ClientSession(asyncio.Protocol):
             self._defer_begin(data, a.strict_isolation)
             return
         expect = [EXPECT_QUERY]
+        self._note_unpreparable(a)
         if route is Route.WRITE:
-            res = await self._write_unit(
-                lambda c: (data, expect), single=a.statements == 1, lock_free=a.lock_free
-            )
+            if a.commit and self._commits_in_two_phases():
+                res = await self._commit_block()
+            elif self._autocommit_in_two_phases(a):
+                res = await self._autocommit(lambda c: (data, expect))
+            else:
+                res = await self._write_unit(
+                    lambda c: (data, expect), single=a.statements == 1, lock_free=a.lock_free
+                )
+            self._reply(res)
         else:
             conn = self._lead() if route is Route.LEAD else self._pick_read()
             res = await self._read_unit(conn, lambda c: (data, expect), retry=route is Route.READ)
@@ -698,6 +710,7 @@ class ClientSession(asyncio.Protocol):
         self.txn_status = status
         if status == IDLE:
             self.txn_wrote = False
+            self.txn_one_phase = False
             self.txn_strict = False
             self.txn_node = None
             self.portals.clear()
@@ -749,12 +762,14 @@ class ClientSession(asyncio.Protocol):
                 self.router.cluster.mark_failed(c.node.name, r.reason)
 
     async def _write_unit(
-        self, build: BuildUnit, *, single: bool, lock_free: bool = False
+        self, build: BuildUnit, *, single: bool, lock_free: bool = False, wrapped: bool = False
     ) -> UnitResult:
-        """Run a unit on the lead, then on every other ONLINE node; reply with the lead's answer.
+        """Run a unit on the lead, then on every other ONLINE node; return the majority's
+        answer (see _vote) for the caller to send.
 
         ``build(conn)`` returns the bytes and expectations for one node (they differ only when
-        a node needs a prepared statement it has not seen yet).
+        a node needs a prepared statement it has not seen yet). ``wrapped``: the unit runs in
+        a transaction the router opened for it (see _autocommit).
         """
         cluster = self.router.cluster
         while True:
@@ -800,10 +815,10 @@ class ClientSession(asyncio.Protocol):
             finally:
                 st.outstanding -= 1
             return self._finish_write(lead, lead_res, started, await self._gather(started))
-        if lead_res.error and lead_res.status == IDLE and single:
-            # One statement that failed on the lead outside a transaction block changed nothing
-            # there, so it must change nothing elsewhere either (it may have failed for a reason
-            # of the lead's own, such as a cancel or a lock timeout).
+        if lead_res.error and ((lead_res.status == IDLE and single) or wrapped):
+            # Work outside a transaction block that failed on the lead changed nothing there,
+            # so it must change nothing elsewhere either (it may have failed for a reason of
+            # the lead's own, such as a cancel or a lock timeout).
             others = []
         elif lead_res.error == QUERY_CANCELED and self.cancel_requested:
             # The client cancelled: abort the others' transaction the same way.
@@ -816,7 +831,7 @@ class ClientSession(asyncio.Protocol):
         return self._finish_write(lead, lead_res, started, results)
 
     def _start_others(self, others: list[NodeConnection], build: BuildUnit) -> list[NodeConnection]:
-        """Send the unit to the non-lead nodes; those that cannot take it are failed."""
+        """Send the unit to these nodes at once; those that cannot take it are failed."""
         cluster = self.router.cluster
         started = []
         for c in others:
@@ -839,12 +854,15 @@ class ClientSession(asyncio.Protocol):
         others: list[NodeConnection],
         results: list[UnitResult | None],
     ) -> UnitResult:
-        self._vote(lead, lead_res, others, results)
-        if lead_res.chunks:
+        voters = [(lead, lead_res)]
+        voters += [(c, r) for c, r in zip(others, results, strict=True) if r is not None]
+        return self._vote(voters)
+
+    def _reply(self, res: UnitResult) -> None:
+        if res.chunks:
             assert self.transport is not None
             if not self.transport.is_closing():
-                self.transport.writelines(lead_res.chunks)
-        return lead_res
+                self.transport.writelines(res.chunks)
 
     async def _gather(self, conns: list[NodeConnection]) -> list[UnitResult | None]:
         """Wait for each node's answer; a node that breaks is failed and gives None."""
@@ -907,33 +925,216 @@ class ClientSession(asyncio.Protocol):
             if c.lost is None:
                 await c.writable()
 
-    def _vote(
-        self,
-        lead: NodeConnection,
-        lead_res: UnitResult,
-        others: list[NodeConnection],
-        results: list[UnitResult | None],
-    ) -> None:
-        """Compare every node's outcome with the lead's and report differences loudly."""
-        want = lead_res.outcome()
-        for c, r in zip(others, results, strict=True):
-            if r is None:
+    def _vote(self, voters: list[tuple[NodeConnection, UnitResult]]) -> UnitResult:
+        """The outcome (command tags with row counts, or the error's SQLSTATE) that most
+        nodes gave wins; on a tie the lead's side (voters[0]) wins. Nodes on another side
+        are failed at once: they no longer hold what the majority holds."""
+        if len(voters) == 1:
+            return voters[0][1]
+        sides: dict[tuple[object, ...], list[int]] = {}
+        for i, (_, r) in enumerate(voters):
+            sides.setdefault(r.outcome(), []).append(i)
+        if len(sides) == 1:
+            return voters[0][1]
+        # max() keeps the first of equals, and the lead's outcome was inserted first.
+        best = max(sides.values(), key=len)
+        winner = voters[best[0]][1]
+        want = _describe(winner.outcome())
+        cluster = self.router.cluster
+        for i, (c, r) in enumerate(voters):
+            if i in best:
                 continue
-            got = r.outcome()
-            if got != want:
-                st = self.router.cluster.status[c.node.name]
-                st.divergences += 1
-                st.last_error = (
-                    f"outcome {_describe(got)} differs from lead "
-                    f"{lead.node.name}'s {_describe(want)}"
+            got = _describe(r.outcome())
+            cluster.status[c.node.name].divergences += 1
+            log.error(
+                "DIVERGENCE: node %s answered %s where %d of %d nodes answered %s",
+                c.node.name,
+                got,
+                len(best),
+                len(voters),
+                want,
+            )
+            cluster.mark_failed(
+                c.node.name,
+                f"outvoted: answered {got} where {len(best)} of {len(voters)} nodes "
+                f"answered {want}",
+            )
+        return winner
+
+    # -- two-phase commit -------------------------------------------------------------------
+
+    def _note_unpreparable(self, a: Analysis) -> None:
+        if a.temp:
+            self.temp_objects = True
+        if a.notify and self.txn_status != IDLE:
+            self.txn_one_phase = True
+
+    def _two_phase_possible(self) -> bool:
+        return not self.temp_objects and len(self._online_conns()) > 1
+
+    def _commits_in_two_phases(self) -> bool:
+        """A COMMIT of a transaction block that wrote: vote on it in two phases."""
+        return (
+            self.txn_status == IN_BLOCK
+            and self.txn_wrote
+            and not self.txn_one_phase
+            and self._two_phase_possible()
+        )
+
+    def _autocommit_in_two_phases(self, a: Analysis) -> bool:
+        """A write outside a transaction block that can run inside one: the router wraps
+        it in a transaction of its own and commits that in two phases."""
+        return (
+            self.txn_status == IDLE
+            and not (a.lock_free or a.txn_control or a.no_block or a.temp or a.notify)
+            and (a.route is not Route.READ or bool(a.functions))
+            and self._two_phase_possible()
+        )
+
+    async def _autocommit(self, build: BuildUnit) -> UnitResult:
+        conns = self._online_conns()
+        for c in conns:
+            c.pending_begin = _BEGIN
+        try:
+            res = await self._write_unit(build, single=True, wrapped=True)
+            # The nodes that ran it (a node the lead's failure spared still holds BEGIN).
+            participants = [c for c in self._online_conns() if c.pending_begin is None]
+        finally:
+            for c in conns:
+                c.pending_begin = None
+        if res.error or res.status != IN_BLOCK:
+            await self._run_on(participants, _ROLLBACK)
+        else:
+            failure = await self._two_phase_commit(participants)
+            if failure is not None:
+                res = failure
+        res.status = IDLE
+        _set_ready(res.chunks, IDLE)
+        return res
+
+    async def _commit_block(self) -> UnitResult:
+        """COMMIT of a transaction block that wrote, by two-phase commit."""
+        conns = self._online_conns()
+        participants = [c for c in conns if c.pending_begin is None]
+        for c in conns:
+            c.pending_begin = None
+        failure = await self._two_phase_commit(participants) if participants else None
+        if failure is not None:
+            failure.status = IDLE
+            _set_ready(failure.chunks, IDLE)
+            return failure
+        res = UnitResult()
+        res.status = IDLE
+        res.tags.append("COMMIT")
+        res.chunks = [m.encode_command_complete("COMMIT"), m.encode_ready(IDLE)]
+        return res
+
+    async def _run_on(self, conns: list[NodeConnection], query: bytes) -> list[UnitResult | None]:
+        return await self._gather(self._start_others(conns, lambda c: (query, [EXPECT_QUERY])))
+
+    async def _two_phase_commit(self, conns: list[NodeConnection]) -> UnitResult | None:
+        """Commit the session's transaction on ``conns`` (in group order, lead first) in two
+        phases, decided by a majority vote. Returns None when it committed, else the
+        majority's error (every node's transaction is then rolled back)."""
+        commits = self.router.commits
+        cluster = self.router.cluster
+        gid = commits.new_gid()
+        literal = quote_literal(gid)
+        commits.in_flight.add(gid)
+        try:
+            prepared = await self._run_on(conns, m.encode_query(f"PREPARE TRANSACTION {literal}"))
+            voters = [(c, r) for c, r in zip(conns, prepared, strict=True) if r is not None]
+            if not voters:
+                raise PgError(
+                    CONNECTION_FAILURE,
+                    "every node of the transaction was lost while it committed",
+                    severity="FATAL",
                 )
-                log.error(
-                    "DIVERGENCE: node %s answered %s, lead %s answered %s",
+            ok = [c for c, r in voters if not r.error]
+            failed = [(c, r) for c, r in voters if r.error]
+            failpoints.hit(failpoints.AFTER_PREPARE)
+            if len(ok) >= len(failed):
+                # More successes, or a tie (failures are rarer than successes): commit.
+                for c, r in failed:
+                    cluster.mark_failed(
+                        c.node.name,
+                        f"PREPARE TRANSACTION failed with SQLSTATE {r.error} where "
+                        f"{len(ok)} of {len(voters)} nodes prepared",
+                    )
+                await commits.log.record(gid)
+                failpoints.hit(failpoints.AFTER_DECISION)
+                finish = m.encode_query(f"COMMIT PREPARED {literal}")
+                # The others first: the lead gives up its locks last, so no transaction can
+                # run on the lead on top of this one before the others have it committed.
+                lead, rest = ok[0], ok[1:]
+                clean = self._check_finish(rest, await self._run_on(rest, finish), "COMMIT")
+                if rest:
+                    failpoints.hit(failpoints.AFTER_FIRST_COMMIT)
+                clean &= self._check_finish([lead], await self._run_on([lead], finish), "COMMIT")
+                if clean:
+                    commits.log.forget(gid)
+                return None
+            # More failures: nothing commits. The nodes that prepared disagree with the
+            # majority; their transaction is rolled back before they are failed.
+            undo = m.encode_query(f"ROLLBACK PREPARED {literal}")
+            self._check_finish(ok, await self._run_on(ok, undo), "ROLLBACK")
+            for c in ok:
+                cluster.mark_failed(
                     c.node.name,
-                    _describe(got),
-                    lead.node.name,
-                    _describe(want),
+                    f"prepared a transaction that {len(failed)} of {len(voters)} nodes "
+                    "failed to prepare",
                 )
+            # Every failed node rolled back, whatever its error: the most common one is told.
+            errors: dict[str | None, list[UnitResult]] = {}
+            for _, r in failed:
+                errors.setdefault(r.error, []).append(r)
+            return max(errors.values(), key=len)[0]
+        finally:
+            commits.in_flight.discard(gid)
+
+    async def _commit_extended(self, batch: list[tuple[int, bytes, object]]) -> UnitResult:
+        """An extended-protocol COMMIT (Parse/Bind/Execute/Sync, as JDBC and pgbench -M
+        prepared send it): the two-phase commit, with the replies the batch expects made up
+        by the router, since the nodes never see the batch."""
+        out: list[bytes] = []
+        res = UnitResult()
+        skipping = False  # after an error, until the Sync
+        for mtype, payload, _ in batch:
+            if skipping and mtype != m.SYNC:
+                continue
+            if mtype == m.PARSE:
+                out.append(m.frame(m.PARSE_COMPLETE))
+            elif mtype == m.BIND:
+                out.append(m.frame(m.BIND_COMPLETE))
+            elif mtype == m.DESCRIBE:
+                if payload[:1] == b"S":
+                    out.append(m.frame(m.PARAMETER_DESCRIPTION, b"\0\0"))
+                out.append(m.frame(m.NO_DATA))
+            elif mtype == m.CLOSE:
+                out.append(m.frame(m.CLOSE_COMPLETE))
+            elif mtype == m.EXECUTE:
+                res = await self._commit_block()
+                out.extend(res.chunks[:-1])  # its ReadyForQuery comes with the Sync
+                skipping = res.error is not None
+            elif mtype == m.SYNC:
+                out.append(m.encode_ready(IDLE))
+        res.chunks = out
+        return res
+
+    def _check_finish(
+        self, conns: list[NodeConnection], results: list[UnitResult | None], verb: str
+    ) -> bool:
+        """Fail the nodes where phase 2 did not succeed; True if it succeeded everywhere."""
+        clean = True
+        for c, r in zip(conns, results, strict=True):
+            if r is None:
+                clean = False  # lost, and already failed
+            elif r.error:
+                clean = False
+                self.router.cluster.mark_failed(
+                    c.node.name, f"{verb} PREPARED failed with SQLSTATE {r.error}"
+                )
+        return clean
 
     # -- extended protocol ------------------------------------------------------------------
 
@@ -945,6 +1146,7 @@ class ClientSession(asyncio.Protocol):
         catalog_change = False
         closes: list[str] = []
         executes = 0
+        executed: list[Analysis] = []
         statements = self.statements
         for i, (mtype, payload, _) in enumerate(batch):
             info: object = None
@@ -964,6 +1166,8 @@ class ClientSession(asyncio.Protocol):
                 if portal in bound:
                     stmt = bound[portal]
                     if stmt is not None:
+                        executed.append(stmt.analysis)
+                        self._note_unpreparable(stmt.analysis)
                         r = await self._resolve(stmt.analysis)
                         catalog_change = catalog_change or stmt.analysis.catalog_change
                         strict = strict or stmt.analysis.strict_isolation
@@ -994,8 +1198,17 @@ class ClientSession(asyncio.Protocol):
             targets: tuple[NodeConnection, ...] = pinned
             res = await self._read_unit(pinned[0], build, retry=False)
         elif route is Route.WRITE:
-            res = await self._write_unit(build, single=executes == 1)
-            targets = tuple(self._online_conns())
+            synced = batch[-1][0] == m.SYNC and len(executed) == executes
+            if synced and executes == 1 and executed[0].commit and self._commits_in_two_phases():
+                res = await self._commit_extended(batch)
+                targets = ()
+            elif synced and executed and all(map(self._autocommit_in_two_phases, executed)):
+                res = await self._autocommit(build)
+                targets = tuple(self._online_conns())
+            else:
+                res = await self._write_unit(build, single=executes == 1)
+                targets = tuple(self._online_conns())
+            self._reply(res)
         else:
             conn = self._lead() if route is Route.LEAD else self._pick_read()
             targets = (conn,)
@@ -1069,6 +1282,14 @@ def _build_batch(
 _EXPECT = {t: Expectation(t) for t in (m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.PARSE)}
 
 
+def _set_ready(chunks: list[bytes], status: int) -> None:
+    """Make the reply's closing ReadyForQuery say ``status``."""
+    if chunks and chunks[-1][0] == m.READY_FOR_QUERY:
+        chunks[-1] = m.encode_ready(status)
+    else:
+        chunks.append(m.encode_ready(status))
+
+
 def _describe(outcome: tuple[object, ...]) -> str:
     return ", ".join(str(x) for x in outcome) or "(nothing)"
 
@@ -1079,19 +1300,4 @@ async def fetch_rows(conn: NodeConnection, sql: str) -> list[list[str | None]] |
     res = await conn.wait()
     if res.error:
         return None
-    return [decode_data_row(c[5:]) for c in res.chunks if c[0] == m.DATA_ROW]
-
-
-def decode_data_row(payload: bytes) -> list[str | None]:
-    n = int.from_bytes(payload[0:2], "big")
-    pos = 2
-    out: list[str | None] = []
-    for _ in range(n):
-        size = int.from_bytes(payload[pos : pos + 4], "big", signed=True)
-        pos += 4
-        if size < 0:
-            out.append(None)
-        else:
-            out.append(payload[pos : pos + size].decode())
-            pos += size
-    return out
+    return [m.parse_data_row(c[5:]) for c in res.chunks if c[0] == m.DATA_ROW]

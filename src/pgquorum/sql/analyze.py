@@ -46,6 +46,14 @@ class Analysis:
     # a WRITE that may run on every node at once instead of lead first.
     lock_free: bool = False
     begin: bool = False  # exactly one BEGIN / START TRANSACTION
+    commit: bool = False  # exactly one COMMIT / END (without AND CHAIN)
+    txn_control: bool = False  # some statement is transaction control (BEGIN, COMMIT, ...)
+    # Some statement cannot run inside a transaction block (VACUUM, CREATE DATABASE, ...), so
+    # the router cannot wrap it in a two-phase commit.
+    no_block: bool = False
+    temp: bool = False  # creates a temporary object: the session can no longer PREPARE
+    # NOTIFY, LISTEN, UNLISTEN or pg_notify(): PostgreSQL refuses to PREPARE the transaction.
+    notify: bool = False
 
 
 _EMPTY: frozenset[str] = frozenset()
@@ -216,12 +224,17 @@ class _Part:
     __slots__ = (
         "begin",
         "catalog",
+        "commit",
         "copy",
         "fp_safe",
         "functions",
         "lock_free",
+        "no_block",
+        "notify",
         "route",
         "strict",
+        "temp",
+        "txn_control",
     )
 
     def __init__(
@@ -235,8 +248,18 @@ class _Part:
         fp_safe: bool = True,
         lock_free: bool = False,
         begin: bool = False,
+        commit: bool = False,
+        txn_control: bool = False,
+        no_block: bool = False,
+        temp: bool = False,
+        notify: bool = False,
     ) -> None:
         self.begin = begin
+        self.temp = temp
+        self.notify = notify
+        self.commit = commit
+        self.txn_control = txn_control
+        self.no_block = no_block
         self.lock_free = lock_free
         self.route = route
         self.functions = functions
@@ -346,7 +369,9 @@ def _query_part(query: Any, depth: int) -> _Part:
     scan = _scan(query, depth)
     fp_safe = not scan.const_dependent and scan.depth <= _FINGERPRINT_SAFE_DEPTH
     if scan.writes:
-        return _Part(Route.WRITE, strict=scan.strict, fp_safe=fp_safe)
+        return _Part(
+            Route.WRITE, strict=scan.strict, fp_safe=fp_safe, temp=_creates_temp(query, type(query))
+        )
     functions = frozenset(scan.functions) if scan.functions else _EMPTY
     return _Part(Route.READ, functions, strict=scan.strict, fp_safe=fp_safe)
 
@@ -358,7 +383,9 @@ def _classify(stmt: Any, depth: int) -> _Part:
     if cls is ast.VariableShowStmt:
         return _Part(Route.READ)
     if cls in _LEAD_STMTS:
-        return _Part(Route.LEAD)
+        return _Part(Route.LEAD, notify=cls is ast.ListenStmt or cls is ast.UnlistenStmt)
+    if cls is ast.NotifyStmt:
+        return _Part(Route.WRITE, notify=True)
     if cls is ast.ExplainStmt:
         # EXPLAIN of a READ is READ with or without ANALYZE: ANALYZE executes exactly that
         # read-only query (its functions are passed on for the volatility check).  EXPLAIN
@@ -393,8 +420,79 @@ def _classify(stmt: Any, depth: int) -> _Part:
             fp_safe=False,
             lock_free=lock_free,
             begin=stmt.kind in _BEGIN_KINDS,
+            commit=stmt.kind is TransactionStmtKind.TRANS_STMT_COMMIT and not stmt.chain,
+            txn_control=True,
+            # COMMIT PREPARED / ROLLBACK PREPARED refuse to run inside a block.
+            no_block=stmt.kind in _NO_BLOCK_KINDS,
         )
-    return _Part(Route.WRITE, catalog=_catalog_change(stmt, cls))
+    return _Part(
+        Route.WRITE,
+        catalog=_catalog_change(stmt, cls),
+        no_block=_outside_block_only(stmt, cls),
+        temp=_creates_temp(stmt, cls),
+    )
+
+
+def _creates_temp(stmt: Any, cls: type) -> bool:
+    if cls is ast.CreateStmt:
+        rel = stmt.relation
+    elif cls is ast.CreateTableAsStmt:
+        rel = stmt.into.rel
+    elif cls is ast.ViewStmt:
+        rel = stmt.view
+    elif cls is ast.CreateSeqStmt:
+        rel = stmt.sequence
+    elif cls is ast.SelectStmt and stmt.intoClause is not None:
+        rel = stmt.intoClause.rel
+    else:
+        return False
+    return rel is not None and rel.relpersistence == "t"
+
+
+_NOTIFY_FUNCTIONS = frozenset({"pg_notify", "pg_catalog.pg_notify"})
+_NO_BLOCK_KINDS = frozenset(
+    {
+        TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED,
+        TransactionStmtKind.TRANS_STMT_ROLLBACK_PREPARED,
+    }
+)
+# Statements PostgreSQL refuses inside a transaction block (PreventInTransactionBlock), and
+# those that may end transactions themselves (procedures and DO blocks may COMMIT).
+_NO_BLOCK_STMTS: frozenset[type] = frozenset(
+    {
+        ast.CreatedbStmt,
+        ast.DropdbStmt,
+        ast.AlterSystemStmt,
+        ast.CreateTableSpaceStmt,
+        ast.DropTableSpaceStmt,
+        ast.CreateSubscriptionStmt,
+        ast.AlterSubscriptionStmt,
+        ast.DropSubscriptionStmt,
+        ast.CallStmt,
+        ast.DoStmt,
+    }
+)
+
+
+def _outside_block_only(stmt: Any, cls: type) -> bool:
+    if cls in _NO_BLOCK_STMTS:
+        return True
+    if cls is ast.VacuumStmt:
+        return bool(stmt.is_vacuumcmd)  # ANALYZE alone runs in a block
+    if cls is ast.IndexStmt or cls is ast.DropStmt:
+        return bool(stmt.concurrent)
+    if cls is ast.ReindexStmt:
+        # REINDEX DATABASE/SYSTEM and REINDEX ... CONCURRENTLY
+        return stmt.kind.name in ("REINDEX_OBJECT_DATABASE", "REINDEX_OBJECT_SYSTEM") or any(
+            type(p) is ast.DefElem and p.defname == "concurrently" for p in stmt.params or ()
+        )
+    if cls is ast.ClusterStmt:
+        return stmt.relation is None  # CLUSTER of every table
+    if cls is ast.DiscardStmt:
+        return stmt.target.name == "DISCARD_ALL"
+    if cls is ast.AlterDatabaseStmt:
+        return any(type(o) is ast.DefElem and o.defname == "tablespace" for o in stmt.options or ())
+    return False
 
 
 def _combine(parts: list[_Part]) -> tuple[Analysis, bool]:
@@ -422,6 +520,11 @@ def _combine(parts: list[_Part]) -> tuple[Analysis, bool]:
         statements=len(parts),
         lock_free=all(part.lock_free for part in parts),
         begin=len(parts) == 1 and parts[0].begin,
+        commit=len(parts) == 1 and parts[0].commit,
+        txn_control=any(part.txn_control for part in parts),
+        no_block=any(part.no_block for part in parts),
+        temp=any(part.temp for part in parts),
+        notify=any(part.notify or _NOTIFY_FUNCTIONS & part.functions for part in parts),
     )
     return analysis, all(part.fp_safe for part in parts)
 

@@ -1,0 +1,26 @@
+"""Test-only fail points: crash the process at a named point, to test crash recovery.
+
+Armed by the environment variable ``PGQUORUM_FAILPOINTS`` (comma-separated names), read once
+at import. Unset in production, where :func:`hit` is a set lookup that finds nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ENV = "PGQUORUM_FAILPOINTS"
+_armed = frozenset(p.strip() for p in os.environ.get(ENV, "").split(",") if p.strip())
+
+# Between the phases of a two-phase commit.
+AFTER_PREPARE = "after-prepare"  # every node prepared, no decision recorded yet
+AFTER_DECISION = "after-decision"  # decision durable, no COMMIT PREPARED sent
+AFTER_FIRST_COMMIT = "after-first-commit"  # one node committed, the others not yet
+
+
+def hit(name: str) -> None:
+    """Exit the process at once, as a crash would, if ``name`` is armed."""
+    if name in _armed:
+        sys.stderr.write(f"pgquorum: fail point {name} hit, exiting\n")
+        sys.stderr.flush()
+        os._exit(70)

@@ -1,0 +1,161 @@
+"""The commit coordinator: transaction ids, the decision log, and in-doubt resolution.
+
+A transaction that wrote on more than one node commits in two phases: PREPARE TRANSACTION
+everywhere, a majority vote, the decision made durable in the state database, then COMMIT
+PREPARED (or ROLLBACK PREPARED). If the router dies between the phases, prepared
+transactions stay behind on the nodes, holding locks. The resolver finds the ones this
+router owns (the id names the router) and finishes them by the record: commit where a
+decision was recorded, roll back where none was (presumed abort).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from pgquorum.cluster.model import Node
+from pgquorum.cluster.store import DecisionLog
+from pgquorum.protocol import messages as m
+
+from .backend import EXPECT_QUERY, NodeConnection, NodeLost
+
+if TYPE_CHECKING:
+    from .server import Router
+
+log = logging.getLogger(__name__)
+
+GID_PREFIX = "pgq/"
+RESOLVE_INTERVAL_S = 30.0
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+class CommitCoordinator:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.name = router.settings.name
+        self.log = DecisionLog(router.store, self.name)
+        # Transactions between PREPARE and the end of phase 2 in this process: never
+        # touched by the resolver.
+        self.in_flight: set[str] = set()
+        self._epoch = int(time.time() * 1000)  # a restarted router never reuses an id
+        self._seq = itertools.count(1)
+        self._owner = f"{GID_PREFIX}{self.name}/"
+        self._task: asyncio.Task[None] | None = None
+        self.resolved_commits = 0
+        self.resolved_rollbacks = 0
+
+    def new_gid(self) -> str:
+        # PostgreSQL allows 200 bytes; a long router name is cut, the suffix keeps ids apart.
+        return f"{self._owner[:150]}{self._epoch}.{next(self._seq)}"
+
+    def owns(self, gid: str) -> bool:
+        return gid.startswith(self._owner[:150]) and "/" not in gid[len(self._owner[:150]) :]
+
+    # -- in-doubt resolution ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._resolve_forever())
+
+    async def stop(self) -> None:
+        task = self._task
+        if task is not None:
+            # Python 3.11's wait_for can swallow a cancel that races with its result, so
+            # cancel until the task is really gone.
+            for _ in range(20):
+                task.cancel()
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    break
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                if task.done():
+                    task.result()
+        self.log.flush_forgotten()
+        self.log.close()
+
+    async def _resolve_forever(self) -> None:
+        while True:
+            try:
+                await self.resolve_in_doubt()
+            except Exception:
+                log.exception("resolving in-doubt transactions failed; retrying later")
+            await asyncio.sleep(RESOLVE_INTERVAL_S)
+
+    async def resolve_in_doubt(self) -> int:
+        """Finish this router's prepared transactions that no session is working on."""
+        done = 0
+        self.log.flush_forgotten()
+        for st in self.router.cluster.online():
+            try:
+                done += await self._resolve_node(st.node)
+            except (NodeLost, m.PgError, OSError) as e:
+                log.warning("cannot resolve in-doubt transactions on node %s: %s", st.node.name, e)
+        return done
+
+    async def _resolve_node(self, node: Node) -> int:
+        rows = await self._query(
+            node, "postgres", "SELECT gid, database FROM pg_catalog.pg_prepared_xacts"
+        )
+        by_db: dict[str, list[str]] = defaultdict(list)
+        for gid, database in rows:
+            owned = gid is not None and database is not None and self.owns(gid)
+            if owned and gid not in self.in_flight:
+                by_db[str(database)].append(str(gid))
+        done = 0
+        for database, gids in by_db.items():
+            decided = self.router.store.decided(gids)
+            sql = []
+            for gid in gids:
+                verb = "COMMIT" if gid in decided else "ROLLBACK"
+                sql.append(f"{verb} PREPARED {quote_literal(gid)}")
+                log.warning(
+                    "in-doubt transaction %s on node %s (database %s): %s",
+                    gid,
+                    node.name,
+                    database,
+                    "committing (decision recorded)"
+                    if gid in decided
+                    else "rolling back (no decision)",
+                )
+            # One statement per query: COMMIT PREPARED refuses to run in a multi-statement string.
+            for stmt, gid in zip(sql, gids, strict=True):
+                try:
+                    await self._query(node, database, stmt)
+                except m.PgError as e:
+                    if e.sqlstate != "42704":  # already finished by someone else
+                        raise
+                    continue
+                done += 1
+                if gid in decided:
+                    self.resolved_commits += 1
+                else:
+                    self.resolved_rollbacks += 1
+        return done
+
+    async def _query(self, node: Node, database: str, sql: str) -> list[list[str | None]]:
+        """Run one statement on a node over a fresh connection of the router's own."""
+        user, password = self.router.internal_credentials()
+        params = {"user": user, "database": database, "application_name": "pgquorum"}
+        conn = await NodeConnection.open(node, params, password, _discard)
+        try:
+            conn.send_unit(m.encode_query(sql), [EXPECT_QUERY], relay=False)
+            res = await asyncio.wait_for(conn.wait(), 30)
+            if res.error:
+                for chunk in res.chunks:
+                    if chunk[0] == m.ERROR_RESPONSE:
+                        raise m.error_from_fields(m.parse_error_fields(chunk[5:]))
+                raise m.PgError(res.error, f"{sql!r} failed on node {node.name}")
+            return [m.parse_data_row(c[5:]) for c in res.chunks if c[0] == m.DATA_ROW]
+        finally:
+            conn.close()
+
+
+def _discard(data: bytes) -> None:
+    pass

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from cli_harness import CliProcess
 from router_harness import RouterThread, router_config
 
 from helpers import assert_nodes_identical
@@ -32,3 +33,12 @@ def db(
         conn.execute(f'CREATE DATABASE "{name}"')
     yield name
     assert_nodes_identical(pg_nodes, name)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[CliProcess]]:
+    """Processes started by a test; killed at the end if still running."""
+    started: list[CliProcess] = []
+    yield started
+    for p in started:
+        p.kill()

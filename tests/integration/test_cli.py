@@ -2,115 +2,26 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 import pytest
+from cli_harness import (
+    CliProcess,
+    cli_env,
+    dsn,
+    port_open,
+    run_cli,
+    start,
+)
 
 from pgquorum.local.binaries import PgBinaries
 from pgquorum.local.instance import LocalNode, free_port
-
-PGQUORUM = str(Path(sys.executable).parent / "pgquorum")
-
-#: Upper bound for `pgquorum up` to create/start its servers and open the router port.
-UP_TIMEOUT = 90
-#: How long a SIGTERMed `up`/`router` may take to stop everything and exit.
-STOP_TIMEOUT = 30
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("PGQUORUM_PASSWORD", None)
-    env.pop("PGPASSWORD", None)
-    env["COLUMNS"] = "200"  # rich: do not wrap messages at 80 columns in the pipe
-    env.update(extra)
-    return env
-
-
-def run_cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PGQUORUM, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_env(**env),
-        stdin=subprocess.DEVNULL,
-        cwd="/",
-    )
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@dataclass
-class CliProcess:
-    """A long-running `pgquorum ...` subprocess with its output in a log file."""
-
-    args: list[str]
-    log: Path
-    env: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._out = self.log.open("w")
-        self.proc = subprocess.Popen(
-            [PGQUORUM, *self.args],
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=_env(**self.env),
-            cwd="/",
-        )
-
-    def output(self) -> str:
-        self._out.flush()
-        return self.log.read_text(errors="replace")
-
-    def wait_port(self, port: int, timeout: float = UP_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(
-                    f"pgquorum {' '.join(self.args)} exited with {self.proc.returncode} before "
-                    f"listening on {port}:\n{self.output()}"
-                )
-            if port_open(port):
-                return
-            time.sleep(0.2)
-        pytest.fail(f"port {port} not open after {timeout}s:\n{self.output()}")
-
-    def terminate(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM, then wait for the process to exit by itself; its exit status."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            pytest.fail(f"did not exit within {timeout}s of SIGTERM:\n{self.output()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
-        self._out.close()
 
 
 @pytest.fixture
@@ -126,21 +37,6 @@ def cluster_dir(pg_binaries: PgBinaries) -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
-@pytest.fixture
-def procs() -> Iterator[list[CliProcess]]:
-    """Processes started by a test; killed at the end if still running."""
-    started: list[CliProcess] = []
-    yield started
-    for p in started:
-        p.kill()
-
-
-def start(procs: list[CliProcess], tmp_path: Path, *args: str, **env: str) -> CliProcess:
-    p = CliProcess(list(args), tmp_path / f"out{len(procs)}.log", env)
-    procs.append(p)
-    return p
-
-
 def node_dirs(d: Path) -> list[Path]:
     return sorted(p for p in d.glob("node*") if (p / "PG_VERSION").exists())
 
@@ -153,12 +49,6 @@ def state_node_ports(d: Path) -> list[int]:
     """The node ports recorded in cluster.json by the running `pgquorum up`."""
     state = json.loads((d / "cluster.json").read_text())
     return [int(n["port"]) for n in state["nodes"]]
-
-
-def dsn(port: int, dbname: str = "postgres", **extra: str) -> str:
-    parts = [f"host=127.0.0.1 port={port} dbname={dbname} user=postgres connect_timeout=10"]
-    parts += [f"{k}={v}" for k, v in extra.items()]
-    return " ".join(parts)
 
 
 # -- pgquorum up / status / down ---------------------------------------------------------------
@@ -199,7 +89,7 @@ def test_up_serves_status_and_sigterm_stops_everything_then_reuse(
         capture_output=True,
         text=True,
         timeout=60,
-        env=_env(),
+        env=cli_env(),
         stdin=subprocess.DEVNULL,
     )
     assert res.returncode == 0, res.stderr

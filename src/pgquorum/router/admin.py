@@ -28,6 +28,7 @@ class AdminConsole:
         self.commands: dict[str, Callable[[], Table]] = {
             "nodes": self.show_nodes,
             "sessions": self.show_sessions,
+            "events": self.show_events,
             "help": self.show_help,
         }
 
@@ -60,7 +61,7 @@ class AdminConsole:
                     str(st.statements),
                     str(st.outstanding),
                     str(st.divergences),
-                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(st.since)),
+                    _when(st.since),
                     st.last_error or st.reason,
                 ]
             )
@@ -88,11 +89,20 @@ class AdminConsole:
                     s.peer,
                     s.params.get("application_name", ""),
                     s.state,
-                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.connected_at)),
+                    _when(s.connected_at),
                     str(s.units),
                     ",".join(s.conns),
                 ]
             )
+        return cols, rows
+
+    def show_events(self) -> Table:
+        """Node state changes from the state database, newest first."""
+        cols = ["at", "group", "node", "state", "reason", "router"]
+        rows: list[list[str | None]] = [
+            [_when(e.at), e.group, e.node, e.state.value, e.reason, e.router]
+            for e in self.router.store.events(limit=200)
+        ]
         return cols, rows
 
     def show_help(self) -> Table:
@@ -154,3 +164,7 @@ class AdminConsole:
                 out = [m.encode_error(e)]
             out.append(m.encode_ready(ord("I")))
             session.write(b"".join(out))
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))

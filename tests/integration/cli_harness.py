@@ -1,0 +1,117 @@
+"""Runs `pgquorum` commands as real subprocesses (the CLI and crash tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+PGQUORUM = str(Path(sys.executable).parent / "pgquorum")
+
+#: Upper bound for `pgquorum up` to create/start its servers and open the router port.
+UP_TIMEOUT = 90
+#: How long a SIGTERMed `up`/`router` may take to stop everything and exit.
+STOP_TIMEOUT = 30
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PGQUORUM_PASSWORD", None)
+    env.pop("PGPASSWORD", None)
+    env["COLUMNS"] = "200"  # rich: do not wrap messages at 80 columns in the pipe
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PGQUORUM, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(**env),
+        stdin=subprocess.DEVNULL,
+        cwd="/",
+    )
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class CliProcess:
+    """A long-running `pgquorum ...` subprocess with its output in a log file."""
+
+    args: list[str]
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._out = self.log.open("w")
+        self.proc = subprocess.Popen(
+            [PGQUORUM, *self.args],
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=cli_env(**self.env),
+            cwd="/",
+        )
+
+    def output(self) -> str:
+        self._out.flush()
+        return self.log.read_text(errors="replace")
+
+    def wait_port(self, port: int, timeout: float = UP_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(
+                    f"pgquorum {' '.join(self.args)} exited with {self.proc.returncode} before "
+                    f"listening on {port}:\n{self.output()}"
+                )
+            if port_open(port):
+                return
+            time.sleep(0.2)
+        pytest.fail(f"port {port} not open after {timeout}s:\n{self.output()}")
+
+    def terminate(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, then wait for the process to exit by itself; its exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            pytest.fail(f"did not exit within {timeout}s of SIGTERM:\n{self.output()}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        self._out.close()
+
+
+def start(procs: list[CliProcess], tmp_path: Path, *args: str, **env: str) -> CliProcess:
+    p = CliProcess(list(args), tmp_path / f"out{len(procs)}.log", env)
+    procs.append(p)
+    return p
+
+
+def dsn(port: int, dbname: str = "postgres", **extra: str) -> str:
+    parts = [f"host=127.0.0.1 port={port} dbname={dbname} user=postgres connect_timeout=10"]
+    parts += [f"{k}={v}" for k, v in extra.items()]
+    return " ".join(parts)

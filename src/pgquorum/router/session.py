@@ -718,9 +718,8 @@ class ClientSession(asyncio.Protocol):
     async def _read_unit(
         self, conn: NodeConnection, build: BuildUnit, *, retry: bool
     ) -> UnitResult:
-        """Run a unit on one node, relaying its answer. With ``retry``, a read outside a
-        transaction block whose node is lost before any of the answer reached the client
-        runs again on another node."""
+        """Run a unit on one node, relaying its answer. With ``retry``, a read whose node is
+        lost before any of the answer reached the client runs again on another node."""
         cluster = self.router.cluster
         while True:
             data, expect = build(conn)
@@ -733,8 +732,10 @@ class ClientSession(asyncio.Protocol):
                 break
             except NodeLost as e:
                 cluster.mark_failed(conn.node.name, e.reason)
-                if not (retry and self.txn_status == IDLE and not conn.relayed):
+                if not (retry and not conn.relayed):
                     raise _served_node_lost(conn, e.reason) from None
+                # Nothing reached the client yet: run it on another node (inside a transaction
+                # block, one the transaction's writes reached).
                 conn = self._pick_read()
             finally:
                 st.outstanding -= 1
@@ -787,16 +788,12 @@ class ClientSession(asyncio.Protocol):
                 lead_res = await lead.wait()
                 break
             except NodeLost as e:
-                # The lead died before answering: the statement never reached the others,
-                # so a new lead can run it from scratch.
+                # The lead died before answering. The statement never reached the others
+                # (they run it only after the lead), and every statement before it ran on
+                # them too, so the next lead runs it from scratch, inside a transaction as
+                # well: the client notices nothing.
                 cluster.mark_failed(lead.node.name, e.reason)
-                if self.txn_status != IDLE:
-                    raise PgError(
-                        CONNECTION_FAILURE,
-                        f"the lead node {lead.node.name} failed inside this "
-                        f"transaction: {e.reason}",
-                        severity="FATAL",
-                    ) from None
+                log.warning("lead %s lost; re-running the statement on the next", lead.node.name)
             finally:
                 st.outstanding -= 1
         others = conns[1:]
@@ -807,11 +804,11 @@ class ClientSession(asyncio.Protocol):
                 lead_res = await lead.wait()
             except NodeLost as e:
                 cluster.mark_failed(lead.node.name, e.reason)
-                raise PgError(
-                    CONNECTION_FAILURE,
-                    f"the lead node {lead.node.name} failed: {e.reason}",
-                    severity="FATAL",
-                ) from None
+                results = await self._gather(started)
+                voters = [(c, r) for c, r in zip(started, results, strict=True) if r is not None]
+                if not voters:
+                    raise _served_node_lost(lead, e.reason) from None
+                return self._vote(voters)
             finally:
                 st.outstanding -= 1
             return self._finish_write(lead, lead_res, started, await self._gather(started))
@@ -1030,7 +1027,11 @@ class ClientSession(asyncio.Protocol):
         return res
 
     async def _run_on(self, conns: list[NodeConnection], query: bytes) -> list[UnitResult | None]:
-        return await self._gather(self._start_others(conns, lambda c: (query, [EXPECT_QUERY])))
+        """Run a query of the router's own on these nodes at once; a result per node, None
+        where the node was lost (and failed)."""
+        started = self._start_others(conns, lambda c: (query, [EXPECT_QUERY]))
+        done = dict(zip(started, await self._gather(started), strict=True))
+        return [done.get(c) for c in conns]
 
     async def _two_phase_commit(self, conns: list[NodeConnection]) -> UnitResult | None:
         """Commit the session's transaction on ``conns`` (in group order, lead first) in two

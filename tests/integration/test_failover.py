@@ -1,0 +1,134 @@
+"""Failover without dropping sessions: nodes killed with SIGKILL under pgbench load."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import psycopg
+import pytest
+from router_harness import RouterThread, router_config
+
+from helpers import assert_nodes_identical
+from pgquorum.cluster.model import NodeState
+from pgquorum.local.binaries import PgBinaries
+from pgquorum.local.instance import LocalNode
+
+
+def pgbench_cmd(binaries: PgBinaries, rt: RouterThread, *args: str) -> list[str]:
+    return [
+        str(binaries.path("pgbench")),
+        *("-h", "127.0.0.1", "-p", str(rt.port), "-U", "postgres"),
+        *args,
+        "postgres",
+    ]
+
+
+def balanced(node: LocalNode) -> bool:
+    """pgbench's invariant: the balances moved exactly as the history says."""
+    return (
+        node.psql(
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts) = "
+            "(SELECT coalesce(sum(delta), 0) FROM pgbench_history) AND "
+            "(SELECT sum(tbalance) FROM pgbench_tellers) = "
+            "(SELECT coalesce(sum(delta), 0) FROM pgbench_history)"
+        )
+        == "t"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["simple", "prepared"])
+@pytest.mark.parametrize("victim", [0, 2], ids=["lead", "replica"])
+def test_pgbench_tpcb_survives_a_killed_node(
+    make_nodes,  # type: ignore[no-untyped-def]
+    pg_binaries: PgBinaries,
+    victim: int,
+    mode: str,
+) -> None:
+    nodes = make_nodes(3)
+    rt = RouterThread(router_config(nodes))
+    try:
+        init = subprocess.run(
+            pgbench_cmd(pg_binaries, rt, "-i", "-s", "1", "-q"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert init.returncode == 0, init.stderr
+        bench = subprocess.Popen(
+            pgbench_cmd(pg_binaries, rt, "-M", mode, "-c", "8", "-j", "2", "-T", "8", "-n"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        time.sleep(3)
+        nodes[victim].kill()
+        out, _ = bench.communicate(timeout=120)
+        assert bench.returncode == 0, out
+        assert "number of failed transactions: 0" in out, out
+        assert "aborted" not in out, out
+        processed = int(out.split("number of transactions actually processed: ")[1].split()[0])
+        assert processed > 50, out
+        status = rt.router.cluster.status
+        victim_name = nodes[victim].name
+        assert status[victim_name].state is NodeState.FAILED
+        survivors = [n for n in nodes if n is not nodes[victim]]
+        assert all(status[n.name].state is NodeState.ONLINE for n in survivors)
+        # pgbench stamps history rows with CURRENT_TIMESTAMP, which each node evaluates
+        # itself: clear that one column so the comparison covers everything else.
+        with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+            conn.execute("UPDATE pgbench_history SET mtime = NULL")
+        for n in survivors:
+            assert balanced(n), n.name
+            assert int(n.psql("SELECT count(*) FROM pg_prepared_xacts")) == 0
+        assert_nodes_identical(survivors, "postgres")
+    finally:
+        rt.stop()
+
+
+def test_transaction_moves_to_the_next_lead(make_nodes) -> None:  # type: ignore[no-untyped-def]
+    """The lead dies between two statements of a transaction: the transaction goes on."""
+    nodes = make_nodes(3)
+    rt = RouterThread(router_config(nodes))
+    try:
+        with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
+            conn.execute("INSERT INTO t VALUES (1, 0), (2, 0)")
+        with psycopg.connect(rt.dsn()) as conn:
+            conn.execute("UPDATE t SET v = v + 1 WHERE id = 1")
+            nodes[0].kill()
+            conn.execute("UPDATE t SET v = v + 1 WHERE id = 2")
+            assert conn.execute("SELECT sum(v) FROM t").fetchone() == (2,)
+            conn.commit()
+        assert rt.router.cluster.lead().node.name == "node2"  # type: ignore[union-attr]
+        assert nodes[1].psql("SELECT sum(v) FROM t") == "2"
+        assert_nodes_identical(nodes[1:], "postgres")
+    finally:
+        rt.stop()
+
+
+def test_statement_in_flight_is_rerun_on_the_next_lead(make_nodes) -> None:  # type: ignore[no-untyped-def]
+    """The lead dies while it runs a statement inside a transaction block."""
+    nodes = make_nodes(3)
+    rt = RouterThread(router_config(nodes))
+    try:
+        with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
+            conn.execute("INSERT INTO t VALUES (1, 0)")
+        with psycopg.connect(rt.dsn()) as conn:
+            conn.execute("UPDATE t SET v = 10")
+            killer = threading.Timer(0.5, nodes[0].kill)
+            killer.start()
+            # Slow on the lead (killed half way through), then quick elsewhere.
+            conn.execute(
+                "UPDATE t SET v = v + 1 WHERE pg_sleep(CASE WHEN current_setting('port')::int = %s THEN 3 ELSE 0 END) IS NOT NULL",
+                (nodes[0].port,),
+            )
+            killer.join()
+            conn.commit()
+        assert [n.psql("SELECT v FROM t") for n in nodes[1:]] == ["11", "11"]
+        assert_nodes_identical(nodes[1:], "postgres")
+    finally:
+        rt.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
@@ -117,17 +118,17 @@ def test_statement_in_flight_is_rerun_on_the_next_lead(make_nodes) -> None:  # t
         with psycopg.connect(rt.dsn(), autocommit=True) as conn:
             conn.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
             conn.execute("INSERT INTO t VALUES (1, 0)")
+        blocker = psycopg.connect(nodes[0].dsn())  # holds the row on the lead only
+        blocker.execute("SELECT * FROM t FOR UPDATE")
         with psycopg.connect(rt.dsn()) as conn:
-            conn.execute("UPDATE t SET v = 10")
-            killer = threading.Timer(0.5, nodes[0].kill)
+            conn.execute("UPDATE t SET v = 10 WHERE id = 2")  # (no such row) opens the block
+            killer = threading.Timer(1.0, nodes[0].kill)
             killer.start()
-            # Slow on the lead (killed half way through), then quick elsewhere.
-            conn.execute(
-                "UPDATE t SET v = v + 1 WHERE pg_sleep(CASE WHEN current_setting('port')::int = %s THEN 3 ELSE 0 END) IS NOT NULL",
-                (nodes[0].port,),
-            )
+            conn.execute("UPDATE t SET v = v + 11")  # waits for the lock until the lead dies
             killer.join()
             conn.commit()
+        with contextlib.suppress(psycopg.Error):
+            blocker.close()
         assert [n.psql("SELECT v FROM t") for n in nodes[1:]] == ["11", "11"]
         assert_nodes_identical(nodes[1:], "postgres")
     finally:

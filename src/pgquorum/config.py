@@ -62,6 +62,9 @@ class RouterSettings:
     # The state database (node states, events, commit decisions); None keeps it in memory,
     # for tests and embedding only: a restart then forgets failed nodes and decisions.
     state_db: Path | None = None
+    # Other routers in front of the same group ("host:port" of their listen addresses): told
+    # at once when this router fails a node, asked for node states at start-up.
+    peers: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,11 @@ def _string(value: Any) -> str | None:
     return None if isinstance(value, str) else "must be a string"
 
 
+def _string_list(value: Any) -> str | None:
+    ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return None if ok else "must be an array of strings"
+
+
 def _nonempty_string(value: Any) -> str | None:
     if not isinstance(value, str):
         return "must be a string"
@@ -253,6 +261,7 @@ def _parse_router(c: _Checker, data: dict, base_dir: Path) -> RouterSettings | N
             "max_message_size",
             "statement_timeout_s",
             "state_db",
+            "peers",
         ),
         "router",
     )
@@ -300,6 +309,17 @@ def _parse_router(c: _Checker, data: dict, base_dir: Path) -> RouterSettings | N
     if state_db.exists() and not state_db.is_file():
         c.add("router.state_db", f"{str(state_db)!r} is not a file")
 
+    peers: list[tuple[str, int]] = []
+    raw_peers = c.get(router, "peers", "router", _string_list)
+    for i, text in enumerate(raw_peers or ()):
+        parsed = _split_listen(text)
+        if isinstance(parsed, str):
+            c.add(f"router.peers[{i}]", f"{parsed}, got {text!r}")
+        elif parsed == (listen_host, listen_port):
+            c.add(f"router.peers[{i}]", f"is this router's own listen address {text}")
+        else:
+            peers.append(parsed)
+
     backend = c.table(data, "backend", "backend", required=False) or {}
     c.unknown_keys(backend, ("user", "password"), "backend")
     backend_user = c.get(backend, "user", "backend", _string)
@@ -321,6 +341,7 @@ def _parse_router(c: _Checker, data: dict, base_dir: Path) -> RouterSettings | N
         backend_user=backend_user or None,
         backend_password=backend_password or None,
         state_db=state_db,
+        peers=tuple(peers),
     )
 
 

@@ -24,7 +24,7 @@ NODE_COLUMNS = [
     "outstanding",
     "divergences",
     "since",
-    "last_error",
+    "reason",
 ]
 
 

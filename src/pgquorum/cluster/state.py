@@ -82,6 +82,10 @@ class ClusterView:
 
     def mark_failed(self, name: str, reason: str) -> None:
         """Take a node out of service. It stays FAILED: it may have diverged from the others."""
+        try:
+            self.refresh()  # an error is when another router's verdicts matter most
+        except Exception:
+            log.exception("cannot read the state database")
         st = self.status[name]
         if st.state is NodeState.FAILED:
             return

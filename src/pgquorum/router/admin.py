@@ -12,8 +12,11 @@ from typing import TYPE_CHECKING
 from pglast import parse_sql
 from pglast.ast import VariableShowStmt
 
+from pgquorum.cluster.model import NodeState
 from pgquorum.protocol import messages as m
-from pgquorum.protocol.errors import FEATURE_NOT_SUPPORTED, SYNTAX_ERROR, PgError
+from pgquorum.protocol.errors import FEATURE_NOT_SUPPORTED, SYNTAX_ERROR, UNDEFINED_OBJECT, PgError
+
+from .peers import parse_fail_node
 
 if TYPE_CHECKING:
     from .server import Router
@@ -47,7 +50,7 @@ class AdminConsole:
             "outstanding",
             "divergences",
             "since",
-            "last_error",
+            "reason",
         ]
         rows: list[list[str | None]] = []
         for st in cluster.status.values():
@@ -62,7 +65,7 @@ class AdminConsole:
                     str(st.outstanding),
                     str(st.divergences),
                     _when(st.since),
-                    st.last_error or st.reason,
+                    st.reason if st.state is not NodeState.ONLINE else st.last_error,
                 ]
             )
         return cols, rows
@@ -106,11 +109,25 @@ class AdminConsole:
         return cols, rows
 
     def show_help(self) -> Table:
-        return ["command"], [["SHOW " + c.upper()] for c in self.commands]
+        rows: list[list[str | None]] = [["SHOW " + c.upper()] for c in self.commands]
+        rows.append(["FAIL NODE name [REASON 'text']"])
+        return ["command"], rows
 
     # -- protocol ---------------------------------------------------------------------------
 
+    def fail_node(self, node: str, reason: str) -> Table:
+        """FAIL NODE: take a node out of service (a peer router failed it, or an operator)."""
+        cluster = self.router.cluster
+        if node not in cluster.status:
+            raise PgError(UNDEFINED_OBJECT, f"no node {node!r} in group {cluster.group.name!r}")
+        cluster.mark_failed(node, reason or "failed by an admin command")
+        st = cluster.status[node]
+        return ["node", "state", "reason"], [[node, st.state.value, st.reason]]
+
     def run(self, sql: str) -> list[Table]:
+        fail = parse_fail_node(sql)
+        if fail is not None:
+            return [self.fail_node(*fail)]
         try:
             stmts = parse_sql(sql)
         except Exception as e:
@@ -124,7 +141,8 @@ class AdminConsole:
                 raise PgError(
                     FEATURE_NOT_SUPPORTED,
                     "unsupported admin command; try: "
-                    + ", ".join("SHOW " + c.upper() for c in self.commands),
+                    + ", ".join("SHOW " + c.upper() for c in self.commands)
+                    + ", FAIL NODE name [REASON 'text']",
                 )
         return tables
 
@@ -154,10 +172,12 @@ class AdminConsole:
                 raise m.ProtocolViolation(f"invalid frontend message type {mtype}")
             out: list[bytes] = []
             try:
-                for cols, rows in self.run(m.parse_query(payload)):
+                sql = m.parse_query(payload)
+                for cols, rows in self.run(sql):
                     out.append(m.encode_row_description(cols))
                     out.extend(m.encode_data_row(r) for r in rows)
-                    out.append(m.encode_command_complete(f"SHOW {len(rows)}"))
+                    tag = "FAIL NODE" if cols[0] == "node" else f"SHOW {len(rows)}"
+                    out.append(m.encode_command_complete(tag))
                 if not out:
                     out.append(m.frame(m.EMPTY_QUERY))
             except PgError as e:

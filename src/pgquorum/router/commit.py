@@ -22,7 +22,8 @@ from pgquorum.cluster.model import Node
 from pgquorum.cluster.store import DecisionLog
 from pgquorum.protocol import messages as m
 
-from .backend import EXPECT_QUERY, NodeConnection, NodeLost
+from .backend import NodeLost
+from .client import query
 
 if TYPE_CHECKING:
     from .server import Router
@@ -143,19 +144,4 @@ class CommitCoordinator:
         """Run one statement on a node over a fresh connection of the router's own."""
         user, password = self.router.internal_credentials()
         params = {"user": user, "database": database, "application_name": "pgquorum"}
-        conn = await NodeConnection.open(node, params, password, _discard)
-        try:
-            conn.send_unit(m.encode_query(sql), [EXPECT_QUERY], relay=False)
-            res = await asyncio.wait_for(conn.wait(), 30)
-            if res.error:
-                for chunk in res.chunks:
-                    if chunk[0] == m.ERROR_RESPONSE:
-                        raise m.error_from_fields(m.parse_error_fields(chunk[5:]))
-                raise m.PgError(res.error, f"{sql!r} failed on node {node.name}")
-            return [m.parse_data_row(c[5:]) for c in res.chunks if c[0] == m.DATA_ROW]
-        finally:
-            conn.close()
-
-
-def _discard(data: bytes) -> None:
-    pass
+        return (await query(node, params, password, sql))[1]

@@ -20,6 +20,7 @@ from pgquorum.sql.catalog import FunctionCatalog
 from .admin import AdminConsole
 from .backend import open_transport
 from .commit import CommitCoordinator
+from .peers import Peers
 from .session import ClientSession
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class Router:
             self.ssl_ctx = ctx
         self._server: asyncio.Server | None = None
         self.commits = CommitCoordinator(self)
+        self.peers = Peers(self)
 
     def credentials(self, client_user: str) -> tuple[str, str | None]:
         """The user and password the router logs in to nodes with, for a client's user."""
@@ -74,6 +76,7 @@ class Router:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
+        await self.peers.start()  # learn the nodes peers failed before serving anyone
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: ClientSession(self),
@@ -101,6 +104,7 @@ class Router:
                 s.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
+        await self.peers.stop()
         await self.commits.stop()
         self.store.close()
 

@@ -1,0 +1,125 @@
+"""Peer routers in front of the same group: failures are told to every peer at once.
+
+A router that fails a node sends ``FAIL NODE name REASON '...'`` to the admin console of
+every peer, retrying with backoff until the peer acknowledges; the peer fails the node before
+its sessions' next statement (and tells its own peers, which already know: a no-op). At
+start-up a router asks its peers for their node states and takes over every FAILED node, so a
+restarted router never resurrects a node another one failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import TYPE_CHECKING
+
+from pgquorum.cluster.model import NodeState
+from pgquorum.cluster.state import NodeStatus
+from pgquorum.protocol.errors import PgError
+
+from .backend import NodeLost
+from .client import admin_query
+from .commit import quote_literal
+
+if TYPE_CHECKING:
+    from .server import Router
+
+log = logging.getLogger(__name__)
+
+RETRY_FIRST_S = 0.2
+RETRY_MAX_S = 10.0
+PULL_TIMEOUT_S = 3.0
+
+# FAIL NODE name [REASON 'text'] (the admin console's own syntax, not SQL)
+FAIL_NODE = re.compile(
+    r"""^\s*FAIL\s+NODE\s+(?P<node>"(?:[^"]|"")+"|[\w.-]+)"""
+    r"""(?:\s+REASON\s+'(?P<reason>(?:[^']|'')*)')?\s*;?\s*$""",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def parse_fail_node(sql: str) -> tuple[str, str] | None:
+    """(node, reason) of a FAIL NODE command, or None if ``sql`` is something else."""
+    match = FAIL_NODE.match(sql)
+    if match is None:
+        return None
+    node = match["node"]
+    if node.startswith('"'):
+        node = node[1:-1].replace('""', '"')
+    return node, (match["reason"] or "").replace("''", "'")
+
+
+def fail_node_command(node: str, reason: str) -> str:
+    return f'FAIL NODE "{node.replace(chr(34), chr(34) * 2)}" REASON {quote_literal(reason)}'
+
+
+class Peers:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.addresses = router.settings.peers
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.sent = 0  # acknowledged notifications, for tests and SHOW
+
+    async def start(self) -> None:
+        if not self.addresses:
+            return
+        await self.pull()
+        self.router.cluster.on_change(self._changed)
+        # Tell the peers what this router already knew (it may have failed a node while
+        # they were down): FAIL NODE of a node already FAILED is a no-op for them.
+        for st in self.router.cluster.status.values():
+            if st.state is NodeState.FAILED:
+                self._changed(st)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2)
+
+    async def pull(self) -> None:
+        """Take over the FAILED nodes the peers know of (those that answer in time)."""
+        results = await asyncio.gather(
+            *(self._pull_one(host, port) for host, port in self.addresses),
+            return_exceptions=True,
+        )
+        for (host, port), res in zip(self.addresses, results, strict=True):
+            if isinstance(res, BaseException):
+                log.warning("peer %s:%d did not tell its node states: %s", host, port, res)
+
+    async def _pull_one(self, host: str, port: int) -> None:
+        user, password = self.router.internal_credentials()
+        cols, rows = await asyncio.wait_for(
+            admin_query(host, port, user, password, "SHOW NODES", timeout=PULL_TIMEOUT_S),
+            PULL_TIMEOUT_S,
+        )
+        name_at, state_at, reason_at = cols.index("name"), cols.index("state"), cols.index("reason")
+        cluster = self.router.cluster
+        for row in rows:
+            name, state = row[name_at], row[state_at]
+            if name in cluster.status and state == NodeState.FAILED.value:
+                cluster.mark_failed(name, f"failed by peer {host}:{port}: {row[reason_at]}")
+
+    def _changed(self, st: NodeStatus) -> None:
+        if st.state is not NodeState.FAILED:
+            return
+        command = fail_node_command(st.node.name, st.reason)
+        loop = asyncio.get_running_loop()
+        for host, port in self.addresses:
+            task = loop.create_task(self._notify(host, port, command))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _notify(self, host: str, port: int, command: str) -> None:
+        delay = RETRY_FIRST_S
+        user, password = self.router.internal_credentials()
+        while True:
+            try:
+                await admin_query(host, port, user, password, command, timeout=5)
+                self.sent += 1
+                return
+            except (NodeLost, PgError, OSError, TimeoutError) as e:
+                log.warning("peer %s:%d not told yet (%s); retrying in %.1fs", host, port, e, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)

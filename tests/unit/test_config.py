@@ -409,3 +409,14 @@ def test_config_error_is_an_exception_with_problems() -> None:
     assert isinstance(err, Exception)
     assert err.problems == ["a: b", "c: d"]
     assert str(err) == "2 problems in the configuration in x.toml:\n  a: b\n  c: d"
+
+
+def test_peers(tmp_path: Path) -> None:
+    text = MINIMAL.replace("[group]", 'peers = ["10.0.0.2:6432", "[::1]:6433"]\n[group]')
+    assert load_config(write(tmp_path, text)).router.peers == (("10.0.0.2", 6432), ("::1", 6433))
+    bad = MINIMAL.replace("[group]", 'peers = ["nope", "0.0.0.0:6432"]\n[group]')
+    problems = problems_of(tmp_path, bad)
+    assert any(p.startswith("router.peers[0]:") for p in problems)
+    assert any(p.startswith("router.peers[1]:") and "own listen address" in p for p in problems)
+    problems = problems_of(tmp_path, MINIMAL.replace("[group]", 'peers = "a:1"\n[group]'))
+    assert any(p.startswith("router.peers:") and "array of strings" in p for p in problems)

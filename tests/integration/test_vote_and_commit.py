@@ -136,8 +136,7 @@ def test_commit_failing_everywhere_is_an_ordinary_error(cluster) -> None:  # typ
     with psycopg.connect(rt.dsn(), autocommit=True) as conn:
         conn.execute("CREATE TABLE p (id int PRIMARY KEY)")
         conn.execute(
-            "CREATE TABLE ch (id int PRIMARY KEY, "
-            "p int REFERENCES p DEFERRABLE INITIALLY DEFERRED)"
+            "CREATE TABLE ch (id int PRIMARY KEY, p int REFERENCES p DEFERRABLE INITIALLY DEFERRED)"
         )
     with psycopg.connect(rt.dsn()) as conn:
         conn.execute("INSERT INTO ch VALUES (1, 42)")  # no parent 42: fails at commit

@@ -738,6 +738,181 @@ def test_analysis_is_frozen() -> None:
         a.route = WRITE  # type: ignore[misc]
 
 
+# -- calls and time values (every route) ---------------------------------------------------
+
+CALLS = [
+    # (sql, route, calls, time_values)
+    ("SELECT now()", READ, {"now"}, False),
+    ("SELECT CURRENT_TIMESTAMP(3), lower(x) FROM t", READ, {"lower"}, True),
+    ("SELECT current_user, current_schema, session_user, current_catalog", READ, set(), False),
+    ("SELECT pg_catalog.now(), s.f()", READ, {"pg_catalog.now", "s.f"}, False),
+    ("INSERT INTO t VALUES (now(), random())", WRITE, {"now", "random"}, False),
+    ("INSERT INTO t VALUES (CURRENT_DATE)", WRITE, set(), True),
+    ("INSERT INTO t VALUES (1), (2), (LOCALTIME)", WRITE, set(), True),
+    ("UPDATE t SET a = f(b) WHERE c < g() RETURNING h()", WRITE, {"f", "g", "h"}, False),
+    ("UPDATE t SET (a, b) = (SELECT f(), LOCALTIMESTAMP(2))", WRITE, {"f"}, True),
+    ("DELETE FROM t WHERE id IN (SELECT k(x) FROM u)", WRITE, {"k"}, False),
+    ("WITH x AS (SELECT a()) INSERT INTO t SELECT b() FROM x", WRITE, {"a", "b"}, False),
+    (
+        "INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET a = f() WHERE t.b < g()",
+        WRITE,
+        {"f", "g"},
+        False,
+    ),
+    (
+        "MERGE INTO t USING (SELECT s() AS id) u ON t.id = f(u.id)"
+        " WHEN MATCHED AND g() THEN UPDATE SET a = h()"
+        " WHEN NOT MATCHED THEN INSERT VALUES (i(), CURRENT_TIME)",
+        WRITE,
+        {"s", "f", "g", "h", "i"},
+        True,
+    ),
+    (
+        "WITH d AS (DELETE FROM t WHERE a < now() RETURNING *) SELECT f(a) FROM d",
+        WRITE,
+        {"now", "f"},
+        False,
+    ),
+    ("SELECT * FROM t WHERE a < f() FOR UPDATE", WRITE, {"f"}, False),
+    ("CREATE TABLE t2 AS SELECT f(), LOCALTIME", WRITE, {"f"}, True),
+    ("SELECT f() INTO t2", WRITE, {"f"}, False),
+    ("CREATE MATERIALIZED VIEW mv AS SELECT f()", WRITE, {"f"}, False),
+    ("COPY (SELECT f()) TO STDOUT", READ, {"f"}, False),
+    ("COPY (INSERT INTO t VALUES (f()) RETURNING g()) TO STDOUT", WRITE, {"f", "g"}, False),
+    ("COPY t FROM STDIN WHERE a > f() AND b < CURRENT_DATE", WRITE, {"f"}, True),
+    ("COPY (SELECT f()) TO '/tmp/x'", WRITE, {"f"}, False),
+    ("EXPLAIN SELECT f()", READ, {"f"}, False),
+    ("EXPLAIN ANALYZE INSERT INTO t VALUES (f(), CURRENT_TIME(3))", WRITE, {"f"}, True),
+    ("EXPLAIN (ANALYZE false) UPDATE t SET a = f()", WRITE, {"f"}, False),
+    ("CALL p(f())", WRITE, {"p", "f"}, False),
+    ("EXECUTE p(f(), CURRENT_DATE)", WRITE, {"f"}, True),
+    ("PREPARE p AS INSERT INTO t VALUES (f())", WRITE, {"f"}, False),
+    ("DECLARE c CURSOR FOR SELECT f(), CURRENT_DATE", LEAD, {"f"}, True),
+    # DDL: what its stored expressions will call later
+    (
+        "CREATE TABLE t (a timestamptz DEFAULT now(), b date DEFAULT CURRENT_DATE)",
+        WRITE,
+        {"now"},
+        True,
+    ),
+    ("ALTER TABLE t ALTER COLUMN c TYPE int USING f(c)", WRITE, {"f"}, False),
+    ("CREATE VIEW v AS SELECT f()", WRITE, {"f"}, False),
+    ("CREATE FUNCTION g() RETURNS int LANGUAGE sql RETURN f()", WRITE, {"f"}, False),
+    ("SELECT 1; INSERT INTO t VALUES (f()); SELECT g()", WRITE, {"f", "g"}, False),
+    ("SELECT f(); SELECT CURRENT_DATE", READ, {"f"}, True),
+    ("BEGIN", WRITE, set(), False),
+    ("SET TIME ZONE 'UTC'", WRITE, set(), False),
+    ("NOTIFY c, 'now()'", WRITE, set(), False),
+    ("INSERT INTO t VALUES ('now()', 'CURRENT_DATE')", WRITE, set(), False),
+    ("SELEC now()", WRITE, set(), False),
+]
+
+
+@pytest.mark.parametrize(("sql", "route", "calls", "time_values"), CALLS)
+def test_calls_and_time_values(sql: str, route: Route, calls: set[str], time_values: bool) -> None:
+    a = analyze(sql)
+    assert (a.route, a.calls, a.time_values) == (route, calls, time_values)
+    # `functions` keeps its meaning: READ statements only.
+    assert a.functions == (a.calls if route is READ else frozenset())
+
+
+def test_calls_default_for_old_callers() -> None:
+    a = Analysis(WRITE, frozenset())
+    assert (a.calls, a.time_values) == (frozenset(), False)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("SELECT CURRENT_DATE", "SELECT CURRENT_USER"),
+        ("SELECT CURRENT_TIME", "SELECT CURRENT_SCHEMA"),
+        ("SELECT LOCALTIME", "SELECT 1"),
+        ("INSERT INTO t VALUES (CURRENT_DATE)", "INSERT INTO t VALUES (CURRENT_ROLE)"),
+        ("INSERT INTO t VALUES (now())", "INSERT INTO t VALUES (random())"),
+        ("INSERT INTO t VALUES (now())", "INSERT INTO t VALUES ('x')"),
+        ("UPDATE t SET a = 1 WHERE b IN (1, 2)", "UPDATE t SET a = 1 WHERE b IN (1, f())"),
+        ("EXECUTE p(1)", "EXECUTE p(now())"),
+        ("CALL p(1)", "CALL p(CURRENT_DATE)"),
+        ("PREPARE p AS SELECT 1", "PREPARE p AS SELECT now()"),
+        ("ALTER TABLE t ADD c int DEFAULT 1", "ALTER TABLE t ADD c int DEFAULT f()"),
+    ],
+)
+def test_fingerprint_sees_calls_and_time_values(a: str, b: str) -> None:
+    # What the fingerprint cache relies on: calls and SQLValueFunction ops are hashed.
+    assert fingerprint(a) != fingerprint(b)
+
+
+def test_precision_never_changes_the_new_fields() -> None:
+    analyzer = Analyzer()
+    for p in range(7):
+        for sql in (
+            f"INSERT INTO t VALUES (CURRENT_TIMESTAMP({p}))",
+            f"SELECT LOCALTIME({p})",
+            f"UPDATE t SET a = CURRENT_TIME({p}) WHERE b = {p}",
+        ):
+            a = analyzer.analyze(sql)
+            assert (a.calls, a.time_values) == (frozenset(), True), sql
+            assert a == analyze(sql)
+
+
+FILLERS = ["1", "'x'", "now()", "random()", "CURRENT_DATE", "CURRENT_TIMESTAMP(2)", "$1"]
+TEMPLATES = [
+    "SELECT {}",
+    "INSERT INTO t VALUES (1, {})",
+    "INSERT INTO t VALUES (1, 2), (3, {}) RETURNING id",
+    "UPDATE t SET a = {} WHERE id = 5",
+    "UPDATE t SET a = 1 WHERE b < {} RETURNING {}",
+    "DELETE FROM t WHERE a IN (SELECT b FROM u WHERE c = {})",
+    "WITH x AS (SELECT {} AS v) INSERT INTO t SELECT v FROM x",
+    "MERGE INTO t USING u ON t.id = u.id WHEN MATCHED THEN UPDATE SET a = {}",
+    "CREATE TABLE t2 AS SELECT {} AS c",
+    "COPY (SELECT {}) TO STDOUT",
+    "COPY t FROM STDIN WHERE a = {}",
+    "EXPLAIN ANALYZE UPDATE t SET a = {}",
+    "EXECUTE p({})",
+    "CALL p({})",
+    "ALTER TABLE t ALTER COLUMN c TYPE text USING {}",
+]
+
+
+def test_fingerprint_cache_keeps_calls_and_time_values_right() -> None:
+    """One Analyzer fed statements that share fingerprints (same shape, different
+    constants) and statements that must not: every answer equals a fresh analysis."""
+    analyzer = Analyzer()
+    for template in TEMPLATES:
+        for filler in FILLERS:
+            for constant in ("1", "2"):
+                sql = template.replace("{}", filler).replace("5", constant)
+                got = analyzer.analyze(sql)
+                fresh = analyze(sql)
+                assert (got.calls, got.time_values) == (fresh.calls, fresh.time_values), sql
+                assert got == fresh, sql
+    assert analyzer.stats()["fingerprint_hits"] > 0
+
+
+def test_deep_write_calls_not_fingerprint_cached() -> None:
+    # libpg_query stops hashing 100 levels deep: the walk for `calls` must not let a deep
+    # INSERT be answered from another's cache entry.
+    safe = "INSERT INTO t VALUES (" + "abs(" * 60 + "1" + ")" * 60 + ")"
+    volatile = "INSERT INTO t VALUES (" + "abs(" * 60 + "random()" + ")" * 60 + ")"
+    dated = "INSERT INTO t VALUES (" + "abs(" * 60 + "CURRENT_DATE" + ")" * 60 + ")"
+    assert fingerprint(safe) == fingerprint(volatile) == fingerprint(dated)
+    analyzer = Analyzer()
+    assert analyzer.analyze(safe).calls == {"abs"}
+    assert analyzer.analyze(volatile).calls == {"abs", "random"}
+    a = analyzer.analyze(dated)
+    assert (a.calls, a.time_values) == ({"abs"}, True)
+    assert analyzer.stats()["fingerprint_hits"] == 0
+
+
+def test_shallow_writes_still_share_cache_entries() -> None:
+    analyzer = Analyzer()
+    a = analyzer.analyze("INSERT INTO t VALUES (1, now(), 'a')")
+    assert analyzer.analyze("INSERT INTO t VALUES (2, now(), 'b')") is a
+    assert a.calls == {"now"}
+    assert analyzer.stats()["fingerprint_hits"] == 1
+
+
 # -- catalog ---------------------------------------------------------------------------------
 
 
@@ -904,3 +1079,19 @@ def test_analyzer_and_catalog_together() -> None:
 )
 def test_lock_free(sql: str, lock_free: bool) -> None:
     assert Analyzer().analyze(sql).lock_free is lock_free
+
+
+def test_undecodable_client_bytes() -> None:
+    # protocol.messages decodes non-UTF-8 client bytes to lone surrogates; pglast cannot
+    # encode those, and the analysis must not crash on them.
+    sql = b"INSERT INTO t VALUES ('caf\xe9', now(), CURRENT_DATE)".decode(
+        "utf-8", "surrogateescape"
+    )
+    a = analyze(sql)
+    assert (a.route, a.error, a.calls, a.time_values) == (WRITE, None, {"now"}, True)
+    read = b"SELECT * FROM t WHERE name = 'M\xfcller'".decode("utf-8", "surrogateescape")
+    assert analyze(read).route is READ
+    text = analyze_mod.parsable_text(sql)
+    assert len(text) == len(sql)
+    assert text.encode()
+    assert analyze_mod.parsable_text("SELECT 'ü'") == "SELECT 'ü'"

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import enum
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from pglast import Error as PglastError
 from pglast import ast
-from pglast.enums import ObjectType, TransactionStmtKind, VariableSetKind
+from pglast.enums import ObjectType, SQLValueFunctionOp, TransactionStmtKind, VariableSetKind
 from pglast.parser import fingerprint, parse_sql
 
 
@@ -28,6 +29,9 @@ class Route(enum.Enum):
 class CopyDirection(enum.Enum):
     IN = "in"  # COPY ... FROM STDIN
     OUT = "out"  # COPY ... TO STDOUT (or COPY (query) TO STDOUT)
+
+
+_EMPTY: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +58,15 @@ class Analysis:
     temp: bool = False  # creates a temporary object: the session can no longer PREPARE
     # NOTIFY, LISTEN, UNLISTEN or pg_notify(): PostgreSQL refuses to PREPARE the transaction.
     notify: bool = False
+    # Every function called anywhere, whatever the route (same naming as `functions`):
+    # values, WHERE, RETURNING, SET, subqueries, CTEs, CREATE TABLE AS / SELECT INTO, COPY,
+    # EXPLAIN, DDL (column defaults, view bodies, ...: called later, not by this statement).
+    calls: frozenset[str] = _EMPTY
+    # Uses CURRENT_DATE, CURRENT_TIME, CURRENT_TIMESTAMP, LOCALTIME or LOCALTIMESTAMP (with or
+    # without a precision) anywhere: grammar keywords, not function calls.
+    time_values: bool = False
 
 
-_EMPTY: frozenset[str] = frozenset()
 _NO_STATEMENTS = Analysis(Route.READ, _EMPTY, statements=0)
 
 # -- fingerprint safety ------------------------------------------------------------------
@@ -80,6 +90,11 @@ _NO_STATEMENTS = Analysis(Route.READ, _EMPTY, statements=0)
 #     data-modifying CTE contributes to the hash.
 #   * everything else is decided by the statement's node type and its enum/bool/string
 #     fields (COPY's filename, DROP's object type, ...), which are all hashed.
+#   * `calls` and `time_values` come from walking every statement that may contain
+#     expressions (all but SET/RESET/SHOW, transaction control and NOTIFY, whose arguments
+#     are constants): FuncCall names and SQLValueFunction ops, both hashed (so is the
+#     precision of CURRENT_TIMESTAMP(p), though neither field depends on it).  Such a walk
+#     makes a statement fingerprint-cacheable only within _FINGERPRINT_SAFE_DEPTH, as above.
 # Relation names, constants and aliases never influence a classification here.
 _FINGERPRINT_SAFE_DEPTH = 90
 _STMT_DEPTH = 2  # statement list (0) -> RawStmt (1) -> RawStmt.stmt (2)
@@ -97,6 +112,23 @@ _WRITE_NODES: frozenset[type] = frozenset(
         ast.MergeStmt,
         ast.LockingClause,
         ast.IntoClause,
+    }
+)
+
+# CURRENT_DATE, CURRENT_TIME[(p)], CURRENT_TIMESTAMP[(p)], LOCALTIME[(p)], LOCALTIMESTAMP[(p)]:
+# all derived from the transaction start.  (CURRENT_USER, CURRENT_SCHEMA... are the other
+# SQLValueFunction ops; they do not depend on the node.)
+TIME_VALUE_OPS: frozenset[SQLValueFunctionOp] = frozenset(
+    {
+        SQLValueFunctionOp.SVFOP_CURRENT_DATE,
+        SQLValueFunctionOp.SVFOP_CURRENT_TIME,
+        SQLValueFunctionOp.SVFOP_CURRENT_TIME_N,
+        SQLValueFunctionOp.SVFOP_CURRENT_TIMESTAMP,
+        SQLValueFunctionOp.SVFOP_CURRENT_TIMESTAMP_N,
+        SQLValueFunctionOp.SVFOP_LOCALTIME,
+        SQLValueFunctionOp.SVFOP_LOCALTIME_N,
+        SQLValueFunctionOp.SVFOP_LOCALTIMESTAMP,
+        SQLValueFunctionOp.SVFOP_LOCALTIMESTAMP_N,
     }
 )
 
@@ -168,18 +200,19 @@ def _set_config_strict(args: tuple[Any, ...] | None) -> bool:
 
 
 class _Scan:
-    __slots__ = ("const_dependent", "depth", "functions", "strict", "writes")
+    __slots__ = ("const_dependent", "depth", "functions", "strict", "time_values", "writes")
 
     def __init__(self) -> None:
         self.functions: set[str] = set()
         self.writes = False
         self.strict = False
         self.const_dependent = False
+        self.time_values = False
         self.depth = 0
 
 
 def _scan(root: Any, depth: int) -> _Scan:
-    """Walk a query tree iteratively (no recursion limit): calls, write nodes, depth."""
+    """Walk a tree iteratively (no recursion limit): calls, time values, write nodes, depth."""
     result = _Scan()
     functions = result.functions
     max_depth = depth
@@ -207,6 +240,10 @@ def _scan(root: Any, depth: int) -> _Scan:
         elif cls in _WRITE_NODES:
             # No early exit: a later set_config() may still set strict_isolation.
             result.writes = True
+        elif cls is ast.SQLValueFunction:
+            if obj.op in TIME_VALUE_OPS:
+                result.time_values = True
+            continue  # no children
         for attr in _child_attrs(cls):
             value = getattr(obj, attr)
             if value is not None:
@@ -223,6 +260,7 @@ class _Part:
 
     __slots__ = (
         "begin",
+        "calls",
         "catalog",
         "commit",
         "copy",
@@ -234,6 +272,7 @@ class _Part:
         "route",
         "strict",
         "temp",
+        "time_values",
         "txn_control",
     )
 
@@ -253,7 +292,11 @@ class _Part:
         no_block: bool = False,
         temp: bool = False,
         notify: bool = False,
+        calls: frozenset[str] = _EMPTY,
+        time_values: bool = False,
     ) -> None:
+        self.calls = calls
+        self.time_values = time_values
         self.begin = begin
         self.temp = temp
         self.notify = notify
@@ -368,12 +411,37 @@ def _query_part(query: Any, depth: int) -> _Part:
     """A query tree is READ only when the walk finds no write node in it."""
     scan = _scan(query, depth)
     fp_safe = not scan.const_dependent and scan.depth <= _FINGERPRINT_SAFE_DEPTH
+    calls = frozenset(scan.functions) if scan.functions else _EMPTY
     if scan.writes:
         return _Part(
-            Route.WRITE, strict=scan.strict, fp_safe=fp_safe, temp=_creates_temp(query, type(query))
+            Route.WRITE,
+            strict=scan.strict,
+            fp_safe=fp_safe,
+            temp=_creates_temp(query, type(query)),
+            calls=calls,
+            time_values=scan.time_values,
         )
-    functions = frozenset(scan.functions) if scan.functions else _EMPTY
-    return _Part(Route.READ, functions, strict=scan.strict, fp_safe=fp_safe)
+    return _Part(
+        Route.READ,
+        calls,
+        strict=scan.strict,
+        fp_safe=fp_safe,
+        calls=calls,
+        time_values=scan.time_values,
+    )
+
+
+def _walked_part(stmt: Any, depth: int, route: Route, **kwargs: Any) -> _Part:
+    """A part classified by its statement type, plus `calls` and `time_values` from one walk
+    of the statement (only these two come from the walk, hence the depth bound alone)."""
+    scan = _scan(stmt, depth)
+    return _Part(
+        route,
+        fp_safe=scan.depth <= _FINGERPRINT_SAFE_DEPTH,
+        calls=frozenset(scan.functions) if scan.functions else _EMPTY,
+        time_values=scan.time_values,
+        **kwargs,
+    )
 
 
 def _classify(stmt: Any, depth: int) -> _Part:
@@ -382,8 +450,10 @@ def _classify(stmt: Any, depth: int) -> _Part:
         return _query_part(stmt, depth)
     if cls is ast.VariableShowStmt:
         return _Part(Route.READ)
-    if cls in _LEAD_STMTS:
-        return _Part(Route.LEAD, notify=cls is ast.ListenStmt or cls is ast.UnlistenStmt)
+    if cls in _LEAD_STMTS:  # (DECLARE has a query)
+        return _walked_part(
+            stmt, depth, Route.LEAD, notify=cls is ast.ListenStmt or cls is ast.UnlistenStmt
+        )
     if cls is ast.NotifyStmt:
         return _Part(Route.WRITE, notify=True)
     if cls is ast.ExplainStmt:
@@ -392,21 +462,35 @@ def _classify(stmt: Any, depth: int) -> _Part:
         # of anything else is WRITE with or without ANALYZE, so the ANALYZE option (a
         # constant-like value) never matters for the fingerprint cache.
         inner = _classify(stmt.query, depth + 1)
-        if inner.route is Route.READ:
-            return _Part(Route.READ, inner.functions, strict=inner.strict, fp_safe=inner.fp_safe)
-        return _Part(Route.WRITE, strict=inner.strict, fp_safe=inner.fp_safe)
+        read = inner.route is Route.READ
+        return _Part(
+            Route.READ if read else Route.WRITE,
+            inner.functions if read else _EMPTY,
+            strict=inner.strict,
+            fp_safe=inner.fp_safe,
+            calls=inner.calls,
+            time_values=inner.time_values,
+        )
     if cls is ast.CopyStmt:
         if stmt.is_from:  # FROM STDIN streams client data; FROM file/PROGRAM is server-side
-            return _Part(Route.WRITE, copy=CopyDirection.IN if stmt.filename is None else None)
+            # (walked for its WHERE clause)
+            copy = CopyDirection.IN if stmt.filename is None else None
+            return _walked_part(stmt, depth, Route.WRITE, copy=copy)
         if stmt.filename is not None:  # TO 'file' / TO PROGRAM: side effect on the server
-            return _Part(Route.WRITE)
+            return _walked_part(stmt, depth, Route.WRITE)
         if stmt.query is None:  # COPY table TO STDOUT
             return _Part(Route.READ, copy=CopyDirection.OUT)
         inner = _classify(stmt.query, depth + 1)  # COPY (INSERT ... RETURNING) is a write
         route = Route.READ if inner.route is Route.READ else Route.WRITE
         functions = inner.functions if route is Route.READ else _EMPTY
         return _Part(
-            route, functions, copy=CopyDirection.OUT, strict=inner.strict, fp_safe=inner.fp_safe
+            route,
+            functions,
+            copy=CopyDirection.OUT,
+            strict=inner.strict,
+            fp_safe=inner.fp_safe,
+            calls=inner.calls,
+            time_values=inner.time_values,
         )
     if cls is ast.VariableSetStmt:
         return _Part(Route.WRITE, strict=_variable_set_strict(stmt), fp_safe=False, lock_free=True)
@@ -425,7 +509,9 @@ def _classify(stmt: Any, depth: int) -> _Part:
             # COMMIT PREPARED / ROLLBACK PREPARED refuse to run inside a block.
             no_block=stmt.kind in _NO_BLOCK_KINDS,
         )
-    return _Part(
+    return _walked_part(
+        stmt,
+        depth,
         Route.WRITE,
         catalog=_catalog_change(stmt, cls),
         no_block=_outside_block_only(stmt, cls),
@@ -511,6 +597,11 @@ def _combine(parts: list[_Part]) -> tuple[Analysis, bool]:
         elif called:
             functions = frozenset().union(*called)
     copy = next((part.copy for part in parts if part.copy is not None), None)
+    all_calls = [part.calls for part in parts if part.calls]
+    if len(all_calls) == 1:
+        calls = all_calls[0]
+    else:
+        calls = frozenset().union(*all_calls) if all_calls else _EMPTY
     analysis = Analysis(
         route,
         functions,
@@ -525,8 +616,31 @@ def _combine(parts: list[_Part]) -> tuple[Analysis, bool]:
         no_block=any(part.no_block for part in parts),
         temp=any(part.temp for part in parts),
         notify=any(part.notify or _NOTIFY_FUNCTIONS & part.functions for part in parts),
+        calls=calls,
+        time_values=any(part.time_values for part in parts),
     )
     return analysis, all(part.fp_safe for part in parts)
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def parsable_text(sql: str) -> str:
+    """`sql` as pglast can take it: the protocol layer decodes client bytes that are not
+    UTF-8 (another client_encoding) to lone surrogates, which cannot be encoded (pglast
+    raised UnicodeEncodeError, out of Analyzer.analyze); each becomes U+FFFD, one character
+    for one, so offsets into the text stay valid.  Bytes >= 0x80 sit inside literals,
+    quoted or plain identifiers and comments, where one such character stands for another
+    (a function named with them is unknown to the catalog, hence volatile).  (Encodings
+    with ASCII trail bytes, SJIS, BIG5, GBK..., can still be misread, as before.)
+    """
+    if sql.isascii():
+        return sql
+    try:
+        sql.encode()
+    except UnicodeEncodeError:
+        return _SURROGATES.sub("\ufffd", sql)
+    return sql
 
 
 def _parse(sql: str) -> tuple[Analysis, bool]:
@@ -574,8 +688,9 @@ class Analyzer:
             # The parser would stop at the NUL and classify only a prefix.
             analysis = Analysis(Route.WRITE, _EMPTY, error="query string contains a NUL byte")
         else:
+            text = parsable_text(sql)
             try:
-                key = fingerprint(sql)
+                key = fingerprint(text)
             except PglastError as exc:
                 analysis = Analysis(Route.WRITE, _EMPTY, error=str(exc))
             else:
@@ -585,7 +700,7 @@ class Analyzer:
                     analysis = cached
                 else:
                     self.parses += 1
-                    analysis, fp_safe = _parse(sql)
+                    analysis, fp_safe = _parse(text)
                     if fp_safe:
                         self._store(self._by_fp, key, analysis)
         if len(sql) <= self._max_text_len:

@@ -65,6 +65,9 @@ class RouterSettings:
     # Other routers in front of the same group ("host:port" of their listen addresses): told
     # at once when this router fails a node, asked for node states at start-up.
     peers: tuple[tuple[str, int], ...] = ()
+    # Volatile functions the operator vouches for: same result on every node for the same
+    # arguments (otherwise a write calling them is refused).
+    deterministic_functions: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,7 @@ def _parse_router(c: _Checker, data: dict, base_dir: Path) -> RouterSettings | N
             "statement_timeout_s",
             "state_db",
             "peers",
+            "deterministic_functions",
         ),
         "router",
     )
@@ -320,6 +324,8 @@ def _parse_router(c: _Checker, data: dict, base_dir: Path) -> RouterSettings | N
         else:
             peers.append(parsed)
 
+    deterministic = c.get(router, "deterministic_functions", "router", _string_list) or []
+
     backend = c.table(data, "backend", "backend", required=False) or {}
     c.unknown_keys(backend, ("user", "password"), "backend")
     backend_user = c.get(backend, "user", "backend", _string)
@@ -342,6 +348,7 @@ def _parse_router(c: _Checker, data: dict, base_dir: Path) -> RouterSettings | N
         backend_password=backend_password or None,
         state_db=state_db,
         peers=tuple(peers),
+        deterministic_functions=frozenset(deterministic),
     )
 
 

@@ -1095,3 +1095,20 @@ def test_undecodable_client_bytes() -> None:
     assert len(text) == len(sql)
     assert text.encode()
     assert analyze_mod.parsable_text("SELECT 'ü'") == "SELECT 'ü'"
+
+
+@pytest.mark.parametrize(
+    ("sql", "arbitrary"),
+    [
+        ("DELETE FROM t WHERE id IN (SELECT id FROM t LIMIT 10)", True),
+        ("DELETE FROM t WHERE id IN (SELECT id FROM t ORDER BY id OFFSET 5)", True),
+        ("UPDATE t SET v = 1 WHERE ctid = '(0,1)'", True),
+        ("INSERT INTO u SELECT * FROM t TABLESAMPLE SYSTEM (10)", True),
+        ("INSERT INTO u SELECT DISTINCT ON (a) a, b FROM t", True),
+        ("UPDATE t SET v = v + 1 WHERE id = 3", False),
+        ("INSERT INTO u SELECT a FROM t WHERE a > 3", False),
+    ],
+)
+def test_arbitrary_row_picks_are_flagged(sql: str, arbitrary: bool) -> None:
+    # Flagged writes go through determinism.check_and_rewrite, which decides exactly.
+    assert Analyzer().analyze(sql).arbitrary is arbitrary

@@ -18,6 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from pgquorum import failpoints
@@ -33,6 +34,12 @@ from pgquorum.protocol.errors import (
 )
 from pgquorum.protocol.framing import Framer
 from pgquorum.sql.analyze import Analysis, Route
+from pgquorum.sql.determinism import (
+    NODE_LOCAL_VALUES,
+    REFUSED_ALWAYS,
+    TIME_FUNCTIONS,
+    check_and_rewrite,
+)
 
 from .backend import EXPECT_QUERY, EXPECT_SYNC, Expectation, NodeConnection, NodeLost, UnitResult
 from .commit import quote_literal
@@ -59,13 +66,18 @@ class ClientGone(Exception):
 
 
 class Statement:
-    """A prepared statement as the client defined it; ``version`` tells reuses of a name apart."""
+    """A prepared statement as the client defined it; ``version`` tells reuses of a name apart
+    (and rewrites of it: see ClientSession._fix_statement)."""
 
-    __slots__ = ("analysis", "name", "parse_frame", "version")
+    __slots__ = ("analysis", "name", "parse", "parse_frame", "sent_text", "version")
 
-    def __init__(self, name: str, parse_frame: bytes, analysis: Analysis, version: int) -> None:
-        self.name = name
+    def __init__(
+        self, parse: m.Parse, parse_frame: bytes, analysis: Analysis, version: int
+    ) -> None:
+        self.name = parse.name
+        self.parse = parse
         self.parse_frame = parse_frame
+        self.sent_text = parse.query  # the text the nodes get: the client's, or a rewrite
         self.analysis = analysis
         self.version = version
 
@@ -113,6 +125,8 @@ class ClientSession(asyncio.Protocol):
         # transactions that touch one, so its commits are one-phase (voted per statement).
         self.temp_objects = False
         self.txn_one_phase = False  # the transaction did NOTIFY/LISTEN: it cannot PREPARE
+        # The time the router chose for the transaction: now() and friends in its writes.
+        self.txn_time: datetime | None = None
         self.task: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol (client side) -----------------------------------------------------
@@ -413,7 +427,7 @@ class ClientSession(asyncio.Protocol):
                 unknown = catalog.unknown(a.functions)
                 if unknown:
                     await self._lookup_functions(unknown)
-                if catalog.is_volatile(a.functions):
+                if catalog.is_volatile(a.functions - NODE_LOCAL_VALUES):
                     route = Route.WRITE
             if self.router.settings.read_policy == "all":
                 route = Route.WRITE
@@ -482,7 +496,9 @@ class ClientSession(asyncio.Protocol):
         if not a.functions:
             return True
         catalog = self.router.catalog(self.database)
-        return not catalog.unknown(a.functions) and not catalog.is_volatile(a.functions)
+        return not catalog.unknown(a.functions) and not catalog.is_volatile(
+            a.functions - NODE_LOCAL_VALUES
+        )
 
     def _fast_start(self, conn: NodeConnection, build: BuildUnit) -> bool:
         st = self.router.cluster.status[conn.node.name]
@@ -530,7 +546,7 @@ class ClientSession(asyncio.Protocol):
                     a = self.router.analyzer.analyze(p.query)
                     if not self._known_read(a) or a.strict_isolation:
                         return False
-                    info = parsed[p.name] = Statement(p.name, m.frame(m.PARSE, payload), a, 0)
+                    info = parsed[p.name] = Statement(p, m.frame(m.PARSE, payload), a, 0)
                 elif mtype == m.BIND:
                     b = m.parse_bind(payload)
                     info = parsed.get(b.statement) or statements.get(b.statement)
@@ -657,6 +673,16 @@ class ClientSession(asyncio.Protocol):
             self._defer_begin(data, a.strict_isolation)
             return
         expect = [EXPECT_QUERY]
+        if await self._needs_fixing(a, route):
+            try:
+                fixed = self._deterministic(sql)
+            except PgError as e:
+                res = await self._refuse(e)
+                self._reply(res)
+                self._after_unit(res, Route.WRITE, False, False)
+                return
+            if fixed is not None:
+                data = m.encode_query(fixed)
         self._note_unpreparable(a)
         if route is Route.WRITE:
             if a.commit and self._commits_in_two_phases():
@@ -673,6 +699,61 @@ class ClientSession(asyncio.Protocol):
             res = await self._read_unit(conn, lambda c: (data, expect), retry=route is Route.READ)
         self._after_unit(res, route, a.strict_isolation, a.catalog_change)
 
+    # -- determinism ------------------------------------------------------------------------
+
+    async def _needs_fixing(self, a: Analysis, route: Route) -> bool:
+        """Whether a statement may hold node-dependent values to fix: writes (they run on
+        every node), and reads inside a transaction block, so that now() there agrees with
+        the transaction's writes."""
+        if not (a.time_values or a.calls or a.arbitrary) or a.error:
+            return False
+        if route is not Route.WRITE and self.txn_status == IDLE:
+            return False
+        catalog = self.router.catalog(self.database)
+        unknown = catalog.unknown(a.calls)
+        if unknown:  # check_and_rewrite asks the catalog about each call
+            await self._lookup_functions(unknown)
+        if a.time_values or a.calls & _FIXED_NAMES:
+            return True
+        return route is Route.WRITE and (a.arbitrary or catalog.is_volatile(a.calls))
+
+    def _deterministic(self, sql: str) -> str | None:
+        """``sql`` with the transaction's time fixed, or None if unchanged; PgError (0A000)
+        for what cannot be made the same on every node."""
+        now = datetime.now(UTC)
+        if self.txn_time is None:
+            self.txn_time = now
+        catalog = self.router.catalog(self.database)
+        return check_and_rewrite(
+            sql,
+            txn_time=self.txn_time,
+            stmt_time=now,
+            is_volatile=lambda name: catalog.volatility(name) not in ("i", "s"),
+            deterministic=self.router.settings.deterministic_functions,
+        )
+
+    def _fix_statement(self, stmt: Statement) -> None:
+        """Point a prepared statement at the text its next execution must run: a rewrite
+        with this transaction's time (a new version, so each node is sent the new Parse)."""
+        text = self._deterministic(stmt.parse.query) or stmt.parse.query
+        if text != stmt.sent_text:
+            p = stmt.parse
+            stmt.parse_frame = m.encode_parse(p.name, text, p.param_types)
+            stmt.sent_text = text
+            stmt.version = next(self._versions)
+
+    async def _refuse(self, err: PgError) -> UnitResult:
+        """Report a statement the router will not run. Inside a transaction block the nodes'
+        transaction is made to fail with the same error, as PostgreSQL's would."""
+        res = UnitResult()
+        res.error = err.sqlstate
+        if self.txn_status == IDLE:
+            res.status = IDLE
+            res.chunks = [m.encode_error(err), m.encode_ready(IDLE)]
+            return res
+        fail = m.encode_query(_raise_sql(err))
+        return await self._write_unit(lambda c: (fail, [EXPECT_QUERY]), single=True, lock_free=True)
+
     def _defer_begin(self, data: bytes, strict: bool) -> None:
         """Answer a plain BEGIN at once and send it to each node with that node's first work
         in the transaction: one round trip to every node saved per transaction, and a node the
@@ -682,6 +763,7 @@ class ClientSession(asyncio.Protocol):
         self.units += 1
         self.txn_status = ord("T")
         self.txn_strict = strict
+        self.txn_time = datetime.now(UTC)
         self.write(m.encode_command_complete("BEGIN") + m.encode_ready(self.txn_status))
 
     def _after_unit(
@@ -709,6 +791,7 @@ class ClientSession(asyncio.Protocol):
             self.txn_wrote = True
         self.txn_status = status
         if status == IDLE:
+            self.txn_time = None
             self.txn_wrote = False
             self.txn_one_phase = False
             self.txn_strict = False
@@ -1093,6 +1176,18 @@ class ClientSession(asyncio.Protocol):
         finally:
             commits.in_flight.discard(gid)
 
+    async def _refuse_batch(self, batch: list[tuple[int, bytes, object]], err: PgError) -> None:
+        """An extended batch with a statement the router will not run: nothing of it runs
+        (a Parse of it reaches the nodes with a later batch), the client gets the error and,
+        at the Sync, the transaction status."""
+        res = await self._refuse(err)
+        if batch[-1][0] == m.SYNC:
+            self._reply(res)
+        else:
+            self.write(m.encode_error(err))
+            self._skip_to_sync = True
+        self._after_unit(res, Route.WRITE, False, False)
+
     async def _commit_extended(self, batch: list[tuple[int, bytes, object]]) -> UnitResult:
         """An extended-protocol COMMIT (Parse/Bind/Execute/Sync, as JDBC and pgbench -M
         prepared send it): the two-phase commit, with the replies the batch expects made up
@@ -1155,7 +1250,7 @@ class ClientSession(asyncio.Protocol):
                 p = m.parse_parse(payload)
                 a = self.router.analyzer.analyze(p.query)
                 info = statements[p.name] = Statement(
-                    p.name, m.frame(m.PARSE, payload), a, next(self._versions)
+                    p, m.frame(m.PARSE, payload), a, next(self._versions)
                 )
                 strict = strict or a.strict_isolation
             elif mtype == m.BIND:
@@ -1170,6 +1265,12 @@ class ClientSession(asyncio.Protocol):
                         executed.append(stmt.analysis)
                         self._note_unpreparable(stmt.analysis)
                         r = await self._resolve(stmt.analysis)
+                        if await self._needs_fixing(stmt.analysis, r):
+                            try:
+                                self._fix_statement(stmt)
+                            except PgError as e:
+                                await self._refuse_batch(batch, e)
+                                return
                         catalog_change = catalog_change or stmt.analysis.catalog_change
                         strict = strict or stmt.analysis.strict_isolation
                     else:
@@ -1281,6 +1382,23 @@ def _build_batch(
 
 # Expectations without a statement name are immutable and shared.
 _EXPECT = {t: Expectation(t) for t in (m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.PARSE)}
+
+
+# Functions whose calls always go through check_and_rewrite (fixed or refused).
+_FIXED_NAMES = TIME_FUNCTIONS | REFUSED_ALWAYS
+
+
+def _raise_sql(err: PgError) -> str:
+    """A statement that fails on a node with ``err``'s SQLSTATE and message."""
+
+    def literal(text: str) -> str:
+        return "'" + text.replace("'", "''").replace("$pgq$", "") + "'"
+
+    hint = f", HINT = {literal(err.hint)}" if err.hint else ""
+    return (
+        f"DO $pgq$BEGIN RAISE EXCEPTION USING ERRCODE = {literal(err.sqlstate)}, "
+        f"MESSAGE = {literal(err.message)}{hint}; END$pgq$"
+    )
 
 
 def _set_ready(chunks: list[bytes], status: int) -> None:

@@ -65,6 +65,9 @@ class Analysis:
     # Uses CURRENT_DATE, CURRENT_TIME, CURRENT_TIMESTAMP, LOCALTIME or LOCALTIMESTAMP (with or
     # without a precision) anywhere: grammar keywords, not function calls.
     time_values: bool = False
+    # May pick rows arbitrarily or use system columns (see _PICKS): a write that does is
+    # checked by determinism.check_and_rewrite.
+    arbitrary: bool = False
 
 
 _NO_STATEMENTS = Analysis(Route.READ, _EMPTY, statements=0)
@@ -131,6 +134,23 @@ TIME_VALUE_OPS: frozenset[SQLValueFunctionOp] = frozenset(
         SQLValueFunctionOp.SVFOP_LOCALTIMESTAMP_N,
     }
 )
+
+# Where a statement may pick rows arbitrarily (LIMIT/OFFSET, DISTINCT ON, TABLESAMPLE) or
+# use a row's physical identity (system columns): harmless in a read, but a write using them
+# goes through determinism.check_and_rewrite, which decides exactly.  Presence is all that
+# counts here; the fingerprint hashes it (LIMIT's value aside).
+_PICKS: frozenset[type] = frozenset({ast.SelectStmt, ast.RangeTableSample, ast.ColumnRef})
+_SYSTEM_COLUMNS = frozenset({"ctid", "xmin", "xmax", "cmin", "cmax"})
+
+
+def _may_pick_arbitrarily(obj: Any, cls: type) -> bool:
+    if cls is ast.SelectStmt:
+        return bool(obj.limitCount is not None or obj.limitOffset is not None or obj.distinctClause)
+    if cls is ast.ColumnRef:
+        last = obj.fields[-1] if obj.fields else None
+        return type(last) is ast.String and last.sval in _SYSTEM_COLUMNS
+    return True  # TABLESAMPLE
+
 
 _CHILD_ATTRS: dict[type, tuple[str, ...]] = {}
 
@@ -200,9 +220,18 @@ def _set_config_strict(args: tuple[Any, ...] | None) -> bool:
 
 
 class _Scan:
-    __slots__ = ("const_dependent", "depth", "functions", "strict", "time_values", "writes")
+    __slots__ = (
+        "arbitrary",
+        "const_dependent",
+        "depth",
+        "functions",
+        "strict",
+        "time_values",
+        "writes",
+    )
 
     def __init__(self) -> None:
+        self.arbitrary = False
         self.functions: set[str] = set()
         self.writes = False
         self.strict = False
@@ -244,6 +273,8 @@ def _scan(root: Any, depth: int) -> _Scan:
             if obj.op in TIME_VALUE_OPS:
                 result.time_values = True
             continue  # no children
+        elif cls in _PICKS and not result.arbitrary:
+            result.arbitrary = _may_pick_arbitrarily(obj, cls)
         for attr in _child_attrs(cls):
             value = getattr(obj, attr)
             if value is not None:
@@ -259,6 +290,7 @@ class _Part:
     """Classification of one statement, plus whether the fingerprint cache may hold it."""
 
     __slots__ = (
+        "arbitrary",
         "begin",
         "calls",
         "catalog",
@@ -294,7 +326,9 @@ class _Part:
         notify: bool = False,
         calls: frozenset[str] = _EMPTY,
         time_values: bool = False,
+        arbitrary: bool = False,
     ) -> None:
+        self.arbitrary = arbitrary
         self.calls = calls
         self.time_values = time_values
         self.begin = begin
@@ -420,6 +454,7 @@ def _query_part(query: Any, depth: int) -> _Part:
             temp=_creates_temp(query, type(query)),
             calls=calls,
             time_values=scan.time_values,
+            arbitrary=scan.arbitrary,
         )
     return _Part(
         Route.READ,
@@ -428,6 +463,7 @@ def _query_part(query: Any, depth: int) -> _Part:
         fp_safe=fp_safe,
         calls=calls,
         time_values=scan.time_values,
+        arbitrary=scan.arbitrary,
     )
 
 
@@ -440,6 +476,7 @@ def _walked_part(stmt: Any, depth: int, route: Route, **kwargs: Any) -> _Part:
         fp_safe=scan.depth <= _FINGERPRINT_SAFE_DEPTH,
         calls=frozenset(scan.functions) if scan.functions else _EMPTY,
         time_values=scan.time_values,
+        arbitrary=scan.arbitrary,
         **kwargs,
     )
 
@@ -470,6 +507,7 @@ def _classify(stmt: Any, depth: int) -> _Part:
             fp_safe=inner.fp_safe,
             calls=inner.calls,
             time_values=inner.time_values,
+            arbitrary=inner.arbitrary,
         )
     if cls is ast.CopyStmt:
         if stmt.is_from:  # FROM STDIN streams client data; FROM file/PROGRAM is server-side
@@ -491,6 +529,7 @@ def _classify(stmt: Any, depth: int) -> _Part:
             fp_safe=inner.fp_safe,
             calls=inner.calls,
             time_values=inner.time_values,
+            arbitrary=inner.arbitrary,
         )
     if cls is ast.VariableSetStmt:
         return _Part(Route.WRITE, strict=_variable_set_strict(stmt), fp_safe=False, lock_free=True)
@@ -618,6 +657,7 @@ def _combine(parts: list[_Part]) -> tuple[Analysis, bool]:
         notify=any(part.notify or _NOTIFY_FUNCTIONS & part.functions for part in parts),
         calls=calls,
         time_values=any(part.time_values for part in parts),
+        arbitrary=any(part.arbitrary for part in parts),
     )
     return analysis, all(part.fp_safe for part in parts)
 

@@ -55,6 +55,7 @@ from pgquorum.protocol.errors import FEATURE_NOT_SUPPORTED, PgError
 from pgquorum.sql.analyze import TIME_VALUE_OPS, _child_attrs, _func_name, parsable_text
 
 __all__ = [
+    "NODE_LOCAL_VALUES",
     "REFUSED_ALWAYS",
     "REPLICABLE_VOLATILE",
     "SEQUENCE_FUNCTIONS",
@@ -154,6 +155,11 @@ _REFUSED_REASONS: dict[str, str] = {
 # Node-dependent whatever pg_proc says (several are STABLE) and whatever the configuration
 # says: deterministic_functions cannot make them replicable.
 REFUSED_ALWAYS: frozenset[str] = frozenset(_REFUSED_REASONS)
+# Of those, the ones that only report something of the node (no effect on anything): a read
+# calling them may still run on one node (SELECT random(), SELECT pg_backend_pid()).
+NODE_LOCAL_VALUES: frozenset[str] = REFUSED_ALWAYS - _with_catalog(
+    "pg_cancel_backend", "pg_terminate_backend"
+)
 # age(x) with one argument is age(CURRENT_DATE, x) for timestamps, the distance from the
 # node's next transaction id for xids: refused (STABLE in pg_proc).
 _AGE = _with_catalog("age")

@@ -44,6 +44,13 @@ class Block:
     increment: int
 
 
+def lock_sql(sequence: str) -> str:
+    """Take the lock that makes users of ``sequence`` on a node take turns until their
+    transaction ends: reservations, and statements that draw values on the nodes."""
+    key = quote_literal(sequence)
+    return f"SELECT pg_catalog.pg_advisory_xact_lock({_LOCK_CLASS}, pg_catalog.hashtext({key}))"
+
+
 class SequenceAllocator:
     def __init__(self, router: Router) -> None:
         self.router = router

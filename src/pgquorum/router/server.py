@@ -15,12 +15,13 @@ from pgquorum.config import Config, RouterSettings
 from pgquorum.protocol import messages as m
 from pgquorum.protocol.auth import UserSecret, load_users
 from pgquorum.sql.analyze import Analyzer
-from pgquorum.sql.catalog import FunctionCatalog
+from pgquorum.sql.catalog import FunctionCatalog, TableCatalog
 
 from .admin import AdminConsole
 from .backend import open_transport
 from .commit import CommitCoordinator
 from .peers import Peers
+from .sequences import SequenceAllocator
 from .session import ClientSession
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ class Router:
             self.ssl_ctx = ctx
         self._server: asyncio.Server | None = None
         self.commits = CommitCoordinator(self)
+        self.sequences = SequenceAllocator(self)
+        self._tables: dict[str, TableCatalog] = {}
         self.peers = Peers(self)
 
     def credentials(self, client_user: str) -> tuple[str, str | None]:
@@ -63,6 +66,12 @@ class Router:
         """For the router's own work (resolving prepared transactions needs a superuser or
         the user who prepared them): the backend user, else postgres."""
         return self.credentials("postgres")
+
+    def tables(self, database: str) -> TableCatalog:
+        cat = self._tables.get(database)
+        if cat is None:
+            cat = self._tables[database] = TableCatalog()
+        return cat
 
     def catalog(self, database: str) -> FunctionCatalog:
         cat = self._catalogs.get(database)

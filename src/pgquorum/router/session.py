@@ -28,21 +28,34 @@ from pgquorum.protocol.auth import ServerAuth
 from pgquorum.protocol.errors import (
     CONNECTION_FAILURE,
     FEATURE_NOT_SUPPORTED,
+    OBJECT_NOT_IN_PREREQUISITE_STATE,
     QUERY_CANCELED,
     PgError,
     ProtocolViolation,
 )
 from pgquorum.protocol.framing import Framer
+from pgquorum.sql import sequences as seq
 from pgquorum.sql.analyze import Analysis, Route
+from pgquorum.sql.catalog import TableCatalog
 from pgquorum.sql.determinism import (
     NODE_LOCAL_VALUES,
     REFUSED_ALWAYS,
+    SEQUENCE_FUNCTIONS,
     TIME_FUNCTIONS,
     check_and_rewrite,
 )
 
-from .backend import EXPECT_QUERY, EXPECT_SYNC, Expectation, NodeConnection, NodeLost, UnitResult
+from .backend import (
+    EXPECT_QUERY,
+    EXPECT_QUERY_SWALLOWED,
+    EXPECT_SYNC,
+    Expectation,
+    NodeConnection,
+    NodeLost,
+    UnitResult,
+)
 from .commit import quote_literal
+from .sequences import lock_sql
 
 if TYPE_CHECKING:
     from .server import Router
@@ -51,6 +64,7 @@ log = logging.getLogger(__name__)
 
 IDLE = ord("I")
 IN_BLOCK = ord("T")
+FAILED_BLOCK = ord("E")
 _BEGIN = m.encode_query("BEGIN")
 _ROLLBACK = m.encode_query("ROLLBACK")
 ADMIN_DATABASE = "pgquorum"
@@ -127,6 +141,11 @@ class ClientSession(asyncio.Protocol):
         self.txn_one_phase = False  # the transaction did NOTIFY/LISTEN: it cannot PREPARE
         # The time the router chose for the transaction: now() and friends in its writes.
         self.txn_time: datetime | None = None
+        # Sequences the unit being prepared draws from on the nodes (see _with_seq_locks).
+        self._seq_locks: set[str] = set()
+        # Sequence values this session got (currval/lastval), by schema-qualified name.
+        self.seq_last: dict[str, int] = {}
+        self.seq_lastval: int | None = None
         self.task: asyncio.Task[None] | None = None
 
     # -- asyncio.Protocol (client side) -----------------------------------------------------
@@ -665,6 +684,7 @@ class ClientSession(asyncio.Protocol):
             self.write(m.encode_ready(self.txn_status))
 
     async def _simple_query(self, payload: bytes) -> None:
+        self._seq_locks = set()
         sql = m.parse_query(payload)
         a = self.router.analyzer.analyze(sql)
         route = await self._resolve(a)
@@ -673,31 +693,37 @@ class ClientSession(asyncio.Protocol):
             self._defer_begin(data, a.strict_isolation)
             return
         expect = [EXPECT_QUERY]
-        if await self._needs_fixing(a, route):
+        try:
+            fixed = await self._fix_text(sql, a, route)
+        except PgError as e:
+            res = await self._refuse(e)
+            self._reply(res)
+            self._after_unit(res, Route.WRITE, False, False)
+            return
+        if fixed is not None:
+            data = m.encode_query(fixed)
+        self._note_unpreparable(a)
+        if route is Route.WRITE:
+            wrap = self._autocommit_in_two_phases(a)
             try:
-                fixed = self._deterministic(sql)
+                build = self._with_seq_locks(lambda c: (data, expect), wrap)
             except PgError as e:
                 res = await self._refuse(e)
                 self._reply(res)
                 self._after_unit(res, Route.WRITE, False, False)
                 return
-            if fixed is not None:
-                data = m.encode_query(fixed)
-        self._note_unpreparable(a)
-        if route is Route.WRITE:
             if a.commit and self._commits_in_two_phases():
                 res = await self._commit_block()
-            elif self._autocommit_in_two_phases(a):
-                res = await self._autocommit(lambda c: (data, expect))
+            elif wrap:
+                res = await self._autocommit(build)
             else:
-                res = await self._write_unit(
-                    lambda c: (data, expect), single=a.statements == 1, lock_free=a.lock_free
-                )
+                res = await self._write_unit(build, single=a.statements == 1, lock_free=a.lock_free)
             self._reply(res)
         else:
             conn = self._lead() if route is Route.LEAD else self._pick_read()
             res = await self._read_unit(conn, lambda c: (data, expect), retry=route is Route.READ)
         self._after_unit(res, route, a.strict_isolation, a.catalog_change)
+        self._after_catalog_work(a)
 
     # -- determinism ------------------------------------------------------------------------
 
@@ -732,10 +758,134 @@ class ClientSession(asyncio.Protocol):
             deterministic=self.router.settings.deterministic_functions,
         )
 
-    def _fix_statement(self, stmt: Statement) -> None:
+    async def _fix_text(self, sql: str, a: Analysis, route: Route) -> str | None:
+        """The text to send instead of ``sql`` (None: ``sql`` itself): sequence values and
+        column defaults assigned, then the time fixed. PgError: the router refuses it."""
+        text = None
+        if (
+            route is Route.WRITE
+            and self.txn_status != FAILED_BLOCK
+            and (a.inserts or a.copy_into or a.calls & SEQUENCE_FUNCTIONS)
+        ):
+            text = await self._assign_sequences(sql, a)
+            if text is not None:
+                a = self.router.analyzer.analyze(text)
+        if await self._needs_fixing(a, route):
+            fixed = self._deterministic(text or sql)
+            if fixed is not None:
+                text = fixed
+        return text
+
+    async def _assign_sequences(self, sql: str, a: Analysis) -> str | None:
+        """Fill the defaults an INSERT leaves to functions, and give nextval()/currval()/
+        lastval() their values (see pgquorum.sql.sequences); None if nothing changed."""
+        tables = self.router.tables(self.database)
+        known = a.inserts | {a.copy_into} if a.copy_into else a.inserts
+        filled = await tables.filled(self._fetch, known)
+        if a.copy_into is not None and a.copy_into in filled:
+            self._seq_locks |= await self._copy_locks(sql, tables)
+        wanted = a.inserts & filled
+        if not wanted and not a.calls & (SEQUENCE_FUNCTIONS - seq.SETVAL):
+            return None
+        try:
+            stmts = seq.parse(sql)
+        except Exception:
+            return None  # the nodes report the syntax error
+        changed = False
+        for stmt, name in seq.insert_targets(stmts):
+            if stmt.relation.relname in wanted:
+                columns = await tables.columns(self._fetch, name)
+                filled_in, locks = seq.fill_defaults(stmt, columns)
+                changed = changed or filled_in
+                self._seq_locks |= locks
+        calls = seq.sequence_calls(stmts)
+        if calls:
+            await self._give_values(calls)
+            changed = True
+        return seq.deparse(stmts) if changed else None
+
+    async def _fetch(self, sql: str) -> list[list[str | None]] | None:
+        """A catalog query of the router's own on the lead, between units."""
+        return await fetch_rows(self._lead(), sql)
+
+    async def _give_values(self, calls: list[seq.SequenceCall]) -> None:
+        tables = self.router.tables(self.database)
+        names: dict[str, str] = {}
+        for call in calls:
+            if call.sequence is not None and call.sequence not in names:
+                names[call.sequence] = await tables.sequence(self._fetch, call.sequence)
+        counts: dict[str, int] = {}
+        for call in calls:
+            if call.kind == "nextval":
+                q = names[str(call.sequence)]
+                counts[q] = counts.get(q, 0) + 1
+        values = {
+            q: iter(await self.router.sequences.take(self.database, q, n))
+            for q, n in counts.items()
+        }
+        for call in calls:  # in evaluation order: currval sees the nextval before it
+            if call.kind == "nextval":
+                q = names[str(call.sequence)]
+                value = next(values[q])
+                self.seq_last[q] = value
+                self.seq_lastval = value
+            elif call.kind == "currval":
+                got = self.seq_last.get(names[str(call.sequence)])
+                if got is None:
+                    raise PgError(
+                        OBJECT_NOT_IN_PREREQUISITE_STATE,
+                        f'currval of sequence "{call.sequence}" is not yet defined in this session',
+                    )
+                value = got
+            else:
+                if self.seq_lastval is None:
+                    raise PgError(
+                        OBJECT_NOT_IN_PREREQUISITE_STATE,
+                        "lastval is not yet defined in this session",
+                    )
+                value = self.seq_lastval
+            seq.replace_call(call, value)
+
+    async def _copy_locks(self, sql: str, tables: TableCatalog) -> set[str]:
+        locks: set[str] = set()
+        for relname, name, given in seq.copy_targets(seq.parse(sql)):
+            locks |= seq.copy_locks(relname, await tables.columns(self._fetch, name), given)
+        return locks
+
+    def _with_seq_locks(self, build: BuildUnit, a_wrapped: bool) -> BuildUnit:
+        """Prefix the unit with the sequence locks its statements need (see
+        sql.sequences.fill_defaults): held to the end of the transaction, so the statement
+        must run inside one, the client's or the router's own."""
+        locks, self._seq_locks = self._seq_locks, set()
+        if not locks:
+            return build
+        if self.txn_status == IDLE and not a_wrapped and len(self._online_conns()) > 1:
+            raise PgError(
+                FEATURE_NOT_SUPPORTED,
+                "pgquorum cannot number these rows on every node alike outside a transaction "
+                "in this session",
+                hint="Run the statement inside BEGIN ... COMMIT.",
+            )
+        prefix = m.encode_query("; ".join(lock_sql(q) for q in sorted(locks)))
+
+        def locked(conn: NodeConnection) -> tuple[bytes, list[Expectation]]:
+            data, expect = build(conn)
+            return prefix + data, [EXPECT_QUERY_SWALLOWED, *expect]
+
+        return locked
+
+    def _after_catalog_work(self, a: Analysis) -> None:
+        if a.ddl:
+            self.router.tables(self.database).clear()
+        if a.calls & seq.SETVAL or a.ddl:
+            # setval or DDL moved a sequence: reserve afresh from where it is now.
+            self.router.sequences.forget(self.database)
+
+    async def _fix_statement(self, stmt: Statement, route: Route) -> None:
         """Point a prepared statement at the text its next execution must run: a rewrite
-        with this transaction's time (a new version, so each node is sent the new Parse)."""
-        text = self._deterministic(stmt.parse.query) or stmt.parse.query
+        with this transaction's time and sequence values (a new version, so each node is
+        sent the new Parse)."""
+        text = await self._fix_text(stmt.parse.query, stmt.analysis, route) or stmt.parse.query
         if text != stmt.sent_text:
             p = stmt.parse
             stmt.parse_frame = m.encode_parse(p.name, text, p.param_types)
@@ -1235,6 +1385,7 @@ class ClientSession(asyncio.Protocol):
     # -- extended protocol ------------------------------------------------------------------
 
     async def _extended(self, batch: list[tuple[int, bytes, object]]) -> None:
+        self._seq_locks = set()
         route = Route.READ
         pinned: tuple[NodeConnection, ...] | None = None
         bound: dict[str, Statement | None] = {}
@@ -1265,12 +1416,11 @@ class ClientSession(asyncio.Protocol):
                         executed.append(stmt.analysis)
                         self._note_unpreparable(stmt.analysis)
                         r = await self._resolve(stmt.analysis)
-                        if await self._needs_fixing(stmt.analysis, r):
-                            try:
-                                self._fix_statement(stmt)
-                            except PgError as e:
-                                await self._refuse_batch(batch, e)
-                                return
+                        try:
+                            await self._fix_statement(stmt, r)
+                        except PgError as e:
+                            await self._refuse_batch(batch, e)
+                            return
                         catalog_change = catalog_change or stmt.analysis.catalog_change
                         strict = strict or stmt.analysis.strict_isolation
                     else:
@@ -1305,10 +1455,15 @@ class ClientSession(asyncio.Protocol):
                 res = await self._commit_extended(batch)
                 targets = ()
             elif synced and executed and all(map(self._autocommit_in_two_phases, executed)):
-                res = await self._autocommit(build)
+                res = await self._autocommit(self._with_seq_locks(build, True))
                 targets = tuple(self._online_conns())
             else:
-                res = await self._write_unit(build, single=executes == 1)
+                try:
+                    locked = self._with_seq_locks(build, False)
+                except PgError as e:
+                    await self._refuse_batch(batch, e)
+                    return
+                res = await self._write_unit(locked, single=executes == 1)
                 targets = tuple(self._online_conns())
             self._reply(res)
         else:
@@ -1322,6 +1477,8 @@ class ClientSession(asyncio.Protocol):
                 if other not in targets:
                     other.pending_close.extend(n for n in closes if n in other.prepared)
         self._after_unit(res, route, strict, catalog_change)
+        for a in executed:
+            self._after_catalog_work(a)
 
 
 def _served_node_lost(conn: NodeConnection, reason: str) -> PgError:

@@ -68,6 +68,11 @@ class Analysis:
     # May pick rows arbitrarily or use system columns (see _PICKS): a write that does is
     # checked by determinism.check_and_rewrite.
     arbitrary: bool = False
+    # Tables inserted into (relation names without schema: the fingerprint ignores schemas),
+    # and the table of COPY FROM: their column defaults may need the router's values.
+    inserts: frozenset[str] = _EMPTY
+    copy_into: str | None = None
+    ddl: bool = False  # anything but DML, SELECT, SET, transaction control: catalogs may change
 
 
 _NO_STATEMENTS = Analysis(Route.READ, _EMPTY, statements=0)
@@ -152,6 +157,13 @@ def _may_pick_arbitrarily(obj: Any, cls: type) -> bool:
     return True  # TABLESAMPLE
 
 
+_DML: frozenset[type] = frozenset({ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt})
+
+
+def _frozen(names: set[str]) -> frozenset[str]:
+    return frozenset(names) if names else _EMPTY
+
+
 _CHILD_ATTRS: dict[type, tuple[str, ...]] = {}
 
 
@@ -225,6 +237,7 @@ class _Scan:
         "const_dependent",
         "depth",
         "functions",
+        "inserts",
         "strict",
         "time_values",
         "writes",
@@ -232,6 +245,7 @@ class _Scan:
 
     def __init__(self) -> None:
         self.arbitrary = False
+        self.inserts: set[str] = set()
         self.functions: set[str] = set()
         self.writes = False
         self.strict = False
@@ -269,6 +283,8 @@ def _scan(root: Any, depth: int) -> _Scan:
         elif cls in _WRITE_NODES:
             # No early exit: a later set_config() may still set strict_isolation.
             result.writes = True
+            if cls is ast.InsertStmt:
+                result.inserts.add(obj.relation.relname)
         elif cls is ast.SQLValueFunction:
             if obj.op in TIME_VALUE_OPS:
                 result.time_values = True
@@ -296,8 +312,11 @@ class _Part:
         "catalog",
         "commit",
         "copy",
+        "copy_into",
+        "ddl",
         "fp_safe",
         "functions",
+        "inserts",
         "lock_free",
         "no_block",
         "notify",
@@ -327,8 +346,14 @@ class _Part:
         calls: frozenset[str] = _EMPTY,
         time_values: bool = False,
         arbitrary: bool = False,
+        inserts: frozenset[str] = _EMPTY,
+        copy_into: str | None = None,
+        ddl: bool = False,
     ) -> None:
         self.arbitrary = arbitrary
+        self.inserts = inserts
+        self.copy_into = copy_into
+        self.ddl = ddl
         self.calls = calls
         self.time_values = time_values
         self.begin = begin
@@ -455,6 +480,7 @@ def _query_part(query: Any, depth: int) -> _Part:
             calls=calls,
             time_values=scan.time_values,
             arbitrary=scan.arbitrary,
+            inserts=_frozen(scan.inserts),
         )
     return _Part(
         Route.READ,
@@ -464,6 +490,7 @@ def _query_part(query: Any, depth: int) -> _Part:
         calls=calls,
         time_values=scan.time_values,
         arbitrary=scan.arbitrary,
+        inserts=_frozen(scan.inserts),
     )
 
 
@@ -477,6 +504,7 @@ def _walked_part(stmt: Any, depth: int, route: Route, **kwargs: Any) -> _Part:
         calls=frozenset(scan.functions) if scan.functions else _EMPTY,
         time_values=scan.time_values,
         arbitrary=scan.arbitrary,
+        inserts=_frozen(scan.inserts),
         **kwargs,
     )
 
@@ -508,12 +536,14 @@ def _classify(stmt: Any, depth: int) -> _Part:
             calls=inner.calls,
             time_values=inner.time_values,
             arbitrary=inner.arbitrary,
+            inserts=inner.inserts,
         )
     if cls is ast.CopyStmt:
         if stmt.is_from:  # FROM STDIN streams client data; FROM file/PROGRAM is server-side
             # (walked for its WHERE clause)
             copy = CopyDirection.IN if stmt.filename is None else None
-            return _walked_part(stmt, depth, Route.WRITE, copy=copy)
+            into = stmt.relation.relname if stmt.relation is not None else None
+            return _walked_part(stmt, depth, Route.WRITE, copy=copy, copy_into=into)
         if stmt.filename is not None:  # TO 'file' / TO PROGRAM: side effect on the server
             return _walked_part(stmt, depth, Route.WRITE)
         if stmt.query is None:  # COPY table TO STDOUT
@@ -530,6 +560,7 @@ def _classify(stmt: Any, depth: int) -> _Part:
             calls=inner.calls,
             time_values=inner.time_values,
             arbitrary=inner.arbitrary,
+            inserts=inner.inserts,
         )
     if cls is ast.VariableSetStmt:
         return _Part(Route.WRITE, strict=_variable_set_strict(stmt), fp_safe=False, lock_free=True)
@@ -552,6 +583,7 @@ def _classify(stmt: Any, depth: int) -> _Part:
         stmt,
         depth,
         Route.WRITE,
+        ddl=cls not in _DML,
         catalog=_catalog_change(stmt, cls),
         no_block=_outside_block_only(stmt, cls),
         temp=_creates_temp(stmt, cls),
@@ -658,6 +690,9 @@ def _combine(parts: list[_Part]) -> tuple[Analysis, bool]:
         calls=calls,
         time_values=any(part.time_values for part in parts),
         arbitrary=any(part.arbitrary for part in parts),
+        inserts=frozenset().union(*(part.inserts for part in parts)),
+        copy_into=next((part.copy_into for part in parts if part.copy_into), None),
+        ddl=any(part.ddl for part in parts),
     )
     return analysis, all(part.fp_safe for part in parts)
 

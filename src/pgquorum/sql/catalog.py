@@ -7,7 +7,12 @@ from :class:`pgquorum.sql.analyze.Analysis.functions`: "name" or "schema.name".
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+
+from pgquorum.protocol.errors import PgError
+
+from .sequences import TABLES_SQL, Column, columns_sql
 
 _KNOWN = frozenset({"i", "s", "v"})
 
@@ -114,3 +119,68 @@ def _literal(value: str | None) -> str:
     if "\x00" in value:
         raise ValueError("function name contains a NUL character")
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'::text"
+
+
+# Runs one query of the router's own where the session's statements run (the session's lead
+# connection, so names resolve by its search_path); None if the query failed.
+Fetch = Callable[[str], Awaitable[list[list[str | None]] | None]]
+
+
+class TableCatalog:
+    """Per-database cache of what fill_defaults needs: the tables with defaults that call a
+    function, their columns, and sequences' schema-qualified names.
+
+    Entries live ``ttl`` seconds, and DDL through this router clears them: DDL through
+    another router is seen after at most ``ttl`` (and a table this cache has not heard of
+    is looked up at once).
+    """
+
+    def __init__(self, ttl: float = 5.0) -> None:
+        self.ttl = ttl
+        self._filled: frozenset[str] | None = None
+        self._filled_at = 0.0
+        self._known: frozenset[str] = frozenset()
+        self._columns: dict[str, tuple[float, list[Column]]] = {}
+        self._sequences: dict[str, str] = {}
+
+    def clear(self) -> None:
+        self._filled = None
+        self._columns.clear()
+        self._sequences.clear()
+
+    async def filled(self, fetch: Fetch, tables: frozenset[str] = frozenset()) -> frozenset[str]:
+        now = time.monotonic()
+        stale = self._filled is None or now - self._filled_at > self.ttl
+        if stale or not tables <= self._known:
+            rows = await fetch(TABLES_SQL)
+            if rows is not None:
+                self._filled = frozenset(str(r[0]) for r in rows if r[1] == "t")
+                self._known = frozenset(str(r[0]) for r in rows)
+                self._filled_at = now
+        return self._filled or frozenset()
+
+    async def columns(self, fetch: Fetch, table: str) -> list[Column]:
+        now = time.monotonic()
+        hit = self._columns.get(table)
+        if hit is not None and now - hit[0] <= self.ttl:
+            return hit[1]
+        rows = await fetch(columns_sql(table))
+        columns = [Column.from_row(r) for r in rows or ()]
+        self._columns[table] = (now, columns)
+        return columns
+
+    async def sequence(self, fetch: Fetch, name: str) -> str:
+        """The schema-qualified name of the sequence ``name`` (as a statement wrote it)."""
+        got = self._sequences.get(name)
+        if got is None:
+            lit = _literal(name)
+            rows = await fetch(
+                "SELECT pg_catalog.quote_ident(n.nspname) || '.' || "
+                "pg_catalog.quote_ident(c.relname) FROM pg_catalog.pg_class c "
+                "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                f"WHERE c.oid = pg_catalog.to_regclass({lit}) AND c.relkind = 'S'"
+            )
+            if not rows:
+                raise PgError("42P01", f'relation "{name}" does not exist')
+            got = self._sequences[name] = str(rows[0][0])
+        return got

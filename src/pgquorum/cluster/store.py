@@ -11,6 +11,7 @@ import asyncio
 import sqlite3
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,20 @@ class StateStore:
                 found.update(r[0] for r in rows)
         return found
 
+    def prune_decisions(self, router: str, keep: set[str], older_than: float) -> int:
+        """Drop this router's decisions recorded before ``older_than`` (epoch seconds) whose
+        transaction is no longer prepared anywhere (``keep``: the ids still prepared)."""
+        with self._lock:
+            rows = self._db.execute(
+                "select gid from decisions where router = ? and at < ?", (router, older_than)
+            ).fetchall()
+            drop = [(g,) for (g,) in rows if g not in keep]
+            if drop:
+                self._db.execute("begin immediate")
+                self._db.executemany("delete from decisions where gid = ?", drop)
+                self._db.execute("commit")
+        return len(drop)
+
     def decisions(self, router: str) -> list[str]:
         with self._lock:
             rows = self._db.execute(
@@ -159,15 +174,20 @@ class DecisionLog:
 
     ``await record(gid)`` returns once the decision is durable. Decisions that arrive while
     a batch is being written wait for the next batch, so a burst of commits pays for one
-    fsync. ``forget(gid)`` (after phase 2 finished everywhere) rides along with the next
-    batch: losing it in a crash only leaves a harmless record behind.
+    fsync. ``forget(gid)`` (after phase 2 finished everywhere) drops the record with a later
+    batch, once ``keep_s`` have passed: phase 2 does not wait for the nodes' WAL flush, so
+    until then a crash of every node could bring the prepared transaction back, and the
+    record must still say "commit". A record left behind by a crash is harmless (the
+    resolver prunes old ones).
     """
+
+    keep_s = 30.0
 
     def __init__(self, store: StateStore, router: str) -> None:
         self.store = store
         self.router = router
         self._pending: list[tuple[str, asyncio.Future[None]]] = []
-        self._forget: list[str] = []
+        self._forget: deque[tuple[float, str]] = deque()
         self._writing = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="pgquorum-decisions")
 
@@ -180,17 +200,24 @@ class DecisionLog:
         await fut
 
     def forget(self, gid: str) -> None:
-        self._forget.append(gid)
+        self._forget.append((time.monotonic() + self.keep_s, gid))
         if len(self._forget) >= 1000 and not self._writing:
             self._writing = True
             asyncio.get_running_loop().create_task(self._write_batches())
 
+    def _due(self) -> list[str]:
+        now = time.monotonic()
+        due = []
+        while self._forget and self._forget[0][0] <= now:
+            due.append(self._forget.popleft()[1])
+        return due
+
     async def _write_batches(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while self._pending or len(self._forget) >= 1000:
+            while self._pending:
                 batch, self._pending = self._pending, []
-                forget, self._forget = self._forget, []
+                forget = self._due()
                 gids = [g for g, _ in batch]
                 try:
                     await loop.run_in_executor(
@@ -208,8 +235,8 @@ class DecisionLog:
             self._writing = False
 
     def flush_forgotten(self) -> None:
-        """Drop the finished decisions now (at shutdown or from the periodic resolver)."""
-        forget, self._forget = self._forget, []
+        """Drop the finished decisions that are due (from the periodic resolver)."""
+        forget = self._due()
         if forget:
             self.store.write_decisions(self.router, [], forget)
 

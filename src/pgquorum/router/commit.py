@@ -93,19 +93,29 @@ class CommitCoordinator:
         """Finish this router's prepared transactions that no session is working on."""
         done = 0
         self.log.flush_forgotten()
+        started = time.time()
+        prepared: set[str] = set()
+        complete = True
         for st in self.router.cluster.online():
             try:
-                done += await self._resolve_node(st.node)
+                done += await self._resolve_node(st.node, prepared)
             except (NodeLost, m.PgError, OSError) as e:
+                complete = False
                 log.warning("cannot resolve in-doubt transactions on node %s: %s", st.node.name, e)
+        if complete:
+            # Records of transactions finished everywhere (kept by a crash): no longer needed.
+            self.router.store.prune_decisions(
+                self.name, prepared | self.in_flight, started - 2 * self.log.keep_s
+            )
         return done
 
-    async def _resolve_node(self, node: Node) -> int:
+    async def _resolve_node(self, node: Node, prepared: set[str]) -> int:
         rows = await self._query(
             node, "postgres", "SELECT gid, database FROM pg_catalog.pg_prepared_xacts"
         )
         by_db: dict[str, list[str]] = defaultdict(list)
         for gid, database in rows:
+            prepared.add(str(gid))
             owned = gid is not None and database is not None and self.owns(gid)
             if owned and gid not in self.in_flight:
                 by_db[str(database)].append(str(gid))

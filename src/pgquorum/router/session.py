@@ -28,6 +28,7 @@ from pgquorum.protocol.auth import ServerAuth
 from pgquorum.protocol.errors import (
     CONNECTION_FAILURE,
     FEATURE_NOT_SUPPORTED,
+    IO_ERROR,
     OBJECT_NOT_IN_PREREQUISITE_STATE,
     QUERY_CANCELED,
     PgError,
@@ -1259,10 +1260,16 @@ class ClientSession(asyncio.Protocol):
         res.chunks = [m.encode_command_complete("COMMIT"), m.encode_ready(IDLE)]
         return res
 
-    async def _run_on(self, conns: list[NodeConnection], query: bytes) -> list[UnitResult | None]:
+    async def _run_on(
+        self,
+        conns: list[NodeConnection],
+        query: bytes,
+        expect: list[Expectation] | None = None,
+    ) -> list[UnitResult | None]:
         """Run a query of the router's own on these nodes at once; a result per node, None
         where the node was lost (and failed)."""
-        started = self._start_others(conns, lambda c: (query, [EXPECT_QUERY]))
+        expected = expect or [EXPECT_QUERY]
+        started = self._start_others(conns, lambda c: (query, expected))
         done = dict(zip(started, await self._gather(started), strict=True))
         return [done.get(c) for c in conns]
 
@@ -1295,16 +1302,36 @@ class ClientSession(asyncio.Protocol):
                         f"PREPARE TRANSACTION failed with SQLSTATE {r.error} where "
                         f"{len(ok)} of {len(voters)} nodes prepared",
                     )
-                await commits.log.record(gid)
+                try:
+                    await commits.log.record(gid)
+                except Exception as e:  # no durable decision: presumed abort, said aloud
+                    log.error("cannot record the commit decision for %s: %s", gid, e)
+                    undo = m.encode_query(f"ROLLBACK PREPARED {literal}")
+                    self._check_finish(ok, await self._run_on(ok, undo), "ROLLBACK")
+                    res = UnitResult()
+                    res.error = IO_ERROR
+                    res.chunks = [
+                        m.encode_error(
+                            PgError(
+                                IO_ERROR,
+                                f"the transaction was rolled back: pgquorum cannot record "
+                                f"its commit decision ({e})",
+                            )
+                        )
+                    ]
+                    return res
                 failpoints.hit(failpoints.AFTER_DECISION)
-                finish = m.encode_query(f"COMMIT PREPARED {literal}")
+                finish = _ASYNC_COMMIT_ON + m.encode_query(f"COMMIT PREPARED {literal}")
+                finish += _ASYNC_COMMIT_OFF
                 # The others first: the lead gives up its locks last, so no transaction can
                 # run on the lead on top of this one before the others have it committed.
                 lead, rest = ok[0], ok[1:]
-                clean = self._check_finish(rest, await self._run_on(rest, finish), "COMMIT")
+                results = await self._run_on(rest, finish, _ASYNC_COMMIT_EXPECT)
+                clean = self._check_finish(rest, results, "COMMIT")
                 if rest:
                     failpoints.hit(failpoints.AFTER_FIRST_COMMIT)
-                clean &= self._check_finish([lead], await self._run_on([lead], finish), "COMMIT")
+                results = await self._run_on([lead], finish, _ASYNC_COMMIT_EXPECT)
+                clean &= self._check_finish([lead], results, "COMMIT")
                 if clean:
                     commits.log.forget(gid)
                 return None
@@ -1540,6 +1567,21 @@ def _build_batch(
 # Expectations without a statement name are immutable and shared.
 _EXPECT = {t: Expectation(t) for t in (m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.PARSE)}
 
+
+# Phase 2 need not wait for its own WAL flush: the PREPARE on every node and the decision
+# record are durable already, and a node that crashes before the flush is failed (and so
+# never read again) or, after a crash of every node, comes back with the transaction still
+# prepared, which the resolver commits by the record. The client's own setting is restored.
+_ASYNC_COMMIT_ON = m.encode_query(
+    "SELECT pg_catalog.set_config('pgquorum.synchronous_commit', "
+    "pg_catalog.current_setting('synchronous_commit'), false), "
+    "pg_catalog.set_config('synchronous_commit', 'off', false)"
+)
+_ASYNC_COMMIT_OFF = m.encode_query(
+    "SELECT pg_catalog.set_config('synchronous_commit', "
+    "pg_catalog.current_setting('pgquorum.synchronous_commit'), false)"
+)
+_ASYNC_COMMIT_EXPECT = [EXPECT_QUERY_SWALLOWED, EXPECT_QUERY, EXPECT_QUERY_SWALLOWED]
 
 # Functions whose calls always go through check_and_rewrite (fixed or refused).
 _FIXED_NAMES = TIME_FUNCTIONS | REFUSED_ALWAYS

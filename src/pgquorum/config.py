@@ -68,6 +68,9 @@ class RouterSettings:
     # Volatile functions the operator vouches for: same result on every node for the same
     # arguments (otherwise a write calling them is refused).
     deterministic_functions: frozenset[str] = frozenset()
+    # A node that has not answered a statement this long after the lead did (plus as long as
+    # the lead took) is failed; 0 waits for ever.
+    node_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -262,7 +265,7 @@ def _parse_router(c: _Checker, data: dict, base_dir: Path) -> RouterSettings | N
             "tls_cert",
             "tls_key",
             "max_message_size",
-            "statement_timeout_s",
+            "node_timeout_s",
             "state_db",
             "peers",
             "deterministic_functions",
@@ -307,7 +310,7 @@ def _parse_router(c: _Checker, data: dict, base_dir: Path) -> RouterSettings | N
         "router",
         _int_range(MIN_MESSAGE_SIZE, MAX_MESSAGE_SIZE),
     )
-    c.get(router, "statement_timeout_s", "router", _non_negative_number)
+    node_timeout = c.get(router, "node_timeout_s", "router", _non_negative_number)
     state_text = c.get(router, "state_db", "router", _nonempty_string)
     state_db = base_dir / Path(state_text or DEFAULT_STATE_DB).expanduser()
     if state_db.exists() and not state_db.is_file():
@@ -349,6 +352,7 @@ def _parse_router(c: _Checker, data: dict, base_dir: Path) -> RouterSettings | N
         state_db=state_db,
         peers=tuple(peers),
         deterministic_functions=frozenset(deterministic),
+        node_timeout_s=30.0 if node_timeout is None else float(node_timeout),
     )
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -14,7 +16,7 @@ from router_harness import RouterThread, router_config
 from helpers import assert_nodes_identical
 from pgquorum.cluster.model import NodeState
 from pgquorum.local.binaries import PgBinaries
-from pgquorum.local.instance import LocalNode
+from pgquorum.local.instance import LocalNode, _descendants
 
 
 def pgbench_cmd(binaries: PgBinaries, rt: RouterThread, *args: str) -> list[str]:
@@ -128,4 +130,31 @@ def test_statement_in_flight_is_rerun_on_the_next_lead(make_nodes) -> None:  # t
         assert [n.psql("SELECT v FROM t") for n in nodes[1:]] == ["11", "11"]
         assert_nodes_identical(nodes[1:], "postgres")
     finally:
+        rt.stop()
+
+
+def test_a_hanging_replica_is_failed_after_node_timeout(make_nodes) -> None:  # type: ignore[no-untyped-def]
+    """A replica that stops answering (SIGSTOP) is failed node_timeout_s after the lead."""
+    nodes = make_nodes(3)
+    rt = RouterThread(router_config(nodes, node_timeout_s=1.0))
+    frozen: list[int] = []
+    try:
+        with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE h (id int PRIMARY KEY)")
+            pid = nodes[2].postmaster_pid()
+            assert pid is not None
+            frozen = [pid, *_descendants(pid)]
+            for p in frozen:
+                os.kill(p, signal.SIGSTOP)
+            started = time.monotonic()
+            conn.execute("INSERT INTO h VALUES (1)")
+            assert 0.9 < time.monotonic() - started < 10
+            assert conn.execute("SELECT count(*) FROM h").fetchone() == (1,)
+        st = rt.router.cluster.status["node3"]
+        assert st.state is NodeState.FAILED and "no answer" in st.reason
+        assert_nodes_identical(nodes[:2], "postgres")
+    finally:
+        for p in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGCONT)
         rt.stop()

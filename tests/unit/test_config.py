@@ -27,7 +27,7 @@ users_file = "users.txt"
 tls_cert = "server.crt"
 tls_key = "server.key"
 max_message_size = 1048576
-statement_timeout_s = 0
+node_timeout_s = 0
 state_db = "state/router1.db"
 
 [backend]
@@ -96,6 +96,7 @@ def test_full_config(files: Path) -> None:
             backend_user="router",
             backend_password="secret",
             state_db=files / "state" / "router1.db",
+            node_timeout_s=0.0,
         ),
         group=Group(
             "main",
@@ -141,7 +142,7 @@ users_file = "users.txt"
 tls_cert = "server.crt"       # optional; both or neither of tls_cert/tls_key
 tls_key = "server.key"
 max_message_size = 67108864   # optional
-statement_timeout_s = 0       # optional, unused for now
+node_timeout_s = 30           # fail a node this late after the lead
 
 [backend]
 user = ""
@@ -212,7 +213,7 @@ read_policy = "random"
 auth_method = "md5"
 tls_cert = "missing.crt"
 max_message_size = true
-statement_timeout_s = -1
+node_timeout_s = -1
 
 [backend]
 user = 5
@@ -250,7 +251,7 @@ port = 0
         f"router.tls_cert: file {str(tmp_path / 'missing.crt')!r} does not exist",
         "router.tls_key: missing: required when tls_cert is set (give both or neither)",
         "router.max_message_size: must be an integer 8192-1073741824, got True",
-        "router.statement_timeout_s: must be a number >= 0, got -1",
+        "router.node_timeout_s: must be a number >= 0, got -1",
         "backend.pasword: unknown key (did you mean 'password'?)",
         "backend.user: must be a string, got 5",
         "group.name: must not be empty, got ''",
@@ -373,9 +374,10 @@ def test_max_message_size_bounds(tmp_path: Path, size: int, ok: bool) -> None:
         assert problems_of(tmp_path, text)[0].startswith("router.max_message_size: ")
 
 
-def test_statement_timeout_float(tmp_path: Path) -> None:
-    text = MINIMAL.replace('"trust"', '"trust"\nstatement_timeout_s = 2.5')
-    load_config(write(tmp_path, text))
+def test_node_timeout(tmp_path: Path) -> None:
+    text = MINIMAL.replace('"trust"', '"trust"\nnode_timeout_s = 2.5')
+    assert load_config(write(tmp_path, text)).router.node_timeout_s == 2.5
+    assert load_config(write(tmp_path, MINIMAL)).router.node_timeout_s == 30.0
 
 
 def test_toml_syntax_error_names_line(tmp_path: Path) -> None:

@@ -1019,7 +1019,9 @@ class ClientSession(asyncio.Protocol):
                 if lock_free:
                     # Nothing to order by the lead's locks: start the others at once.
                     break
+                began = time.monotonic()
                 lead_res = await lead.wait()
+                lead_took = time.monotonic() - began
                 break
             except NodeLost as e:
                 # The lead died before answering. The statement never reached the others
@@ -1056,7 +1058,7 @@ class ClientSession(asyncio.Protocol):
             cancel_self = m.encode_query("SELECT pg_cancel_backend(pg_backend_pid())")
             build = lambda c: (cancel_self, [EXPECT_QUERY])  # noqa: E731
         started = self._start_others(others, build)
-        results = await self._gather(started)
+        results = await self._gather(started, lead_took)
         if lead_res.copy_in:
             lead_res, results = await self._copy_in(lead, lead_res, started, results)
         return self._finish_write(lead, lead_res, started, results)
@@ -1095,18 +1097,33 @@ class ClientSession(asyncio.Protocol):
             if not self.transport.is_closing():
                 self.transport.writelines(res.chunks)
 
-    async def _gather(self, conns: list[NodeConnection]) -> list[UnitResult | None]:
-        """Wait for each node's answer; a node that breaks is failed and gives None."""
+    async def _gather(
+        self, conns: list[NodeConnection], lead_took: float = 0.0
+    ) -> list[UnitResult | None]:
+        """Wait for each node's answer; a node that breaks, or that has not answered
+        ``node_timeout_s`` (plus ``lead_took``, what the same work took the lead) from now,
+        is failed and gives None."""
         out: list[UnitResult | None] = []
-        status = self.router.cluster.status
+        cluster = self.router.cluster
+        limit = self.router.settings.node_timeout_s
+        deadline = time.monotonic() + limit + lead_took
         for c in conns:
             try:
-                out.append(await c.wait())
+                if limit:
+                    left = max(deadline - time.monotonic(), 0.001)
+                    out.append(await asyncio.wait_for(c.wait(), left))
+                else:
+                    out.append(await c.wait())
             except NodeLost as e:
-                self.router.cluster.mark_failed(c.node.name, e.reason)
+                cluster.mark_failed(c.node.name, e.reason)
+                out.append(None)
+            except TimeoutError:
+                waited = limit + lead_took
+                cluster.mark_failed(c.node.name, f"no answer {waited:.1f}s after the others")
+                c.close()
                 out.append(None)
             finally:
-                status[c.node.name].outstanding -= 1
+                cluster.status[c.node.name].outstanding -= 1
         return out
 
     async def _copy_in(

@@ -115,15 +115,21 @@ def copy_locks(table: str, columns: list[Column], given: set[str] | None) -> set
     the client's order, so every node numbers them alike under a lock); other defaults that
     call functions must be given by the client."""
     left = [c for c in columns if c.filled and given is not None and c.name not in given]
-    other = [c.name for c in left if c.sequence is None]
+    return _drawn_by_nodes(left, f"COPY into {table}", "the COPY column list and send their values")
+
+
+def _drawn_by_nodes(columns: list[Column], where: str, remedy: str) -> set[str]:
+    """The sequences of these left-out columns, which the nodes draw from themselves; any
+    other default that calls a function cannot be left to the nodes."""
+    other = [c.name for c in columns if c.sequence is None]
     if other:
         names = ", ".join(other)
         raise _refuse(
-            f"pgquorum cannot fill the defaults of {names} for COPY into {table}: "
+            f"pgquorum cannot fill the defaults of {names} for {where}: "
             "each node would compute its own",
-            f"List {names} in the COPY column list and send their values.",
+            f"List {names} in {remedy}.",
         )
-    return {str(c.sequence) for c in left}
+    return {str(c.sequence) for c in columns}
 
 
 def _table_name(rel: Any) -> str:
@@ -205,14 +211,9 @@ def fill_defaults(stmt: Any, columns: list[Column]) -> tuple[bool, set[str]]:
 
 
 def _select_locks(select: Any, missing: list[Column]) -> set[str]:
-    other = [c.name for c in missing if c.sequence is None]
-    if other:
-        names = ", ".join(other)
-        raise _refuse(
-            f"pgquorum cannot fill the defaults of {names} for the rows of INSERT ... SELECT: "
-            "each node would compute its own",
-            f"List {names} in the INSERT and give the values, or insert with VALUES.",
-        )
+    locks = _drawn_by_nodes(
+        missing, "the rows of INSERT ... SELECT", "the INSERT and give the values, or use VALUES"
+    )
     if not _ordered(select):
         names = ", ".join(c.name for c in missing)
         raise _refuse(
@@ -220,7 +221,7 @@ def _select_locks(select: Any, missing: list[Column]) -> set[str]:
             "they may come in a different order on each node",
             "Add ORDER BY on a unique key to the SELECT.",
         )
-    return {str(c.sequence) for c in missing}
+    return locks
 
 
 def _ordered(select: Any) -> bool:

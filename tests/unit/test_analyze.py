@@ -1112,3 +1112,18 @@ def test_undecodable_client_bytes() -> None:
 def test_arbitrary_row_picks_are_flagged(sql: str, arbitrary: bool) -> None:
     # Flagged writes go through determinism.check_and_rewrite, which decides exactly.
     assert Analyzer().analyze(sql).arbitrary is arbitrary
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "NOTIFY ch",
+        "LISTEN ch",
+        "SELECT pg_notify('ch', 'x')",
+        "INSERT INTO log SELECT pg_notify('ch', 'x')",
+        "UPDATE t SET v = 1 WHERE pg_catalog.pg_notify('ch', 'y') IS NULL",
+    ],
+)
+def test_notify_anywhere_is_flagged(sql: str) -> None:
+    # PostgreSQL cannot PREPARE a transaction that notified: it commits in one phase.
+    assert Analyzer().analyze(sql).notify

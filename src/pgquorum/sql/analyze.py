@@ -686,7 +686,7 @@ def _combine(parts: list[_Part]) -> tuple[Analysis, bool]:
         txn_control=any(part.txn_control for part in parts),
         no_block=any(part.no_block for part in parts),
         temp=any(part.temp for part in parts),
-        notify=any(part.notify or _NOTIFY_FUNCTIONS & part.functions for part in parts),
+        notify=any(part.notify or _NOTIFY_FUNCTIONS & part.calls for part in parts),
         calls=calls,
         time_values=any(part.time_values for part in parts),
         arbitrary=any(part.arbitrary for part in parts),

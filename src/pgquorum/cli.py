@@ -215,6 +215,32 @@ def status(host: str, port: int, user: str, password: str | None) -> None:
     (console if console.is_terminal else Console(width=240)).print(table)
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=6432, show_default=True, type=int)
+@click.option("--user", default="postgres", show_default=True)
+@click.option("--password", envvar="PGQUORUM_PASSWORD", default=None)
+@click.option("--fail-minority", is_flag=True, help="Fail the nodes that differ from the majority.")
+def verify(host: str, port: int, user: str, password: str | None, fail_minority: bool) -> None:
+    """Compare the router's ONLINE nodes at one consistent point; exit 1 if any differ."""
+    from pgquorum.router.client import admin_query
+
+    command = "VERIFY FAIL MINORITY" if fail_minority else "VERIFY"
+    try:
+        cols, rows = _run_value(admin_query(host, port, user, password, command, timeout=3600))
+    except Exception as e:
+        console.print(f"verify failed at {host}:{port}: {e}", style="red", markup=False)
+        sys.exit(2)
+    if not rows:
+        console.print("every ONLINE node holds the same data")
+        return
+    table = Table(*cols, title="differences from the majority")
+    for row in rows:
+        table.add_row(*(v or "" for v in row))
+    (console if console.is_terminal else Console(width=240)).print(table)
+    sys.exit(1)
+
+
 def _run_value(coro: Coroutine[Any, Any, T]) -> T:
     result: list[T] = []
 

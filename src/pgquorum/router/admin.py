@@ -17,6 +17,7 @@ from pgquorum.protocol import messages as m
 from pgquorum.protocol.errors import FEATURE_NOT_SUPPORTED, SYNTAX_ERROR, UNDEFINED_OBJECT, PgError
 
 from .peers import parse_fail_node
+from .verify import verify
 
 if TYPE_CHECKING:
     from .server import Router
@@ -111,6 +112,7 @@ class AdminConsole:
     def show_help(self) -> Table:
         rows: list[list[str | None]] = [["SHOW " + c.upper()] for c in self.commands]
         rows.append(["FAIL NODE name [REASON 'text']"])
+        rows.append(["VERIFY [FAIL MINORITY]"])
         return ["command"], rows
 
     # -- protocol ---------------------------------------------------------------------------
@@ -124,10 +126,22 @@ class AdminConsole:
         st = cluster.status[node]
         return ["node", "state", "reason"], [[node, st.state.value, st.reason]]
 
-    def run(self, sql: str) -> list[Table]:
+    async def verify(self, fail_minority: bool) -> Table:
+        """VERIFY [FAIL MINORITY]: where the ONLINE nodes differ (no rows: identical)."""
+        findings = await verify(self.router, fail_minority=fail_minority)
+        cols = ["database", "table", "range", "node", "detail"]
+        return cols, [[f.database, f.table, f.range, f.node, f.detail] for f in findings]
+
+    async def run(self, sql: str) -> list[Table]:
         fail = parse_fail_node(sql)
         if fail is not None:
             return [self.fail_node(*fail)]
+        words = sql.strip().rstrip(";").split()
+        if words and words[0].upper() == "VERIFY":
+            rest = [w.upper() for w in words[1:]]
+            if rest not in ([], ["FAIL", "MINORITY"]):
+                raise PgError(SYNTAX_ERROR, "usage: VERIFY [FAIL MINORITY]")
+            return [await self.verify(bool(rest))]
         try:
             stmts = parse_sql(sql)
         except Exception as e:
@@ -142,7 +156,7 @@ class AdminConsole:
                     FEATURE_NOT_SUPPORTED,
                     "unsupported admin command; try: "
                     + ", ".join("SHOW " + c.upper() for c in self.commands)
-                    + ", FAIL NODE name [REASON 'text']",
+                    + ", FAIL NODE name [REASON 'text'], VERIFY [FAIL MINORITY]",
                 )
         return tables
 
@@ -173,10 +187,10 @@ class AdminConsole:
             out: list[bytes] = []
             try:
                 sql = m.parse_query(payload)
-                for cols, rows in self.run(sql):
+                for cols, rows in await self.run(sql):
                     out.append(m.encode_row_description(cols))
                     out.extend(m.encode_data_row(r) for r in rows)
-                    tag = "FAIL NODE" if cols[0] == "node" else f"SHOW {len(rows)}"
+                    tag = _TAGS.get(cols[0], f"SHOW {len(rows)}")
                     out.append(m.encode_command_complete(tag))
                 if not out:
                     out.append(m.frame(m.EMPTY_QUERY))
@@ -188,3 +202,6 @@ class AdminConsole:
 
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+_TAGS = {"node": "FAIL NODE", "database": "VERIFY"}

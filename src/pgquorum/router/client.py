@@ -12,23 +12,31 @@ from .backend import EXPECT_QUERY, NodeConnection
 Table = tuple[list[str], list[list[str | None]]]
 
 
-async def query(
-    server: Node, params: dict[str, str], password: str | None, sql: str, timeout: float = 30
-) -> Table:
-    """Run one simple query on a fresh connection; its column names and text rows.
+class Link:
+    """A connection of the router's own to one server, for several simple queries."""
 
-    An ErrorResponse is raised as PgError; an unreachable server as NodeLost.
-    """
-    conn = await NodeConnection.open(server, params, password, _discard, timeout=timeout)
-    try:
-        conn.send_unit(m.encode_query(sql), [EXPECT_QUERY], relay=False)
-        res = await asyncio.wait_for(conn.wait(), timeout)
+    def __init__(self, conn: NodeConnection, timeout: float) -> None:
+        self.conn = conn
+        self.timeout = timeout
+
+    @classmethod
+    async def open(
+        cls, server: Node, params: dict[str, str], password: str | None, timeout: float = 30
+    ) -> Link:
+        conn = await NodeConnection.open(server, params, password, _discard, timeout=timeout)
+        return cls(conn, timeout)
+
+    async def query(self, sql: str) -> Table:
+        """Column names and text rows of the last result; ErrorResponse raised as PgError."""
+        self.conn.send_unit(m.encode_query(sql), [EXPECT_QUERY], relay=False)
+        res = await asyncio.wait_for(self.conn.wait(), self.timeout)
         cols: list[str] = []
         rows: list[list[str | None]] = []
         for chunk in res.chunks:
             if chunk[0] == m.ERROR_RESPONSE:
                 raise m.error_from_fields(m.parse_error_fields(chunk[5:]))
             if chunk[0] == m.ROW_DESCRIPTION:
+                cols, rows = [], []
                 cur = m.Cursor(chunk[5:], "RowDescription")
                 for _ in range(cur.int16()):
                     cols.append(cur.cstring())
@@ -36,8 +44,23 @@ async def query(
             elif chunk[0] == m.DATA_ROW:
                 rows.append(m.parse_data_row(chunk[5:]))
         return cols, rows
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+async def query(
+    server: Node, params: dict[str, str], password: str | None, sql: str, timeout: float = 30
+) -> Table:
+    """Run one simple query on a fresh connection; its column names and text rows.
+
+    An ErrorResponse is raised as PgError; an unreachable server as NodeLost.
+    """
+    link = await Link.open(server, params, password, timeout)
+    try:
+        return await link.query(sql)
     finally:
-        conn.close()
+        link.close()
 
 
 async def admin_query(

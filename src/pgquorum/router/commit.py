@@ -16,6 +16,7 @@ import itertools
 import logging
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from pgquorum.cluster.model import Node
@@ -52,6 +53,43 @@ class CommitCoordinator:
         self._task: asyncio.Task[None] | None = None
         self.resolved_commits = 0
         self.resolved_rollbacks = 0
+        self._active = 0  # sessions inside a commit slot
+        self._barrier: asyncio.Event | None = None  # set when the barrier is released
+        self._drained: asyncio.Event | None = None
+
+    # -- the commit barrier ------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def commit_slot(self) -> AsyncIterator[None]:
+        """Around every point where a transaction becomes committed on some nodes and not yet
+        on others (phase 2, one-phase commits): the barrier waits until no one is inside."""
+        while self._barrier is not None:
+            await self._barrier.wait()
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0 and self._drained is not None:
+                self._drained.set()
+
+    @contextlib.asynccontextmanager
+    async def barrier(self) -> AsyncIterator[float]:
+        """Hold new commits back and let those in flight finish: inside, every node holds
+        the same committed transactions. Yields how long the draining took (seconds)."""
+        while self._barrier is not None:  # one barrier at a time
+            await self._barrier.wait()
+        self._barrier = asyncio.Event()
+        began = time.monotonic()
+        try:
+            while self._active:
+                self._drained = asyncio.Event()
+                await self._drained.wait()
+            self._drained = None
+            yield time.monotonic() - began
+        finally:
+            released, self._barrier = self._barrier, None
+            released.set()
 
     def new_gid(self) -> str:
         # PostgreSQL allows 200 bytes; a long router name is cut, the suffix keeps ids apart.

@@ -98,8 +98,8 @@ class SequenceAllocator:
             f"pg_catalog.nextval({seq}) + ({size} - 1) * s.seqincrement) "
             f"FROM pg_catalog.pg_sequence s WHERE s.seqrelid = {seq}::regclass",
         )
-        # The rows of the last statement come last (the lock's own row comes first).
-        if len(rows) < 2 or rows[-1][0] is None or rows[-1][1] is None:
+        # (the rows of the last statement: the setval's)
+        if not rows or rows[-1][0] is None or rows[-1][1] is None:
             raise PgError("42P01", f"sequence {sequence} not found on the lead")
         increment, last = int(rows[-1][0]), int(rows[-1][1])
         if increment <= 0:

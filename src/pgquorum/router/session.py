@@ -717,6 +717,12 @@ class ClientSession(asyncio.Protocol):
                 res = await self._commit_block()
             elif wrap:
                 res = await self._autocommit(build)
+            elif self.txn_status == IDLE or a.txn_control:
+                # A one-phase commit, lead first: inside the commit barrier's slot.
+                async with self.router.commits.commit_slot():
+                    res = await self._write_unit(
+                        build, single=a.statements == 1, lock_free=a.lock_free
+                    )
             else:
                 res = await self._write_unit(build, single=a.statements == 1, lock_free=a.lock_free)
             self._reply(res)
@@ -1319,38 +1325,10 @@ class ClientSession(asyncio.Protocol):
                         f"PREPARE TRANSACTION failed with SQLSTATE {r.error} where "
                         f"{len(ok)} of {len(voters)} nodes prepared",
                     )
-                try:
-                    await commits.log.record(gid)
-                except Exception as e:  # no durable decision: presumed abort, said aloud
-                    log.error("cannot record the commit decision for %s: %s", gid, e)
-                    undo = m.encode_query(f"ROLLBACK PREPARED {literal}")
-                    self._check_finish(ok, await self._run_on(ok, undo), "ROLLBACK")
-                    res = UnitResult()
-                    res.error = IO_ERROR
-                    res.chunks = [
-                        m.encode_error(
-                            PgError(
-                                IO_ERROR,
-                                f"the transaction was rolled back: pgquorum cannot record "
-                                f"its commit decision ({e})",
-                            )
-                        )
-                    ]
-                    return res
-                failpoints.hit(failpoints.AFTER_DECISION)
-                finish = _ASYNC_COMMIT_ON + m.encode_query(f"COMMIT PREPARED {literal}")
-                finish += _ASYNC_COMMIT_OFF
-                # The others first: the lead gives up its locks last, so no transaction can
-                # run on the lead on top of this one before the others have it committed.
-                lead, rest = ok[0], ok[1:]
-                results = await self._run_on(rest, finish, _ASYNC_COMMIT_EXPECT)
-                clean = self._check_finish(rest, results, "COMMIT")
-                if rest:
-                    failpoints.hit(failpoints.AFTER_FIRST_COMMIT)
-                results = await self._run_on([lead], finish, _ASYNC_COMMIT_EXPECT)
-                clean &= self._check_finish([lead], results, "COMMIT")
-                if clean:
-                    commits.log.forget(gid)
+                async with commits.commit_slot():
+                    failure = await self._phase_two(gid, ok)
+                if failure is not None:
+                    return failure
                 return None
             # More failures: nothing commits. The nodes that prepared disagree with the
             # majority; their transaction is rolled back before they are failed.
@@ -1381,6 +1359,44 @@ class ClientSession(asyncio.Protocol):
             self.write(m.encode_error(err))
             self._skip_to_sync = True
         self._after_unit(res, Route.WRITE, False, False)
+
+    async def _phase_two(self, gid: str, ok: list[NodeConnection]) -> UnitResult | None:
+        """Record the decision, then COMMIT PREPARED: the others first, the lead last."""
+        commits = self.router.commits
+        literal = quote_literal(gid)
+        try:
+            await commits.log.record(gid)
+        except Exception as e:  # no durable decision: presumed abort, said aloud
+            log.error("cannot record the commit decision for %s: %s", gid, e)
+            undo = m.encode_query(f"ROLLBACK PREPARED {literal}")
+            self._check_finish(ok, await self._run_on(ok, undo), "ROLLBACK")
+            res = UnitResult()
+            res.error = IO_ERROR
+            res.chunks = [
+                m.encode_error(
+                    PgError(
+                        IO_ERROR,
+                        f"the transaction was rolled back: pgquorum cannot record "
+                        f"its commit decision ({e})",
+                    )
+                )
+            ]
+            return res
+        failpoints.hit(failpoints.AFTER_DECISION)
+        finish = _ASYNC_COMMIT_ON + m.encode_query(f"COMMIT PREPARED {literal}")
+        finish += _ASYNC_COMMIT_OFF
+        # The others first: the lead gives up its locks last, so no transaction can
+        # run on the lead on top of this one before the others have it committed.
+        lead, rest = ok[0], ok[1:]
+        results = await self._run_on(rest, finish, _ASYNC_COMMIT_EXPECT)
+        clean = self._check_finish(rest, results, "COMMIT")
+        if rest:
+            failpoints.hit(failpoints.AFTER_FIRST_COMMIT)
+        results = await self._run_on([lead], finish, _ASYNC_COMMIT_EXPECT)
+        clean &= self._check_finish([lead], results, "COMMIT")
+        if clean:
+            commits.log.forget(gid)
+        return None
 
     async def _commit_extended(self, batch: list[tuple[int, bytes, object]]) -> UnitResult:
         """An extended-protocol COMMIT (Parse/Bind/Execute/Sync, as JDBC and pgbench -M
@@ -1507,7 +1523,11 @@ class ClientSession(asyncio.Protocol):
                 except PgError as e:
                     await self._refuse_batch(batch, e)
                     return
-                res = await self._write_unit(locked, single=executes == 1)
+                if self.txn_status == IDLE or any(x.txn_control for x in executed):
+                    async with self.router.commits.commit_slot():  # a one-phase commit
+                        res = await self._write_unit(locked, single=executes == 1)
+                else:
+                    res = await self._write_unit(locked, single=executes == 1)
                 targets = tuple(self._online_conns())
             self._reply(res)
         else:

@@ -1,0 +1,77 @@
+"""VERIFY / pgquorum verify: nodes compared at one consistent point, under load."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+from cli_harness import run_cli
+from router_harness import RouterThread, router_config
+
+from pgquorum.cluster.model import NodeState
+
+
+@pytest.fixture
+def cluster(make_nodes):  # type: ignore[no-untyped-def]
+    nodes = make_nodes(3)
+    rt = RouterThread(router_config(nodes))
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE acct (id int PRIMARY KEY, balance int NOT NULL)")
+        conn.execute("INSERT INTO acct SELECT g, 100 FROM generate_series(1, 1000) g")
+        conn.execute("CREATE TABLE log (msg text)")  # no primary key
+        conn.execute("INSERT INTO log VALUES ('a'), ('b')")
+    yield rt, nodes
+    rt.stop()
+
+
+def test_identical_under_load_then_a_row_changed_behind_the_routers_back(cluster) -> None:  # type: ignore[no-untyped-def]
+    rt, nodes = cluster
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def transfers() -> None:
+        try:
+            with psycopg.connect(rt.dsn()) as conn:
+                i = 0
+                while not stop.is_set():
+                    a, b = sorted((i % 1000 + 1, (i * 7) % 1000 + 1))
+                    if a != b:
+                        conn.execute("UPDATE acct SET balance = balance - 1 WHERE id = %s", (a,))
+                        conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = %s", (b,))
+                        conn.commit()
+                    i += 1
+        except BaseException as e:
+            errors.append(e)
+
+    workers = [threading.Thread(target=transfers) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        with psycopg.connect(rt.dsn("pgquorum"), autocommit=True) as admin:
+            for _ in range(3):  # a consistent cut every time, though commits never stop
+                cur = admin.execute("VERIFY")
+                assert cur.fetchall() == [] and cur.statusmessage == "VERIFY"
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(30)
+    assert not errors
+    nodes[1].psql("UPDATE acct SET balance = 0 WHERE id = 777")  # behind the router's back
+    nodes[2].psql("INSERT INTO log VALUES ('c')")
+    res = run_cli("verify", "--port", str(rt.port))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "node2" in res.stdout and "acct" in res.stdout and "node3" in res.stdout
+    with psycopg.connect(rt.dsn("pgquorum"), autocommit=True) as admin:
+        rows = admin.execute("VERIFY").fetchall()
+        acct = [r for r in rows if r[1] == "public.acct"]
+        assert [r[3] for r in acct] == ["node2"]
+        lo, hi = acct[0][2].split("[")[1].rstrip(")").split(", ")
+        assert (lo == "-inf" or int(lo.strip("'")) <= 777) and (
+            hi == "+inf" or int(hi.strip("'")) > 777
+        )
+        assert [r[3] for r in rows if r[1] == "public.log"] == ["node3"]
+        admin.execute("VERIFY FAIL MINORITY")
+    status = rt.router.cluster.status
+    assert status["node2"].state is status["node3"].state is NodeState.FAILED
+    assert status["node1"].state is NodeState.ONLINE

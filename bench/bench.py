@@ -296,7 +296,7 @@ def start_nodes(binaries: PgBinaries, data_dir: Path, names: list[str]) -> list[
 
 
 @contextlib.contextmanager
-def router(nodes: list[LocalNode], work: Path, log_dir: Path) -> Iterator[int]:
+def router(nodes: list[LocalNode], work: Path, log_dir: Path, workers: str) -> Iterator[int]:
     port = free_port()
     conf = work / "router.toml"
     lines = [
@@ -304,6 +304,7 @@ def router(nodes: list[LocalNode], work: Path, log_dir: Path) -> Iterator[int]:
         f'listen = "127.0.0.1:{port}"',
         'auth_method = "trust"',
         'read_policy = "balance"',
+        f"workers = {workers}" if workers.isdigit() else f'workers = "{workers}"',
         "[group]",
         'name = "default"',
     ]
@@ -607,6 +608,7 @@ def markdown(run: Run) -> str:
         f"- PostgreSQL {h['postgresql']}" + (f", {h['pgpool']}" if h.get("pgpool") else ""),
         f"- pgbench scale {run.settings['scale']}, {run.settings['clients']} clients, "
         f"{run.settings['jobs']} jobs, {run.settings['duration']} s per run, all on loopback",
+        f"- router workers: {run.settings.get('router_workers', 1)}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -632,6 +634,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", "-T", type=int, default=20, help="seconds per run (default 20)")
     p.add_argument("--scale", "-s", type=int, default=10, help="pgbench scale factor (default 10)")
     p.add_argument("--quick", action="store_true", help="smoke run: 5 s per run")
+    p.add_argument(
+        "--router-workers",
+        default="auto",
+        help='router processes sharing the port: a number, or "auto" for one per CPU '
+        "(default auto)",
+    )
     p.add_argument(
         "--targets",
         default=",".join(TARGETS),
@@ -691,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
             "jobs": args.jobs,
             "duration": args.duration,
             "scale": args.scale,
+            "router_workers": args.router_workers,
             "targets": list(args.targets),
         },
         log_dir=str(log_dir),
@@ -726,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if "router" in args.targets:
             try:
-                with router(cluster, data_dir, log_dir) as port:
+                with router(cluster, data_dir, log_dir, args.router_workers) as port:
                     ensure_database(run, binaries, port, cluster, "bench_router", "router")
                     run_target(run, bench, "router", port, "bench_router")
                 check_consistency(run, cluster, "bench_router", "router")

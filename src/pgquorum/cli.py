@@ -49,7 +49,8 @@ def main() -> None:
     help="TOML file describing the listen address, nodes, users file, read_policy.",
 )
 @click.option("-v", "--verbose", is_flag=True)
-def router(config_path: Path, verbose: bool) -> None:
+@click.option("--worker", type=int, default=None, hidden=True)
+def router(config_path: Path, verbose: bool, worker: int | None) -> None:
     """Run a router in front of existing PostgreSQL servers."""
     try:
         config = load_config(config_path)
@@ -62,10 +63,20 @@ def router(config_path: Path, verbose: bool) -> None:
 
     async def serve() -> None:
         from pgquorum.router.server import Router
+        from pgquorum.router.workers import Supervisor, worker_config
 
-        r = Router(config)
+        workers = config.router.workers
+        supervisor = None
+        if workers > 1:
+            # This process is worker 0 and starts the others (router/workers.py).
+            supervisor = Supervisor(config_path, workers, verbose) if worker is None else None
+        r = Router(worker_config(config, worker or 0) if workers > 1 else config)
         await r.start()
+        if supervisor is not None:
+            supervisor.start()
         await _wait_for_signal()
+        if supervisor is not None:
+            await supervisor.stop()
         await r.stop()
 
     _run(serve())

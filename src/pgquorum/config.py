@@ -7,6 +7,7 @@ person all that is wrong with the file instead of one mistake per attempt.
 from __future__ import annotations
 
 import difflib
+import os
 import socket
 import tomllib
 from collections.abc import Callable
@@ -71,6 +72,11 @@ class RouterSettings:
     # A node that has not answered a statement this long after the lead did (plus as long as
     # the lead took) is failed; 0 waits for ever.
     node_timeout_s: float = 30.0
+    # Router processes sharing the listen port (SO_REUSEPORT); "auto" in the file = CPUs.
+    workers: int = 1
+    # Set for each worker of several (see router/workers.py): the directory of its private
+    # Unix socket, on which its siblings reach its admin console and cancel keys.
+    private_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,12 @@ def _show(value: Any) -> str:
 
 def _string(value: Any) -> str | None:
     return None if isinstance(value, str) else "must be a string"
+
+
+def _workers(value: Any) -> str | None:
+    if value == "auto":
+        return None
+    return _int_range(1, 64)(value) and 'must be "auto" or an integer 1-64'
 
 
 def _string_list(value: Any) -> str | None:
@@ -266,6 +278,7 @@ def _parse_router(c: _Checker, data: dict, base_dir: Path) -> RouterSettings | N
             "tls_key",
             "max_message_size",
             "node_timeout_s",
+            "workers",
             "state_db",
             "peers",
             "deterministic_functions",
@@ -328,6 +341,7 @@ def _parse_router(c: _Checker, data: dict, base_dir: Path) -> RouterSettings | N
             peers.append(parsed)
 
     deterministic = c.get(router, "deterministic_functions", "router", _string_list) or []
+    workers = c.get(router, "workers", "router", _workers)
 
     backend = c.table(data, "backend", "backend", required=False) or {}
     c.unknown_keys(backend, ("user", "password"), "backend")
@@ -353,6 +367,7 @@ def _parse_router(c: _Checker, data: dict, base_dir: Path) -> RouterSettings | N
         peers=tuple(peers),
         deterministic_functions=frozenset(deterministic),
         node_timeout_s=30.0 if node_timeout is None else float(node_timeout),
+        workers=(os.cpu_count() or 1) if workers == "auto" else (workers or 1),
     )
 
 

@@ -397,6 +397,10 @@ class NodeConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def give_up(self, reason: str) -> None:
+        """Treat the node as lost (it took too long): the unit's waiter gets NodeLost."""
+        self._fail(NodeLost(self.node, reason))
+
     @property
     def lost(self) -> NodeLost | None:
         return self._lost

@@ -49,6 +49,7 @@ class Router:
             ctx.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
             self.ssl_ctx = ctx
         self._server: asyncio.Server | None = None
+        self._private: asyncio.Server | None = None  # a worker's socket for its siblings
         self.commits = CommitCoordinator(self)
         self.sequences = SequenceAllocator(self)
         self._tables: dict[str, TableCatalog] = {}
@@ -92,8 +93,16 @@ class Router:
             self.settings.listen_host,
             self.settings.listen_port,
             reuse_address=True,
+            reuse_port=self.settings.workers > 1,
             backlog=1024,
         )
+        if self.settings.private_dir is not None:
+            # Siblings reach this worker here (router/workers.py): FAIL NODE and cancels.
+            path = self.settings.private_dir / f".s.PGSQL.{self.settings.listen_port}"
+            path.unlink(missing_ok=True)
+            self._private = await loop.create_unix_server(
+                lambda: ClientSession(self, private=True), str(path)
+            )
         self.commits.start()  # resolves what an earlier run left in doubt, then periodically
         log.info(
             "router %s listening on %s:%d in front of group %s (%s)",
@@ -105,6 +114,8 @@ class Router:
         )
 
     async def stop(self) -> None:
+        if self._private is not None:
+            self._private.close()
         if self._server is not None:
             self._server.close()
         for s in list(self.sessions.values()):
@@ -128,12 +139,24 @@ class Router:
             if pid not in self.sessions:
                 return pid, secrets.randbits(31)
 
-    async def cancel(self, pid: int, secret: int) -> None:
+    async def cancel(self, pid: int, secret: int, *, forward: bool = True) -> None:
         """Cancel whatever the session with this key runs, on every node it uses."""
         log.debug("cancel request for session key %d", pid)
         session = self.sessions.get(pid)
-        if session is None or session.key[1] != secret:
+        if session is None:
+            if forward and self.settings.private_dir is not None:
+                # The kernel gave the request to this worker; the session may be a sibling's.
+                await asyncio.gather(
+                    *(
+                        _send_cancel(Node("worker", host, port), pid, secret)
+                        for host, port in self.settings.peers
+                        if host.startswith("/")
+                    ),
+                    return_exceptions=True,
+                )
             return  # like PostgreSQL: no answer, no hint whether the key existed
+        if session.key[1] != secret:
+            return
         session.cancel_requested = True
         # Only nodes still working on the session's unit: a cancel that reaches an idle node
         # late would cancel whatever the session sends it next.

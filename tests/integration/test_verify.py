@@ -75,3 +75,29 @@ def test_identical_under_load_then_a_row_changed_behind_the_routers_back(cluster
     status = rt.router.cluster.status
     assert status["node2"].state is status["node3"].state is NodeState.FAILED
     assert status["node1"].state is NodeState.ONLINE
+
+
+def test_hold_commits_holds_them_until_released(cluster) -> None:  # type: ignore[no-untyped-def]
+    """What a peer's VERIFY asks of this router: no commit gets through while it holds."""
+    rt, nodes = cluster
+    with (
+        psycopg.connect(rt.dsn()) as conn,
+        psycopg.connect(rt.dsn("pgquorum"), autocommit=True) as admin,
+    ):
+        conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = 1")
+        cur = admin.execute("HOLD COMMITS")
+        assert cur.statusmessage == "HOLD COMMITS" and cur.fetchone()[0] == "t"  # type: ignore[index]
+        done = threading.Event()
+        committer = threading.Thread(target=lambda: (conn.commit(), done.set()))
+        committer.start()
+        assert not done.wait(0.7)  # held back by the barrier
+        admin.execute("RELEASE COMMITS")
+        assert done.wait(10)
+        committer.join()
+    assert nodes[2].psql("SELECT balance FROM acct WHERE id = 1") == "101"
+    # A hold ends with the admin session that took it.
+    with psycopg.connect(rt.dsn("pgquorum"), autocommit=True) as admin:
+        admin.execute("HOLD COMMITS")
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = 1")
+    assert nodes[0].psql("SELECT balance FROM acct WHERE id = 1") == "102"

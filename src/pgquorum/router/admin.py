@@ -5,6 +5,8 @@ Commands are parsed with pglast (they are SHOW statements to the PostgreSQL gram
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -35,6 +37,7 @@ class AdminConsole:
             "events": self.show_events,
             "help": self.show_help,
         }
+        self._holds: dict[int, asyncio.Event] = {}  # admin session id -> its HOLD COMMITS
 
     # -- tables -----------------------------------------------------------------------------
 
@@ -132,11 +135,44 @@ class AdminConsole:
         cols = ["database", "table", "range", "node", "detail"]
         return cols, [[f.database, f.table, f.range, f.node, f.detail] for f in findings]
 
-    async def run(self, sql: str) -> list[Table]:
+    async def hold_commits(self, session: ClientSession) -> Table:
+        """HOLD COMMITS: this router's commit barrier, held for a peer's VERIFY until RELEASE
+        COMMITS, the end of the admin session, or HOLD_MAX_S."""
+        drained: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            try:
+                async with self.router.commits.barrier() as took:
+                    drained.set_result(took)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(release.wait(), HOLD_MAX_S)
+            except BaseException as e:
+                if not drained.done():
+                    drained.set_exception(e)
+
+        self._holds[session.id] = release
+        task = asyncio.get_running_loop().create_task(hold())
+        task.add_done_callback(lambda _: self._holds.pop(session.id, None))
+        took = await drained
+        return ["held", "drained_ms"], [["t", f"{took * 1000:.1f}"]]
+
+    def release_commits(self, session: ClientSession) -> Table:
+        release = self._holds.pop(session.id, None)
+        if release is not None:
+            release.set()
+        return ["held", "drained_ms"], [["f", None]]
+
+    async def run(self, sql: str, session: ClientSession | None = None) -> list[Table]:
         fail = parse_fail_node(sql)
         if fail is not None:
             return [self.fail_node(*fail)]
         words = sql.strip().rstrip(";").split()
+        command = " ".join(w.upper() for w in words)
+        if command in ("HOLD COMMITS", "RELEASE COMMITS") and session is not None:
+            if command == "HOLD COMMITS":
+                return [await self.hold_commits(session)]
+            return [self.release_commits(session)]
         if words and words[0].upper() == "VERIFY":
             rest = [w.upper() for w in words[1:]]
             if rest not in ([], ["FAIL", "MINORITY"]):
@@ -161,6 +197,12 @@ class AdminConsole:
         return tables
 
     async def serve(self, session: ClientSession) -> None:
+        try:
+            await self._serve(session)
+        finally:
+            self.release_commits(session)  # a peer that holds commits and goes away
+
+    async def _serve(self, session: ClientSession) -> None:
         skipping = False  # after an error in an extended-protocol batch, until its Sync
         while True:
             mtype, payload = await session.next_message()
@@ -187,7 +229,7 @@ class AdminConsole:
             out: list[bytes] = []
             try:
                 sql = m.parse_query(payload)
-                for cols, rows in await self.run(sql):
+                for cols, rows in await self.run(sql, session):
                     out.append(m.encode_row_description(cols))
                     out.extend(m.encode_data_row(r) for r in rows)
                     tag = _TAGS.get(cols[0], f"SHOW {len(rows)}")
@@ -204,4 +246,5 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-_TAGS = {"node": "FAIL NODE", "database": "VERIFY"}
+_TAGS = {"node": "FAIL NODE", "database": "VERIFY", "held": "HOLD COMMITS"}
+HOLD_MAX_S = 10.0  # a peer's hold never outlives this

@@ -74,9 +74,14 @@ class CommitCoordinator:
                 self._drained.set()
 
     @contextlib.asynccontextmanager
-    async def barrier(self) -> AsyncIterator[float]:
+    async def barrier(self, timeout: float = 5.0) -> AsyncIterator[float]:
         """Hold new commits back and let those in flight finish: inside, every node holds
-        the same committed transactions. Yields how long the draining took (seconds)."""
+        the same committed transactions. Yields how long the draining took (seconds).
+
+        TimeoutError if the commits in flight do not finish within ``timeout``: a one-phase
+        commit in its slot may wait for a lock that a transaction held back by the barrier
+        keeps, so the barrier gives way rather than wait for ever.
+        """
         while self._barrier is not None:  # one barrier at a time
             await self._barrier.wait()
         self._barrier = asyncio.Event()
@@ -84,10 +89,12 @@ class CommitCoordinator:
         try:
             while self._active:
                 self._drained = asyncio.Event()
-                await self._drained.wait()
+                left = began + timeout - time.monotonic()
+                await asyncio.wait_for(self._drained.wait(), max(left, 0.001))
             self._drained = None
             yield time.monotonic() - began
         finally:
+            self._drained = None
             released, self._barrier = self._barrier, None
             released.set()
 

@@ -1,8 +1,9 @@
 """VERIFY: compare every ONLINE node at one consistent point, under live load.
 
-Under the commit barrier (no transaction is committed on some nodes and not on others) each
-node opens a REPEATABLE READ transaction per database and takes its snapshot; the barrier is
-released at once, and the comparison runs in those snapshots at leisure. Each table is
+Under the commit barrier of this router and of every peer (HOLD COMMITS: no transaction is
+committed on some nodes and not on others) each node opens a REPEATABLE READ transaction
+per database and takes its snapshot; the barriers are released at once, and the comparison
+runs in those snapshots at leisure. Each table is
 compared by row count and an ordered checksum (by primary key, or by the whole row where
 there is none); a table that differs is compared again in primary-key ranges taken from the
 first node, so the report names where the rows differ. The nodes on the minority side of a
@@ -12,6 +13,7 @@ comparison are the ones reported (and failed with FAIL MINORITY).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass
@@ -73,13 +75,26 @@ class Snapshots:
             self.links[(node.name, db)] = link
 
         await asyncio.gather(*(open_one(n, db) for n in nodes for db in databases))
-        async with router.commits.barrier() as drained:
-            await asyncio.gather(
-                *(
-                    link.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
-                    for link in self.links.values()
+        # Every router in front of the group holds its commits: peers first, then this one.
+        held: list[Link] = []
+        try:
+            for host, port in router.settings.peers:
+                params = {"user": user, "database": "pgquorum", "application_name": "pgquorum"}
+                peer = await Link.open(Node("peer", host, port), params, password, timeout=10)
+                held.append(peer)
+                await peer.query("HOLD COMMITS")
+            async with router.commits.barrier() as drained:
+                await asyncio.gather(
+                    *(
+                        link.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
+                        for link in self.links.values()
+                    )
                 )
-            )
+        finally:
+            for peer in held:
+                with contextlib.suppress(Exception):
+                    await peer.query("RELEASE COMMITS")
+                peer.close()
         return drained
 
     async def query(self, node: str, db: str, sql: str) -> Table:

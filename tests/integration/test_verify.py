@@ -10,6 +10,7 @@ from cli_harness import run_cli
 from router_harness import RouterThread, router_config
 
 from pgquorum.cluster.model import NodeState
+from pgquorum.local.instance import free_port
 
 
 @pytest.fixture
@@ -101,3 +102,20 @@ def test_hold_commits_holds_them_until_released(cluster) -> None:  # type: ignor
     with psycopg.connect(rt.dsn(), autocommit=True) as conn:
         conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = 1")
     assert nodes[0].psql("SELECT balance FROM acct WHERE id = 1") == "102"
+
+
+def test_verify_refuses_without_every_peers_barrier(make_nodes) -> None:  # type: ignore[no-untyped-def]
+    nodes = make_nodes(2)
+    gone = free_port()  # a peer router that is not running: it might still be committing
+    rt = RouterThread(router_config(nodes, peers=(("127.0.0.1", gone),)))
+    try:
+        with psycopg.connect(rt.dsn("pgquorum"), autocommit=True) as admin:
+            with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="peer router"):
+                admin.execute("VERIFY")
+            admin.execute("HOLD COMMITS")
+            admin.execute("HOLD COMMITS")  # twice in one session: still one hold
+            admin.execute("RELEASE COMMITS")
+        with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE z (id int PRIMARY KEY)")  # commits flow again
+    finally:
+        rt.stop()

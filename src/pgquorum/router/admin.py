@@ -16,7 +16,13 @@ from pglast.ast import VariableShowStmt
 
 from pgquorum.cluster.model import NodeState
 from pgquorum.protocol import messages as m
-from pgquorum.protocol.errors import FEATURE_NOT_SUPPORTED, SYNTAX_ERROR, UNDEFINED_OBJECT, PgError
+from pgquorum.protocol.errors import (
+    FEATURE_NOT_SUPPORTED,
+    OBJECT_NOT_IN_PREREQUISITE_STATE,
+    SYNTAX_ERROR,
+    UNDEFINED_OBJECT,
+    PgError,
+)
 
 from .peers import parse_fail_node
 from .verify import verify
@@ -38,6 +44,7 @@ class AdminConsole:
             "help": self.show_help,
         }
         self._holds: dict[int, asyncio.Event] = {}  # admin session id -> its HOLD COMMITS
+        self._hold_tasks: set[asyncio.Task[None]] = set()
 
     # -- tables -----------------------------------------------------------------------------
 
@@ -131,13 +138,18 @@ class AdminConsole:
 
     async def verify(self, fail_minority: bool) -> Table:
         """VERIFY [FAIL MINORITY]: where the ONLINE nodes differ (no rows: identical)."""
-        findings = await verify(self.router, fail_minority=fail_minority)
+        try:
+            findings = await verify(self.router, fail_minority=fail_minority)
+        except TimeoutError:
+            raise _no_quiet_point() from None
         cols = ["database", "table", "range", "node", "detail"]
         return cols, [[f.database, f.table, f.range, f.node, f.detail] for f in findings]
 
     async def hold_commits(self, session: ClientSession) -> Table:
         """HOLD COMMITS: this router's commit barrier, held for a peer's VERIFY until RELEASE
         COMMITS, the end of the admin session, or HOLD_MAX_S."""
+        if session.id in self._holds:
+            return ["held", "drained_ms"], [["t", None]]  # already held by this session
         drained: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         release = asyncio.Event()
 
@@ -153,8 +165,13 @@ class AdminConsole:
 
         self._holds[session.id] = release
         task = asyncio.get_running_loop().create_task(hold())
+        self._hold_tasks.add(task)  # (the loop keeps only a weak reference)
+        task.add_done_callback(self._hold_tasks.discard)
         task.add_done_callback(lambda _: self._holds.pop(session.id, None))
-        took = await drained
+        try:
+            took = await drained
+        except TimeoutError:
+            raise _no_quiet_point() from None
         return ["held", "drained_ms"], [["t", f"{took * 1000:.1f}"]]
 
     def release_commits(self, session: ClientSession) -> Table:
@@ -240,6 +257,14 @@ class AdminConsole:
                 out = [m.encode_error(e)]
             out.append(m.encode_ready(ord("I")))
             session.write(b"".join(out))
+
+
+def _no_quiet_point() -> PgError:
+    return PgError(
+        OBJECT_NOT_IN_PREREQUISITE_STATE,
+        "cannot hold commits: the commits in flight did not finish in time",
+        hint="Try again; a long one-phase commit (or a lock it waits for) was in the way.",
+    )
 
 
 def _when(t: float) -> str:

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pgquorum.cluster.model import Node
+from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, PgError
 
+from .backend import NodeLost
 from .client import Link, Table
 
 if TYPE_CHECKING:
@@ -80,9 +82,16 @@ class Snapshots:
         try:
             for host, port in router.settings.peers:
                 params = {"user": user, "database": "pgquorum", "application_name": "pgquorum"}
-                peer = await Link.open(Node("peer", host, port), params, password, timeout=10)
-                held.append(peer)
-                await peer.query("HOLD COMMITS")
+                try:
+                    peer = await Link.open(Node("peer", host, port), params, password, timeout=10)
+                    held.append(peer)
+                    await peer.query("HOLD COMMITS")
+                except (NodeLost, PgError, OSError) as e:
+                    # A peer we cannot reach may still be committing: no consistent point.
+                    raise PgError(
+                        OBJECT_NOT_IN_PREREQUISITE_STATE,
+                        f"cannot hold the commits of peer router {host}:{port}: {e}",
+                    ) from None
             async with router.commits.barrier() as drained:
                 await asyncio.gather(
                     *(

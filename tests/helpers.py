@@ -5,6 +5,7 @@ Importable as `helpers` (tests/conftest.py puts tests/ on sys.path).
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -157,3 +158,39 @@ def assert_nodes_identical(
 
     if problems:
         raise AssertionError(f"nodes differ in database {database!r}:\n  " + "\n  ".join(problems))
+
+
+class Transfers:
+    """Clients moving 1 between accounts of ``acct (id, balance)`` (ids 1..accounts) in
+    transactions, until stopped: load that commits all the time and keeps the total."""
+
+    def __init__(self, dsn: str, clients: int, accounts: int) -> None:
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(dsn, n, accounts)) for n in range(clients)
+        ]
+
+    def _run(self, dsn: str, n: int, accounts: int) -> None:
+        try:
+            with psycopg.connect(dsn) as conn:
+                i = n
+                while not self._stop.is_set():
+                    a, b = sorted((i % accounts + 1, (i * 7 + 3) % accounts + 1))
+                    if a != b:
+                        conn.execute("UPDATE acct SET balance = balance - 1 WHERE id = %s", (a,))
+                        conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = %s", (b,))
+                        conn.commit()
+                    i += 1
+        except BaseException as e:
+            self.errors.append(e)
+
+    def __enter__(self) -> Transfers:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)

@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,3 +116,23 @@ def dsn(port: int, dbname: str = "postgres", **extra: str) -> str:
     parts = [f"host=127.0.0.1 port={port} dbname={dbname} user=postgres connect_timeout=10"]
     parts += [f"{k}={v}" for k, v in extra.items()]
     return " ".join(parts)
+
+
+def write_router_config(
+    path: Path, port: int, nodes: list[Any], *, tcp: bool = False, **router: str | int
+) -> Path:
+    """A router TOML file over ``nodes`` (LocalNode), through their Unix sockets unless
+    ``tcp``; ``router`` adds keys to [router] (strings quoted, numbers as they are)."""
+    extra = "".join(
+        f"{k} = {v}\n" if isinstance(v, int) else f'{k} = "{v}"\n' for k, v in router.items()
+    )
+    listed = "".join(
+        f'\n[[group.nodes]]\nname = "{n.name}"\nhost = "{n.host if tcp else n.router_host}"\n'
+        f"port = {n.port}\n"
+        for n in nodes
+    )
+    path.write_text(
+        f'[router]\nlisten = "127.0.0.1:{port}"\nauth_method = "trust"\n{extra}\n'
+        f'[group]\nname = "default"\n{listed}'
+    )
+    return path

@@ -18,6 +18,7 @@ from cli_harness import (
     port_open,
     run_cli,
     start,
+    write_router_config,
 )
 
 from pgquorum.local.binaries import PgBinaries
@@ -306,15 +307,7 @@ def test_router_with_valid_config_serves_queries(
     pg_nodes: list[LocalNode], procs: list[CliProcess], tmp_path: Path
 ) -> None:
     port = free_port()
-    nodes = "".join(
-        f'\n[[group.nodes]]\nname = "{n.name}"\nhost = "{n.host}"\nport = {n.port}\n'
-        for n in pg_nodes
-    )
-    cfg = tmp_path / "router.toml"
-    cfg.write_text(
-        f'[router]\nlisten = "127.0.0.1:{port}"\nread_policy = "balance"\n'
-        f'auth_method = "trust"\n\n[group]\nname = "default"\n{nodes}'
-    )
+    cfg = write_router_config(tmp_path / "router.toml", port, pg_nodes, tcp=True)
     r = start(procs, tmp_path, "router", "--config", str(cfg))
     r.wait_port(port, timeout=30)
     with psycopg.connect(dsn(port), autocommit=True) as conn:

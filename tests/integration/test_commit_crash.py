@@ -8,24 +8,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from cli_harness import CliProcess, dsn, start
+from cli_harness import CliProcess, dsn, start, write_router_config
 
 from helpers import assert_nodes_identical
 from pgquorum import failpoints
 from pgquorum.local.instance import LocalNode, free_port
-
-
-def write_config(tmp_path: Path, port: int, nodes: list[LocalNode]) -> Path:
-    listed = "".join(
-        f'\n[[group.nodes]]\nname = "{n.name}"\nhost = "{n.router_host}"\nport = {n.port}\n'
-        for n in nodes
-    )
-    cfg = tmp_path / "router.toml"
-    cfg.write_text(
-        f'[router]\nlisten = "127.0.0.1:{port}"\nname = "crashy"\nauth_method = "trust"\n'
-        f'state_db = "state.db"\n\n[group]\nname = "default"\n{listed}'
-    )
-    return cfg
 
 
 def prepared(node: LocalNode) -> int:
@@ -66,7 +53,9 @@ def test_router_crash_between_phases(
         n.psql("CREATE TABLE acct (id int PRIMARY KEY, balance int)")
         n.psql("INSERT INTO acct VALUES (1, 100), (2, 100)")
     port = free_port()
-    cfg = write_config(tmp_path, port, nodes)
+    cfg = write_router_config(
+        tmp_path / "router.toml", port, nodes, name="crashy", state_db="state.db"
+    )
     crashy = start(procs, tmp_path, "router", "--config", str(cfg), PGQUORUM_FAILPOINTS=point)
     crashy.wait_port(port, timeout=30)
     with (

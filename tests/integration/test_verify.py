@@ -9,6 +9,7 @@ import pytest
 from cli_harness import run_cli
 from router_harness import RouterThread, router_config
 
+from helpers import Transfers
 from pgquorum.cluster.model import NodeState
 from pgquorum.local.instance import free_port
 
@@ -28,36 +29,14 @@ def cluster(make_nodes):  # type: ignore[no-untyped-def]
 
 def test_identical_under_load_then_a_row_changed_behind_the_routers_back(cluster) -> None:  # type: ignore[no-untyped-def]
     rt, nodes = cluster
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def transfers() -> None:
-        try:
-            with psycopg.connect(rt.dsn()) as conn:
-                i = 0
-                while not stop.is_set():
-                    a, b = sorted((i % 1000 + 1, (i * 7) % 1000 + 1))
-                    if a != b:
-                        conn.execute("UPDATE acct SET balance = balance - 1 WHERE id = %s", (a,))
-                        conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = %s", (b,))
-                        conn.commit()
-                    i += 1
-        except BaseException as e:
-            errors.append(e)
-
-    workers = [threading.Thread(target=transfers) for _ in range(4)]
-    for w in workers:
-        w.start()
-    try:
-        with psycopg.connect(rt.dsn("pgquorum"), autocommit=True) as admin:
-            for _ in range(3):  # a consistent cut every time, though commits never stop
-                cur = admin.execute("VERIFY")
-                assert cur.fetchall() == [] and cur.statusmessage == "VERIFY"
-    finally:
-        stop.set()
-        for w in workers:
-            w.join(30)
-    assert not errors
+    with (
+        Transfers(rt.dsn(), clients=4, accounts=1000) as load,
+        psycopg.connect(rt.dsn("pgquorum"), autocommit=True) as admin,
+    ):
+        for _ in range(3):  # a consistent cut every time, though commits never stop
+            cur = admin.execute("VERIFY")
+            assert cur.fetchall() == [] and cur.statusmessage == "VERIFY"
+    assert not load.errors
     nodes[1].psql("UPDATE acct SET balance = 0 WHERE id = 777")  # behind the router's back
     nodes[2].psql("INSERT INTO log VALUES ('c')")
     res = run_cli("verify", "--port", str(rt.port))

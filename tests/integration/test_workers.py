@@ -9,9 +9,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from cli_harness import CliProcess, dsn, start
+from cli_harness import CliProcess, dsn, start, write_router_config
 from psycopg import errors
 
+from helpers import Transfers
 from pgquorum.local.instance import LocalNode, free_port
 
 
@@ -19,17 +20,13 @@ def worker_dsn(port: int, index: int) -> str:
     return f"host=/tmp/pgquorum-{port}-w{index} port={port} dbname=pgquorum user=postgres"
 
 
-@pytest.mark.slow
-def test_two_workers(pg_nodes: list[LocalNode], procs: list[CliProcess], tmp_path: Path) -> None:
+def start_workers(
+    procs: list[CliProcess], tmp_path: Path, nodes: list[LocalNode]
+) -> tuple[CliProcess, int, Path]:
+    """`pgquorum router` with two workers; returns once both listen."""
     port = free_port()
-    listed = "".join(
-        f'\n[[group.nodes]]\nname = "{n.name}"\nhost = "{n.router_host}"\nport = {n.port}\n'
-        for n in pg_nodes
-    )
-    cfg = tmp_path / "router.toml"
-    cfg.write_text(
-        f'[router]\nlisten = "127.0.0.1:{port}"\nname = "multi"\nauth_method = "trust"\n'
-        f'workers = 2\nstate_db = "state.db"\n\n[group]\nname = "default"\n{listed}'
+    cfg = write_router_config(
+        tmp_path / "router.toml", port, nodes, name="multi", workers=2, state_db="state.db"
     )
     router = start(procs, tmp_path, "router", "--config", str(cfg))
     router.wait_port(port, timeout=30)
@@ -37,6 +34,12 @@ def test_two_workers(pg_nodes: list[LocalNode], procs: list[CliProcess], tmp_pat
     while not Path(f"/tmp/pgquorum-{port}-w1/.s.PGSQL.{port}").exists():
         assert time.monotonic() < deadline, router.output()
         time.sleep(0.1)
+    return router, port, cfg
+
+
+@pytest.mark.slow
+def test_two_workers(pg_nodes: list[LocalNode], procs: list[CliProcess], tmp_path: Path) -> None:
+    router, port, cfg = start_workers(procs, tmp_path, pg_nodes)
     clients = [psycopg.connect(dsn(port), autocommit=True) for _ in range(20)]
     try:
         for c in clients:
@@ -94,52 +97,13 @@ def test_verify_holds_every_workers_commits(
     tmp_path: Path,
 ) -> None:
     nodes = make_nodes(3)
-    port = free_port()
-    listed = "".join(
-        f'\n[[group.nodes]]\nname = "{n.name}"\nhost = "{n.router_host}"\nport = {n.port}\n'
-        for n in nodes
-    )
-    cfg = tmp_path / "router.toml"
-    cfg.write_text(
-        f'[router]\nlisten = "127.0.0.1:{port}"\nname = "multi"\nauth_method = "trust"\n'
-        f'workers = 2\nstate_db = "state.db"\n\n[group]\nname = "default"\n{listed}'
-    )
-    router = start(procs, tmp_path, "router", "--config", str(cfg))
-    router.wait_port(port, timeout=30)
-    deadline = time.monotonic() + 20
-    while not Path(f"/tmp/pgquorum-{port}-w1/.s.PGSQL.{port}").exists():
-        assert time.monotonic() < deadline, router.output()
-        time.sleep(0.1)
+    router, port, _ = start_workers(procs, tmp_path, nodes)
     with psycopg.connect(dsn(port), autocommit=True) as conn:
         conn.execute("CREATE TABLE acct (id int PRIMARY KEY, balance int NOT NULL)")
         conn.execute("INSERT INTO acct SELECT g, 100 FROM generate_series(1, 200) g")
-    stop = threading.Event()
-    errors_seen: list[BaseException] = []
-
-    def transfers(n: int) -> None:
-        try:
-            with psycopg.connect(dsn(port)) as conn:  # spread over both workers
-                i = n
-                while not stop.is_set():
-                    a, b = sorted((i % 200 + 1, (i * 7 + 3) % 200 + 1))
-                    if a != b:
-                        conn.execute("UPDATE acct SET balance = balance - 1 WHERE id = %s", (a,))
-                        conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = %s", (b,))
-                        conn.commit()
-                    i += 1
-        except BaseException as e:
-            errors_seen.append(e)
-
-    workers = [threading.Thread(target=transfers, args=(n,)) for n in range(6)]
-    for w in workers:
-        w.start()
-    try:
+    with Transfers(dsn(port), clients=6, accounts=200) as load:  # spread over both workers
         for i in (0, 1, 0):  # whichever worker runs it, the others hold their commits
             with psycopg.connect(worker_dsn(port, i), autocommit=True) as admin:
                 assert admin.execute("VERIFY").fetchall() == []
-    finally:
-        stop.set()
-        for w in workers:
-            w.join(30)
-    assert not errors_seen
+    assert not load.errors
     assert router.terminate() == 0, router.output()

@@ -27,6 +27,37 @@ from .session import ClientSession
 log = logging.getLogger(__name__)
 
 
+class Followers:
+    """The units the other nodes run in the order a lead gave them, counted per lead.
+
+    Lead-first execution keeps every node's lock order the lead's. When the lead fails, units
+    it ordered may still be running on the others; a unit that started on the new lead at
+    the same time could take its locks in another order there, and the two could wait for
+    each other across nodes, where no PostgreSQL sees the cycle. So a unit waits, before its
+    lead phase, until no unit ordered by another lead is still running anywhere.
+    """
+
+    def __init__(self) -> None:
+        self.running: dict[str, int] = {}
+        self._changed = asyncio.Event()
+
+    def begin(self, lead: str) -> None:
+        self.running[lead] = self.running.get(lead, 0) + 1
+
+    def end(self, lead: str) -> None:
+        left = self.running[lead] - 1
+        if left:
+            self.running[lead] = left
+        else:
+            del self.running[lead]
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
+
+    async def settle(self, lead: str) -> None:
+        while any(name != lead for name in self.running):
+            await self._changed.wait()
+
+
 class Router:
     """One pgquorum router in front of one group of nodes."""
 
@@ -51,6 +82,7 @@ class Router:
         self._server: asyncio.Server | None = None
         self._private: asyncio.Server | None = None  # a worker's socket for its siblings
         self.commits = CommitCoordinator(self)
+        self.followers = Followers()
         self.sequences = SequenceAllocator(self)
         self._tables: dict[str, TableCatalog] = {}
         self.peers = Peers(self)

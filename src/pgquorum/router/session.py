@@ -1019,6 +1019,8 @@ class ClientSession(asyncio.Protocol):
             lead = conns[0]
             data, expect = build(lead)
             st = cluster.status[lead.node.name]
+            if not lock_free:
+                await self.router.followers.settle(lead.node.name)
             st.outstanding += 1
             st.statements += 1
             try:
@@ -1064,10 +1066,15 @@ class ClientSession(asyncio.Protocol):
             # The client cancelled: abort the others' transaction the same way.
             cancel_self = m.encode_query("SELECT pg_cancel_backend(pg_backend_pid())")
             build = lambda c: (cancel_self, [EXPECT_QUERY])  # noqa: E731
-        started = self._start_others(others, build)
-        results = await self._gather(started, lead_took)
-        if lead_res.copy_in:
-            lead_res, results = await self._copy_in(lead, lead_res, started, results)
+        followers = self.router.followers
+        followers.begin(lead.node.name)
+        try:
+            started = self._start_others(others, build)
+            results = await self._gather(started, lead_took)
+            if lead_res.copy_in:
+                lead_res, results = await self._copy_in(lead, lead_res, started, results)
+        finally:
+            followers.end(lead.node.name)
         return self._finish_write(lead, lead_res, started, results)
 
     def _start_others(self, others: list[NodeConnection], build: BuildUnit) -> list[NodeConnection]:

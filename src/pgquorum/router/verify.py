@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RANGES = 16
+ATTEMPTS = 3
 
 _DATABASES = (
     "SELECT datname FROM pg_catalog.pg_database "
@@ -83,10 +84,10 @@ class Snapshots:
             for host, port in router.settings.peers:
                 params = {"user": user, "database": "pgquorum", "application_name": "pgquorum"}
                 try:
-                    peer = await Link.open(Node("peer", host, port), params, password, timeout=10)
+                    peer = await Link.open(Node("peer", host, port), params, password, timeout=30)
                     held.append(peer)
                     await peer.query("HOLD COMMITS")
-                except (NodeLost, PgError, OSError) as e:
+                except (NodeLost, PgError, OSError, TimeoutError) as e:
                     # A peer we cannot reach may still be committing: no consistent point.
                     raise PgError(
                         OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -127,7 +128,18 @@ async def verify(router: Router, *, fail_minority: bool = False) -> list[Finding
         probe.close()
     snaps = Snapshots()
     try:
-        paused = await snaps.take(router, nodes, databases)
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                paused = await snaps.take(router, nodes, databases)
+                break
+            except (TimeoutError, PgError) as e:
+                # Under heavy load the commits in flight may not drain in time: try again.
+                snaps.close()
+                snaps = Snapshots()
+                if attempt == ATTEMPTS:
+                    raise
+                log.warning("verify: no consistent point yet (%s); trying again", e)
+                await asyncio.sleep(0.5 * attempt)
         log.info("verify: snapshots taken; commits waited %.1f ms", paused * 1000)
         findings: list[Finding] = []
         for db in databases:

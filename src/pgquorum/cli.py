@@ -74,7 +74,7 @@ def router(config_path: Path, verbose: bool, worker: int | None) -> None:
         await r.start()
         if supervisor is not None:
             supervisor.start()
-        await _wait_for_signal()
+        await _wait_for_signal(orphan_check=worker is not None)
         if supervisor is not None:
             await supervisor.stop()
         await r.stop()
@@ -82,12 +82,25 @@ def router(config_path: Path, verbose: bool, worker: int | None) -> None:
     _run(serve())
 
 
-async def _wait_for_signal() -> None:
+async def _wait_for_signal(*, orphan_check: bool = False) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if orphan_check:
+        # A worker whose first process died (even by SIGKILL) stops too, rather than
+        # serving on alone without its supervisor.
+        parent = os.getppid()
+
+        async def watch_parent() -> None:
+            while os.getppid() == parent:
+                await asyncio.sleep(1)
+            stop.set()
+
+        watcher = loop.create_task(watch_parent())
     await stop.wait()
+    if orphan_check:
+        watcher.cancel()
 
 
 @main.command()

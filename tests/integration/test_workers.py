@@ -107,3 +107,15 @@ def test_verify_holds_every_workers_commits(
                 assert admin.execute("VERIFY").fetchall() == []
     assert not load.errors
     assert router.terminate() == 0, router.output()
+
+
+def test_workers_do_not_outlive_the_first(
+    pg_nodes: list[LocalNode], procs: list[CliProcess], tmp_path: Path
+) -> None:
+    router, _, cfg = start_workers(procs, tmp_path, pg_nodes)
+    router.proc.kill()  # SIGKILL: no chance to stop its workers itself
+    router.proc.wait(10)
+    deadline = time.monotonic() + 15
+    while subprocess.run(["pgrep", "-f", str(cfg)], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "a worker outlived the first process"
+        time.sleep(0.2)

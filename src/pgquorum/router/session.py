@@ -1338,10 +1338,7 @@ class ClientSession(asyncio.Protocol):
                         f"{len(ok)} of {len(voters)} nodes prepared",
                     )
                 async with commits.commit_slot():
-                    failure = await self._phase_two(gid, ok)
-                if failure is not None:
-                    return failure
-                return None
+                    return await self._phase_two(gid, ok)
             # More failures: nothing commits. The nodes that prepared disagree with the
             # majority; their transaction is rolled back before they are failed.
             undo = m.encode_query(f"ROLLBACK PREPARED {literal}")

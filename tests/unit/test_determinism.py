@@ -27,10 +27,10 @@ from pgquorum.sql.analyze import Analyzer
 from pgquorum.sql.determinism import (
     REFUSED_ALWAYS,
     REPLICABLE_VOLATILE,
-    SEQUENCE_FUNCTIONS,
     TIME_FUNCTIONS,
     check_and_rewrite,
 )
+from pgquorum.sql.sequences import SEQUENCE_FUNCTIONS
 
 TXN = datetime(2026, 11, 21, 10, 0, 0, 987654, tzinfo=UTC)
 STMT = datetime(2026, 11, 21, 10, 0, 2, 123456, tzinfo=UTC)

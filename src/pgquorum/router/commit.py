@@ -24,7 +24,7 @@ from pgquorum.cluster.store import DecisionLog
 from pgquorum.protocol import messages as m
 
 from .backend import NodeLost
-from .client import query
+from .client import Link, query
 
 if TYPE_CHECKING:
     from .server import Router
@@ -51,8 +51,6 @@ class CommitCoordinator:
         self._seq = itertools.count(1)
         self._owner = f"{GID_PREFIX}{self.name}/"
         self._task: asyncio.Task[None] | None = None
-        self.resolved_commits = 0
-        self.resolved_rollbacks = 0
         self._active = 0  # sessions inside a commit slot
         self._barrier: asyncio.Event | None = None  # set when the barrier is released
         self._drained: asyncio.Event | None = None
@@ -165,34 +163,31 @@ class CommitCoordinator:
             if owned and gid not in self.in_flight:
                 by_db[str(database)].append(str(gid))
         done = 0
+        user, password = self.router.internal_credentials()
         for database, gids in by_db.items():
             decided = self.router.store.decided(gids)
-            sql = []
-            for gid in gids:
-                verb = "COMMIT" if gid in decided else "ROLLBACK"
-                sql.append(f"{verb} PREPARED {quote_literal(gid)}")
-                log.warning(
-                    "in-doubt transaction %s on node %s (database %s): %s",
-                    gid,
-                    node.name,
-                    database,
-                    "committing (decision recorded)"
-                    if gid in decided
-                    else "rolling back (no decision)",
-                )
-            # One statement per query: COMMIT PREPARED refuses to run in a multi-statement string.
-            for stmt, gid in zip(sql, gids, strict=True):
-                try:
-                    await self._query(node, database, stmt)
-                except m.PgError as e:
-                    if e.sqlstate != "42704":  # already finished by someone else
-                        raise
-                    continue
-                done += 1
-                if gid in decided:
-                    self.resolved_commits += 1
-                else:
-                    self.resolved_rollbacks += 1
+            params = {"user": user, "database": database, "application_name": "pgquorum"}
+            link = await Link.open(node, params, password)
+            try:
+                for gid in gids:
+                    verb = "COMMIT" if gid in decided else "ROLLBACK"
+                    log.warning(
+                        "in-doubt transaction %s on node %s (database %s): %s PREPARED (%s)",
+                        gid,
+                        node.name,
+                        database,
+                        verb,
+                        "decision recorded" if gid in decided else "no decision",
+                    )
+                    try:  # one per query: COMMIT PREPARED refuses multi-statement strings
+                        await link.query(f"{verb} PREPARED {quote_literal(gid)}")
+                    except m.PgError as e:
+                        if e.sqlstate != "42704":  # already finished by someone else
+                            raise
+                        continue
+                    done += 1
+            finally:
+                link.close()
         return done
 
     async def _query(self, node: Node, database: str, sql: str) -> list[list[str | None]]:

@@ -41,7 +41,6 @@ from pgquorum.sql.catalog import TableCatalog
 from pgquorum.sql.determinism import (
     NODE_LOCAL_VALUES,
     REFUSED_ALWAYS,
-    SEQUENCE_FUNCTIONS,
     TIME_FUNCTIONS,
     check_and_rewrite,
 )
@@ -773,7 +772,7 @@ class ClientSession(asyncio.Protocol):
         if (
             route is Route.WRITE
             and self.txn_status != FAILED_BLOCK
-            and (a.inserts or a.copy_into or a.calls & SEQUENCE_FUNCTIONS)
+            and (a.inserts or a.copy_into or a.calls & seq.SEQUENCE_FUNCTIONS)
         ):
             text = await self._assign_sequences(sql, a)
             if text is not None:
@@ -793,7 +792,7 @@ class ClientSession(asyncio.Protocol):
         if a.copy_into is not None and a.copy_into in filled:
             self._seq_locks |= await self._copy_locks(sql, tables)
         wanted = a.inserts & filled
-        if not wanted and not a.calls & (SEQUENCE_FUNCTIONS - seq.SETVAL):
+        if not wanted and not a.calls & (seq.SEQUENCE_FUNCTIONS - seq.SETVAL):
             return None
         try:
             stmts = seq.parse(sql)

@@ -53,12 +53,12 @@ from pglast.parser import parse_sql, scan
 
 from pgquorum.protocol.errors import FEATURE_NOT_SUPPORTED, PgError
 from pgquorum.sql.analyze import TIME_VALUE_OPS, _child_attrs, _func_name, parsable_text
+from pgquorum.sql.sequences import SEQUENCE_FUNCTIONS  # assigned by the router, not here
 
 __all__ = [
     "NODE_LOCAL_VALUES",
     "REFUSED_ALWAYS",
     "REPLICABLE_VOLATILE",
-    "SEQUENCE_FUNCTIONS",
     "TIME_FUNCTIONS",
     "check_and_rewrite",
 ]
@@ -76,7 +76,6 @@ _TXN_TIME_FUNCTIONS = _with_catalog("now", "transaction_timestamp")
 _STMT_TIME_FUNCTIONS = _with_catalog("statement_timestamp")
 TIME_FUNCTIONS: frozenset[str] = _TXN_TIME_FUNCTIONS | _STMT_TIME_FUNCTIONS
 
-SEQUENCE_FUNCTIONS: frozenset[str] = _with_catalog("nextval", "currval", "lastval", "setval")
 
 # Volatile in pg_proc, yet with the same effect and result on every node that runs the same
 # statements in the same order: not refused.  (pg_try_advisory_lock* are not here: whether

@@ -36,7 +36,7 @@ NEXTVAL = frozenset({"nextval", "pg_catalog.nextval"})
 CURRVAL = frozenset({"currval", "pg_catalog.currval"})
 LASTVAL = frozenset({"lastval", "pg_catalog.lastval"})
 SETVAL = frozenset({"setval", "pg_catalog.setval"})
-SEQUENCE_FUNCTIONS = NEXTVAL | CURRVAL | LASTVAL | SETVAL
+SEQUENCE_FUNCTIONS = NEXTVAL | CURRVAL | LASTVAL | SETVAL  # determinism leaves these alone
 
 # Every table (by relation name) and whether a column's default calls a function (or is an
 # identity): their INSERTs need fill_defaults. The look at the stored expression tree is

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -218,11 +218,16 @@ def down(directory: Path) -> None:
     console.print("\n".join(done) if done else "nothing was running")
 
 
+def _router_address(f: Callable[..., None]) -> Callable[..., None]:
+    """--host/--port/--user/--password of a router's admin console."""
+    f = click.option("--password", envvar="PGQUORUM_PASSWORD", default=None)(f)
+    f = click.option("--user", default="postgres", show_default=True)(f)
+    f = click.option("--port", default=6432, show_default=True, type=int)(f)
+    return click.option("--host", default="127.0.0.1", show_default=True)(f)
+
+
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=6432, show_default=True, type=int)
-@click.option("--user", default="postgres", show_default=True)
-@click.option("--password", envvar="PGQUORUM_PASSWORD", default=None)
+@_router_address
 def status(host: str, port: int, user: str, password: str | None) -> None:
     """Print the router's SHOW NODES table."""
     from pgquorum.router.client import admin_query
@@ -232,18 +237,11 @@ def status(host: str, port: int, user: str, password: str | None) -> None:
     except Exception as e:
         console.print(f"cannot reach the router at {host}:{port}: {e}", style="red", markup=False)
         sys.exit(1)
-    table = Table(*cols)
-    for row in rows:
-        table.add_row(*(v or "" for v in row))
-    # Piped output has no terminal width to fit: do not cut the cells short.
-    (console if console.is_terminal else Console(width=240)).print(table)
+    _print_table(cols, rows)
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=6432, show_default=True, type=int)
-@click.option("--user", default="postgres", show_default=True)
-@click.option("--password", envvar="PGQUORUM_PASSWORD", default=None)
+@_router_address
 @click.option("--fail-minority", is_flag=True, help="Fail the nodes that differ from the majority.")
 def verify(host: str, port: int, user: str, password: str | None, fail_minority: bool) -> None:
     """Compare the router's ONLINE nodes at one consistent point; exit 1 if any differ."""
@@ -258,11 +256,16 @@ def verify(host: str, port: int, user: str, password: str | None, fail_minority:
     if not rows:
         console.print("every ONLINE node holds the same data")
         return
-    table = Table(*cols, title="differences from the majority")
+    _print_table(cols, rows, title="differences from the majority")
+    sys.exit(1)
+
+
+def _print_table(cols: list[str], rows: list[list[str | None]], title: str | None = None) -> None:
+    table = Table(*cols, title=title)
     for row in rows:
         table.add_row(*(v or "" for v in row))
+    # Piped output has no terminal width to fit: do not cut the cells short.
     (console if console.is_terminal else Console(width=240)).print(table)
-    sys.exit(1)
 
 
 def _run_value(coro: Coroutine[Any, Any, T]) -> T:

@@ -695,7 +695,7 @@ class ClientSession(asyncio.Protocol):
             return
         expect = [EXPECT_QUERY]
         try:
-            fixed = await self._fix_text(sql, a, route)
+            fixed = await self._fix_text(sql, a, route) if _may_need_fixing(a) else None
         except PgError as e:
             res = await self._refuse(e)
             self._reply(res)
@@ -1018,7 +1018,7 @@ class ClientSession(asyncio.Protocol):
             lead = conns[0]
             data, expect = build(lead)
             st = cluster.status[lead.node.name]
-            if not lock_free:
+            if not lock_free and self.router.followers.running:
                 await self.router.followers.settle(lead.node.name)
             st.outstanding += 1
             st.statements += 1
@@ -1485,7 +1485,8 @@ class ClientSession(asyncio.Protocol):
                         self._note_unpreparable(stmt.analysis)
                         r = await self._resolve(stmt.analysis)
                         try:
-                            await self._fix_statement(stmt, r)
+                            if _may_need_fixing(stmt.analysis):
+                                await self._fix_statement(stmt, r)
                         except PgError as e:
                             await self._refuse_batch(batch, e)
                             return
@@ -1627,6 +1628,12 @@ _ASYNC_COMMIT_OFF = m.encode_query(
     "pg_catalog.current_setting('pgquorum.synchronous_commit'), false)"
 )
 _ASYNC_COMMIT_EXPECT = [EXPECT_QUERY_SWALLOWED, EXPECT_QUERY, EXPECT_QUERY_SWALLOWED]
+
+
+def _may_need_fixing(a: Analysis) -> bool:
+    """Cheap test on the per-statement path: could _fix_text have anything to do?"""
+    return bool(a.time_values or a.calls or a.arbitrary or a.inserts or a.copy_into)
+
 
 # Functions whose calls always go through check_and_rewrite (fixed or refused).
 _FIXED_NAMES = TIME_FUNCTIONS | REFUSED_ALWAYS

@@ -13,6 +13,7 @@ import uvloop
 
 from pgquorum.cluster.model import Group, Node
 from pgquorum.config import Config, RouterSettings
+from pgquorum.local.binaries import PgBinaries
 from pgquorum.local.instance import LocalNode
 from pgquorum.router.server import Router
 
@@ -91,3 +92,14 @@ class RouterThread:
 def write_users(path: Path, users: dict[str, str]) -> Path:
     path.write_text("".join(f'"{u}" "{p}"\n' for u, p in users.items()))
     return path
+
+
+def client_cmd(
+    binaries: PgBinaries, program: str, rt: RouterThread, *args: str, db: str = "postgres"
+) -> list[str]:
+    """psql/pgbench through the router as postgres: ``program -h -p -U -d db args``
+    (pgbench takes the database as its last argument instead)."""
+    base = [str(binaries.path(program)), "-h", "127.0.0.1", "-p", str(rt.port), "-U", "postgres"]
+    if program == "pgbench":
+        return [*base, *args, db]
+    return [*base, "-X", "-v", "ON_ERROR_STOP=1", "-d", db, *args]

@@ -7,7 +7,7 @@ import subprocess
 
 import psycopg
 import pytest
-from router_harness import RouterThread
+from router_harness import RouterThread, client_cmd
 
 from pgquorum.local.binaries import PgBinaries
 from pgquorum.local.instance import LocalNode
@@ -43,27 +43,7 @@ def run_psql(
     pg_binaries: PgBinaries, router: RouterThread, sql: str, dbname: str = "pgquorum"
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            str(pg_binaries.path("psql")),
-            "-X",
-            "-A",
-            "-t",
-            "-F",
-            "|",
-            "-w",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(router.port),
-            "-U",
-            "postgres",
-            "-d",
-            dbname,
-            "-c",
-            sql,
-        ],
+        client_cmd(pg_binaries, "psql", router, "-A", "-t", "-F", "|", "-w", "-c", sql, db=dbname),
         capture_output=True,
         text=True,
         timeout=60,

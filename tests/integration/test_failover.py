@@ -11,21 +11,12 @@ import time
 
 import psycopg
 import pytest
-from router_harness import RouterThread, router_config
+from router_harness import RouterThread, client_cmd, router_config
 
 from helpers import assert_nodes_identical
 from pgquorum.cluster.model import NodeState
 from pgquorum.local.binaries import PgBinaries
 from pgquorum.local.instance import LocalNode, _descendants
-
-
-def pgbench_cmd(binaries: PgBinaries, rt: RouterThread, *args: str) -> list[str]:
-    return [
-        str(binaries.path("pgbench")),
-        *("-h", "127.0.0.1", "-p", str(rt.port), "-U", "postgres"),
-        *args,
-        "postgres",
-    ]
 
 
 def balanced(node: LocalNode) -> bool:
@@ -54,14 +45,16 @@ def test_pgbench_tpcb_survives_a_killed_node(
     rt = RouterThread(router_config(nodes))
     try:
         init = subprocess.run(
-            pgbench_cmd(pg_binaries, rt, "-i", "-s", "1", "-q"),
+            client_cmd(pg_binaries, "pgbench", rt, "-i", "-s", "1", "-q"),
             capture_output=True,
             text=True,
             timeout=120,
         )
         assert init.returncode == 0, init.stderr
         bench = subprocess.Popen(
-            pgbench_cmd(pg_binaries, rt, "-M", mode, "-c", "8", "-j", "2", "-T", "8", "-n"),
+            client_cmd(
+                pg_binaries, "pgbench", rt, "-M", mode, "-c", "8", "-j", "2", "-T", "8", "-n"
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from router_harness import RouterThread
+from router_harness import RouterThread, client_cmd
 
 from pgquorum.local.binaries import PgBinaries
 from pgquorum.local.instance import LocalNode
@@ -15,21 +15,7 @@ def psql(
     binaries: PgBinaries, router: RouterThread, db: str, *args: str, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            str(binaries.path("psql")),
-            "-X",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(router.port),
-            "-U",
-            "postgres",
-            "-d",
-            db,
-            *args,
-        ],
+        client_cmd(binaries, "psql", router, *args, db=db),
         input=stdin,
         capture_output=True,
         text=True,
@@ -66,17 +52,7 @@ def test_psql_error_has_sqlstate(pg_binaries: PgBinaries, router: RouterThread, 
 
 def pgbench(binaries: PgBinaries, router: RouterThread, db: str, *args: str) -> str:
     r = subprocess.run(
-        [
-            str(binaries.path("pgbench")),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(router.port),
-            "-U",
-            "postgres",
-            *args,
-            db,
-        ],
+        client_cmd(binaries, "pgbench", router, *args, db=db),
         capture_output=True,
         text=True,
         timeout=300,

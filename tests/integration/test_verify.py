@@ -9,7 +9,7 @@ import pytest
 from cli_harness import run_cli
 from router_harness import RouterThread, router_config
 
-from helpers import Transfers
+from helpers import Transfers, assert_nodes_identical
 from pgquorum.cluster.model import NodeState
 from pgquorum.local.instance import free_port
 
@@ -81,6 +81,7 @@ def test_hold_commits_holds_them_until_released(cluster) -> None:  # type: ignor
     with psycopg.connect(rt.dsn(), autocommit=True) as conn:
         conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = 1")
     assert nodes[0].psql("SELECT balance FROM acct WHERE id = 1") == "102"
+    assert_nodes_identical(nodes, "postgres")
 
 
 def test_verify_refuses_without_every_peers_barrier(make_nodes) -> None:  # type: ignore[no-untyped-def]

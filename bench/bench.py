@@ -296,6 +296,27 @@ def start_nodes(binaries: PgBinaries, data_dir: Path, names: list[str]) -> list[
 
 
 @contextlib.contextmanager
+def serving(
+    cmd: list[str], name: str, port: int, log: Path, stop: signal.Signals, **popen: Any
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server process logging to ``log`` until it listens on ``port``; stop it after."""
+    with log.open("ab") as logf:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            **popen,
+        )
+    try:
+        wait_for_port(port, proc, name, log, timeout=60)
+        yield proc
+    finally:
+        stop_process(proc, name, stop)
+
+
+@contextlib.contextmanager
 def router(nodes: list[LocalNode], work: Path, log_dir: Path, workers: str) -> Iterator[int]:
     port = free_port()
     conf = work / "router.toml"
@@ -319,22 +340,10 @@ def router(nodes: list[LocalNode], work: Path, log_dir: Path, workers: str) -> I
     shutil.copy(conf, log_dir / "router.toml")
     exe = Path(sys.executable).parent / "pgquorum"
     cmd = [str(exe) if exe.exists() else "pgquorum", "router", "--config", str(conf)]
-    log = log_dir / "router.log"
-    with log.open("ab") as logf:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    try:
-        wait_for_port(port, proc, "pgquorum router", log, timeout=60)
+    with serving(cmd, "pgquorum router", port, log_dir / "router.log", signal.SIGTERM) as proc:
         yield port
-    finally:
-        stop_process(proc, "pgquorum router", signal.SIGTERM)
-        if proc.returncode not in (0, -signal.SIGTERM, None):
-            console.print(f"[yellow]router exited with code {proc.returncode}[/]")
+    if proc.returncode not in (0, -signal.SIGTERM, None):
+        console.print(f"[yellow]router exited with code {proc.returncode}[/]")
 
 
 def find_pgpool() -> str | None:
@@ -402,24 +411,12 @@ def pgpool(
         chown_postgres(f)
     shutil.copy(conf, log_dir / "pgpool.conf")
     cmd = [exe, "-n", "-f", str(conf), "-F", str(pcp)]
-    log = log_dir / "pgpool.log"
     kwargs = run_as_postgres_kwargs()  # pgpool works as root, but there is no need for it
-    with log.open("ab") as logf:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            cwd=str(pool_dir),
-            **kwargs,
-        )
-    try:
-        wait_for_port(port, proc, "pgpool", log, timeout=60)
+    # SIGINT = pgpool's "fast" shutdown.
+    with serving(
+        cmd, "pgpool", port, log_dir / "pgpool.log", signal.SIGINT, cwd=str(pool_dir), **kwargs
+    ):
         yield port
-    finally:
-        # SIGINT = pgpool's "fast" shutdown.
-        stop_process(proc, "pgpool", signal.SIGINT)
 
 
 def psql_port(binaries: PgBinaries, port: int, sql: str, database: str = "postgres") -> str:

@@ -104,5 +104,27 @@ class ClusterView:
         for listener in self._listeners:
             listener(st)
 
+    def mark_recovering(self, name: str, reason: str) -> None:
+        """A FAILED (or new) node that a recovery is rebuilding: still no traffic."""
+        self._set(name, NodeState.RECOVERING, reason)
+
+    def mark_online(self, name: str, reason: str) -> None:
+        """The end of a recovery: the node holds what the others hold and takes traffic."""
+        self._set(name, NodeState.ONLINE, reason)
+
+    def _set(self, name: str, state: NodeState, reason: str) -> None:
+        st = self.status[name]
+        st.state = state
+        st.reason = reason
+        try:
+            st.since = self.store.set_state(self.group.name, name, state, reason, self.router)
+        except Exception:
+            log.exception("cannot record node %s as %s in the state database", name, state)
+            st.since = time.time()
+        self.generation += 1
+        log.warning("node %s is %s: %s", name, state, reason)
+        for listener in self._listeners:
+            listener(st)
+
     def on_change(self, listener: Callable[[NodeStatus], None]) -> None:
         self._listeners.append(listener)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -23,6 +25,7 @@ from pgquorum.protocol.errors import (
     UNDEFINED_OBJECT,
     PgError,
 )
+from pgquorum.recovery.queue import RemoteQueue
 
 from .peers import parse_fail_node
 from .verify import verify
@@ -43,7 +46,7 @@ class AdminConsole:
             "events": self.show_events,
             "help": self.show_help,
         }
-        self._holds: dict[int, asyncio.Event] = {}  # admin session id -> its HOLD COMMITS
+        self._holds: dict[tuple[int, str], asyncio.Event] = {}  # (admin session, what) -> HOLD
         self._hold_tasks: set[asyncio.Task[None]] = set()
 
     # -- tables -----------------------------------------------------------------------------
@@ -123,6 +126,8 @@ class AdminConsole:
         rows: list[list[str | None]] = [["SHOW " + c.upper()] for c in self.commands]
         rows.append(["FAIL NODE name [REASON 'text']"])
         rows.append(["VERIFY [FAIL MINORITY]"])
+        rows.append(["RECOVER NODE name"])
+        rows.append(["SHOW RECOVERY"])
         return ["command"], rows
 
     # -- protocol ---------------------------------------------------------------------------
@@ -145,17 +150,26 @@ class AdminConsole:
         cols = ["database", "table", "range", "node", "detail"]
         return cols, [[f.database, f.table, f.range, f.node, f.detail] for f in findings]
 
-    async def hold_commits(self, session: ClientSession) -> Table:
-        """HOLD COMMITS: this router's commit barrier, held for a peer's VERIFY until RELEASE
-        COMMITS, the end of the admin session, or HOLD_MAX_S."""
-        if session.id in self._holds:
+    async def hold(self, session: ClientSession, what: str) -> Table:
+        """HOLD COMMITS: this router's commit barrier, held for a peer's VERIFY or recovery
+        snapshot; HOLD WRITES: its write gate, for a recovered node to join. Held until
+        RELEASE, the end of the admin session, or HOLD_MAX_S."""
+        key = (session.id, what)
+        if key in self._holds:
             return ["held", "drained_ms"], [["t", None]]  # already held by this session
         drained: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         release = asyncio.Event()
+        router = self.router
 
         async def hold() -> None:
             try:
-                async with self.router.commits.barrier() as took:
+                if what == "COMMITS":
+                    barrier = router.commits.barrier()
+                else:
+                    barrier = router.write_gate.hold(WRITE_HOLD_S)
+                async with barrier as took:
+                    if what == "WRITES":
+                        await router.flush_sink()  # every commit queued has reached the queue
                     drained.set_result(took)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(release.wait(), HOLD_MAX_S)
@@ -163,22 +177,112 @@ class AdminConsole:
                 if not drained.done():
                     drained.set_exception(e)
 
-        self._holds[session.id] = release
+        self._holds[key] = release
         task = asyncio.get_running_loop().create_task(hold())
         self._hold_tasks.add(task)  # (the loop keeps only a weak reference)
         task.add_done_callback(self._hold_tasks.discard)
-        task.add_done_callback(lambda _: self._holds.pop(session.id, None))
+        task.add_done_callback(lambda _: self._holds.pop(key, None))
         try:
             took = await drained
         except TimeoutError:
-            raise _no_quiet_point() from None
+            raise _no_quiet_point(what) from None
         return ["held", "drained_ms"], [["t", f"{took * 1000:.1f}"]]
 
-    def release_commits(self, session: ClientSession) -> Table:
-        release = self._holds.pop(session.id, None)
+    def release(self, session: ClientSession, what: str) -> Table:
+        release = self._holds.pop((session.id, what), None)
         if release is not None:
             release.set()
         return ["held", "drained_ms"], [["f", None]]
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    def recover_node(self, node: str) -> Table:
+        """RECOVER NODE name: starts the recovery and answers at once (see SHOW RECOVERY)."""
+        recovery = self.router.start_recovery(node)
+        return ["node", "recovery", "phase"], [[node, recovery.rid, recovery.progress.phase]]
+
+    def show_recovery(self) -> Table:
+        cols = [
+            "node",
+            "recovery",
+            "phase",
+            "databases",
+            "bytes",
+            "replayed",
+            "queue_depth",
+            "longest_pause_ms",
+            "pauses_ms",
+            "started",
+            "seconds",
+            "error",
+        ]
+        recovery = self.router.recovery
+        if recovery is None:
+            return cols, []
+        p = recovery.progress
+        end = p.finished or time.time()
+        row: list[str | None] = [
+            p.node,
+            p.rid,
+            p.phase,
+            f"{p.databases_done}/{p.databases}",
+            str(p.bytes),
+            str(p.replayed),
+            str(recovery.queue.depth),
+            f"{max(p.pauses_ms, default=0.0):.1f}",
+            ",".join(f"{x:.1f}" for x in p.pauses_ms),
+            _when(p.started),
+            f"{end - p.started:.1f}",
+            p.error,
+        ]
+        return cols, [row]
+
+    def recovery_command(self, sql: str) -> Table:
+        """The coordinator's commands to its peers (RECOVERY START/QUEUE/ONLINE/STOP)."""
+        router = self.router
+        text = sql.strip().rstrip(";")
+        if text[:15].upper() == "RECOVERY QUEUE ":
+            sink = router.recovery_sink
+            recovery = router.recovery
+            try:
+                request = json.loads(text[15:])
+            except ValueError as e:
+                raise PgError(SYNTAX_ERROR, f"invalid RECOVERY QUEUE payload: {e}") from None
+            if recovery is None or sink is not recovery.queue or request.get("rid") != sink.rid:
+                raise PgError(
+                    OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    f"no recovery {request.get('rid')!r} is queueing on this router",
+                )
+            serials = recovery.queue.apply_batch(request["ops"])
+            return ["serial"], [[str(n)] for n in serials]
+        start = _RECOVERY_START.match(text)
+        if start is not None:
+            node = start["node"].replace("''", "'")
+            host = start["host"].replace("''", "'")
+            if node not in router.cluster.status:
+                raise PgError(UNDEFINED_OBJECT, f"no node {node!r} in this router's group")
+            old = router.recovery_sink
+            if old is not None:
+                old.close()
+            router.recovery_sink = RemoteQueue(
+                start["rid"], node, (host, int(start["port"])), router.internal_credentials()
+            )
+            router.cluster.refresh()
+            if router.cluster.status[node].state is not NodeState.RECOVERING:
+                router.cluster.mark_recovering(node, f"recovery {start['rid']} (by a peer)")
+            return ["node", "state"], [[node, "RECOVERING"]]
+        words = text.split()
+        if len(words) == 3 and words[1].upper() in ("ONLINE", "STOP"):
+            sink = router.recovery_sink
+            if sink is None or sink.rid != words[2]:
+                return ["node", "state"], []
+            router.recovery_sink = None
+            sink.close()
+            if words[1].upper() == "ONLINE":
+                router.cluster.mark_online(sink.node, f"recovered ({sink.rid})")
+            state = router.cluster.status[sink.node].state.value
+            return ["node", "state"], [[sink.node, state]]
+        raise PgError(SYNTAX_ERROR, f"invalid recovery command: {text[:80]}")
 
     async def run(self, sql: str, session: ClientSession | None = None) -> list[Table]:
         fail = parse_fail_node(sql)
@@ -186,10 +290,17 @@ class AdminConsole:
             return [self.fail_node(*fail)]
         words = sql.strip().rstrip(";").split()
         command = " ".join(w.upper() for w in words)
-        if command in ("HOLD COMMITS", "RELEASE COMMITS") and session is not None:
-            if command == "HOLD COMMITS":
-                return [await self.hold_commits(session)]
-            return [self.release_commits(session)]
+        if command in _HOLDS and session is not None:
+            verb, what = words[0].upper(), words[1].upper()
+            if verb == "HOLD":
+                return [await self.hold(session, what)]
+            return [self.release(session, what)]
+        if command == "SHOW RECOVERY":
+            return [self.show_recovery()]
+        if len(words) == 3 and command.startswith("RECOVER NODE "):
+            return [self.recover_node(_unquote(words[2]))]
+        if words and words[0].upper() == "RECOVERY":
+            return [self.recovery_command(sql)]
         if words and words[0].upper() == "VERIFY":
             rest = [w.upper() for w in words[1:]]
             if rest not in ([], ["FAIL", "MINORITY"]):
@@ -217,7 +328,8 @@ class AdminConsole:
         try:
             await self._serve(session)
         finally:
-            self.release_commits(session)  # a peer that holds commits and goes away
+            for what in ("COMMITS", "WRITES"):  # a peer that holds and goes away
+                self.release(session, what)
 
     async def _serve(self, session: ClientSession) -> None:
         skipping = False  # after an error in an extended-protocol batch, until its Sync
@@ -259,7 +371,12 @@ class AdminConsole:
             session.write(b"".join(out))
 
 
-def _no_quiet_point() -> PgError:
+def _no_quiet_point(what: str = "COMMITS") -> PgError:
+    if what == "WRITES":
+        return PgError(
+            OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "cannot hold writes: transactions that wrote are still open",
+        )
     return PgError(
         OBJECT_NOT_IN_PREREQUISITE_STATE,
         "cannot hold commits: the commits in flight did not finish in time",
@@ -267,9 +384,24 @@ def _no_quiet_point() -> PgError:
     )
 
 
+def _unquote(name: str) -> str:
+    if len(name) > 1 and name[0] == name[-1] and name[0] in "\"'":
+        return name[1:-1].replace(name[0] * 2, name[0])
+    return name
+
+
+_HOLDS = ("HOLD COMMITS", "RELEASE COMMITS", "HOLD WRITES", "RELEASE WRITES")
+_RECOVERY_START = re.compile(
+    r"^RECOVERY\s+START\s+(?P<rid>\S+)\s+'(?P<node>(?:[^']|'')*)'\s+"
+    r"'(?P<host>(?:[^']|'')*)'\s+(?P<port>\d+)$",
+    re.IGNORECASE,
+)
+WRITE_HOLD_S = 1.0  # a peer's write gate gives up on open transactions after this
+
+
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-_TAGS = {"node": "FAIL NODE", "database": "VERIFY", "held": "HOLD COMMITS"}
+_TAGS = {"node": "FAIL NODE", "database": "VERIFY", "held": "HOLD", "serial": "RECOVERY"}
 HOLD_MAX_S = 10.0  # a peer's hold never outlives this

@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 import ssl
 from typing import cast
 
-from pgquorum.cluster.model import Node
+from pgquorum.cluster.model import Node, NodeState
 from pgquorum.cluster.state import ClusterView
 from pgquorum.cluster.store import StateStore
 from pgquorum.config import Config, RouterSettings
 from pgquorum.protocol import messages as m
 from pgquorum.protocol.auth import UserSecret, load_users
+from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, UNDEFINED_OBJECT, PgError
+from pgquorum.recovery.coordinator import Recovery
+from pgquorum.recovery.gate import WriteGate
+from pgquorum.recovery.queue import QueueUnavailable, Sink
 from pgquorum.sql.analyze import Analyzer
 from pgquorum.sql.catalog import FunctionCatalog, TableCatalog
 
@@ -86,6 +91,60 @@ class Router:
         self.sequences = SequenceAllocator(self)
         self._tables: dict[str, TableCatalog] = {}
         self.peers = Peers(self)
+        # Online recovery (pgquorum.recovery): where commits are queued while a node
+        # recovers, the pause in which it joins, and the recovery this router runs.
+        self.recovery_sink: Sink | None = None
+        self.write_gate = WriteGate(lambda: self.sessions.values())
+        self.recovery: Recovery | None = None
+
+    def start_recovery(self, node: str) -> Recovery:
+        """RECOVER NODE: rebuild a FAILED node while clients go on (recovery/coordinator)."""
+        cluster = self.cluster
+        if node not in cluster.status:
+            raise PgError(UNDEFINED_OBJECT, f"no node {node!r} in group {cluster.group.name!r}")
+        if self.recovery is not None and self.recovery.running:
+            raise PgError(
+                OBJECT_NOT_IN_PREREQUISITE_STATE,
+                f"node {self.recovery.node} is being recovered; one recovery at a time",
+            )
+        cluster.refresh()
+        state = cluster.status[node].state
+        if state is not NodeState.FAILED:
+            raise PgError(
+                OBJECT_NOT_IN_PREREQUISITE_STATE,
+                f"node {node} is {state.value}; only a FAILED node can be recovered",
+                hint=f"FAIL NODE {node} first to rebuild it anyway."
+                if state is NodeState.ONLINE
+                else None,
+            )
+        self.recovery = Recovery(self, node)
+        self.recovery.start()
+        return self.recovery
+
+    def queue_lost(self, sink: Sink, error: Exception) -> None:
+        """The recovery queue cannot take a commit: that recovery cannot succeed any more."""
+        if self.recovery_sink is sink:
+            self.recovery_sink = None
+            sink.close()
+            self.cluster.mark_failed(sink.node, f"the recovery queue was lost: {error}")
+
+    async def flush_sink(self) -> None:
+        sink = self.recovery_sink
+        if sink is not None:
+            try:
+                await sink.flush()
+            except QueueUnavailable as e:
+                self.queue_lost(sink, e)
+
+    def address_for_peer(self, peer_host: str) -> tuple[str, int]:
+        """Where a peer reached at ``peer_host`` can reach this router's admin console."""
+        settings = self.settings
+        if peer_host.startswith("/") and settings.private_dir is not None:
+            return str(settings.private_dir), settings.listen_port  # a sibling worker
+        host = settings.listen_host
+        if host in ("", "0.0.0.0", "::", "*"):
+            host = socket.gethostname()
+        return host, self.port
 
     def credentials(self, client_user: str) -> tuple[str, str | None]:
         """The user and password the router logs in to nodes with, for a client's user."""
@@ -146,6 +205,12 @@ class Router:
         )
 
     async def stop(self) -> None:
+        recovery = self.recovery
+        if recovery is not None and recovery.task is not None:
+            recovery.task.cancel()
+            await asyncio.wait({recovery.task}, timeout=5)
+        if self.recovery_sink is not None:
+            self.recovery_sink.close()
         if self._private is not None:
             self._private.close()
         if self._server is not None:

@@ -35,6 +35,8 @@ from pgquorum.protocol.errors import (
     ProtocolViolation,
 )
 from pgquorum.protocol.framing import Framer
+from pgquorum.recovery.journal import Entry, Journal, Unit
+from pgquorum.recovery.queue import QueueUnavailable, Sink
 from pgquorum.sql import sequences as seq
 from pgquorum.sql.analyze import Analysis, Route
 from pgquorum.sql.catalog import TableCatalog
@@ -148,6 +150,18 @@ class ClientSession(asyncio.Protocol):
         self.seq_last: dict[str, int] = {}
         self.seq_lastval: int | None = None
         self.task: asyncio.Task[None] | None = None
+        # Recovery (see pgquorum.recovery): the transaction's write units as sent, settings
+        # to give a new connection, and the queue serial a one-phase commit reserved.
+        self.journal = Journal()
+        self.settings_log: list[bytes] = []
+        self.writing = False  # in a write unit outside a transaction that wrote (WriteGate)
+        self.txn_count = 0  # transactions ended (WriteGate)
+        self._begin_data: bytes | None = None  # the client's deferred BEGIN
+        self._reserved: tuple[Sink, int] | None = None
+        self._adopted_generation = -1
+        self._cancel_build: BuildUnit | None = None
+        self._copy_seen = False
+        self._copy_data: bytes | None = None
 
     # -- asyncio.Protocol (client side) -----------------------------------------------------
 
@@ -254,6 +268,7 @@ class ClientSession(asyncio.Protocol):
             )
         finally:
             self.router.sessions.pop(self.key[0], None)
+            self._leave_queue()
             for c in self.conns.values():
                 c.close()
             if self.transport is not None:
@@ -630,6 +645,7 @@ class ClientSession(asyncio.Protocol):
         while True:
             if not batch:
                 self.state = "idle" if self.txn_status == IDLE else "idle in transaction"
+                self.writing = False
                 # Parked between units: reads may now take the fast path (see _fast_path).
                 self._fast_ready = not self._skip_to_sync
                 try:
@@ -694,6 +710,8 @@ class ClientSession(asyncio.Protocol):
             self._defer_begin(data, a.strict_isolation)
             return
         expect = [EXPECT_QUERY]
+        if route is Route.WRITE:
+            await self._before_write()
         try:
             fixed = await self._fix_text(sql, a, route) if _may_need_fixing(a) else None
         except PgError as e:
@@ -720,11 +738,15 @@ class ClientSession(asyncio.Protocol):
             elif self.txn_status == IDLE or a.txn_control:
                 # A one-phase commit, lead first: inside the commit barrier's slot.
                 async with self.router.commits.commit_slot():
+                    await self._reserve()
                     res = await self._write_unit(
                         build, single=a.statements == 1, lock_free=a.lock_free
                     )
             else:
                 res = await self._write_unit(build, single=a.statements == 1, lock_free=a.lock_free)
+            if a.lock_free and not a.txn_control and not res.error and a.statements == 1:
+                # A setting: a node the session connects to later gets it first.
+                self.settings_log = [*self.settings_log[-(_SETTINGS_KEPT - 1) :], data]
             self._reply(res)
         else:
             conn = self._lead() if route is Route.LEAD else self._pick_read()
@@ -917,6 +939,8 @@ class ClientSession(asyncio.Protocol):
         transaction never uses never hears of it."""
         for c in self._online_conns():
             c.pending_begin = data
+        self._begin_data = data
+        self.journal.begin(data)
         self.units += 1
         self.txn_status = ord("T")
         self.txn_strict = strict
@@ -927,6 +951,8 @@ class ClientSession(asyncio.Protocol):
         self, res: UnitResult | None, route: Route, strict: bool, catalog_change: bool
     ) -> None:
         self.units += 1
+        if route is not Route.READ or self._reserved is not None:
+            self._journal_after(res)
         if route is not Route.READ:
             # Only writes (SET) change settings; reads cannot turn this one off.
             lead = next(iter(self.conns.values()), None)
@@ -948,6 +974,7 @@ class ClientSession(asyncio.Protocol):
             self.txn_wrote = True
         self.txn_status = status
         if status == IDLE:
+            self.txn_count += 1
             self.txn_time = None
             self.txn_wrote = False
             self.txn_one_phase = False
@@ -983,6 +1010,7 @@ class ClientSession(asyncio.Protocol):
             # A read failed inside a transaction block on one node: run it on the others too,
             # so every node's transaction is aborted the same way.
             await self._replay_elsewhere(conn, build)
+            self.journal.record(build, res)
         return res
 
     async def _replay_elsewhere(self, conn: NodeConnection, build: BuildUnit) -> None:
@@ -1003,6 +1031,21 @@ class ClientSession(asyncio.Protocol):
                 self.router.cluster.mark_failed(c.node.name, r.reason)
 
     async def _write_unit(
+        self, build: BuildUnit, *, single: bool, lock_free: bool = False, wrapped: bool = False
+    ) -> UnitResult:
+        """_run_write, and the unit kept in the transaction's journal."""
+        self._cancel_build = None
+        res = await self._run_write(build, single=single, lock_free=lock_free, wrapped=wrapped)
+        unit = self.journal.record(self._cancel_build or build, res)
+        if self._copy_seen:
+            self._copy_seen = False
+            if self._copy_data is None:
+                unit.copy_missing = True
+            else:
+                unit.copy, self._copy_data = self._copy_data, None
+        return res
+
+    async def _run_write(
         self, build: BuildUnit, *, single: bool, lock_free: bool = False, wrapped: bool = False
     ) -> UnitResult:
         """Run a unit on the lead, then on every other ONLINE node; return the majority's
@@ -1065,6 +1108,7 @@ class ClientSession(asyncio.Protocol):
             # The client cancelled: abort the others' transaction the same way.
             cancel_self = m.encode_query("SELECT pg_cancel_backend(pg_backend_pid())")
             build = lambda c: (cancel_self, [EXPECT_QUERY])  # noqa: E731
+            self._cancel_build = build
         followers = self.router.followers
         followers.begin(lead.node.name)
         try:
@@ -1158,9 +1202,14 @@ class ClientSession(asyncio.Protocol):
         # The client sees the lead's CopyInResponse; the rest of its reply comes at the end.
         self.transport.writelines(lead_res.chunks)
         lead_res.chunks = []
+        # A recovering node replays the COPY with its data (only what streams while it
+        # recovers can be kept: see Journal).
+        capture: list[bytes] | None = [] if self.router.recovery_sink is not None else None
         while True:
             run = self.framer.take_run(m.COPY_DATA)
             if run:
+                if capture is not None:
+                    capture.append(run)
                 await self._copy_to(receivers, run)
                 continue
             mtype, payload = await self.next_message()
@@ -1171,8 +1220,12 @@ class ClientSession(asyncio.Protocol):
                     f"unexpected message type {chr(mtype)!r} during COPY from stdin"
                 )
             await self._copy_to(receivers, m.frame(mtype, payload))
+            if capture is not None:
+                capture.append(m.frame(mtype, payload))
             if mtype != m.COPY_DATA:
                 break
+        self._copy_seen = True
+        self._copy_data = None if capture is None else b"".join(capture)
         for c in receivers:
             c.resume_copy()
         status = self.router.cluster.status
@@ -1226,6 +1279,112 @@ class ClientSession(asyncio.Protocol):
             )
         return winner
 
+    # -- recovery (see pgquorum.recovery) ---------------------------------------------------
+
+    async def _before_write(self) -> None:
+        """Before a write that is not part of a transaction that wrote: wait while a recovered
+        node joins the group (WriteGate), then connect to nodes that came ONLINE."""
+        if self.txn_wrote:
+            return
+        gate = self.router.write_gate
+        if gate.held:
+            await gate.wait_open()
+        self.writing = True
+        if self._adopted_generation != self.router.cluster.generation:
+            await self._adopt_nodes()
+
+    async def _adopt_nodes(self) -> None:
+        """Connect to ONLINE nodes this session has no connection to (a recovered node)."""
+        cluster = self.router.cluster
+        self._adopted_generation = cluster.generation
+        missing = [st.node for st in cluster.online() if st.node.name not in self.conns]
+        if not missing:
+            return
+        params, password = self._backend_params()
+        for node in missing:
+            try:
+                conn = await NodeConnection.open(node, params, password, self.write)
+                for sql in self.settings_log:
+                    conn.send_unit(sql, [EXPECT_QUERY], relay=False)
+                    await conn.wait()
+            except (NodeLost, PgError, OSError) as e:
+                cluster.mark_failed(node.name, f"cannot connect after its recovery: {e}")
+                continue
+            if self.txn_status != IDLE:  # a transaction that has only read so far
+                conn.pending_begin = self._begin_data or _BEGIN
+            self.conns[node.name] = conn
+        order = [n.name for n in cluster.group.nodes]
+        self.conns = {name: self.conns[name] for name in order if name in self.conns}
+        for i, c in enumerate(self.conns.values()):
+            c.set_forward_async(i == 0)
+        self._online_generation = -1
+
+    async def _reserve(self) -> None:
+        """Inside a commit slot, before a one-phase commit: its place in the recovery queue."""
+        sink = self.router.recovery_sink
+        if sink is None:
+            return
+        try:
+            self._reserved = (sink, await sink.reserve())
+        except QueueUnavailable as e:
+            self.router.queue_lost(sink, e)
+
+    async def _queue_commit(self) -> None:
+        """A two-phase commit that was decided: its transaction goes to the recovery queue
+        before any node commits it."""
+        sink = self.router.recovery_sink
+        if sink is None:
+            self.journal.drop()
+            return
+        try:
+            await sink.append(self._entry(sink, self.journal.take(commit=True)))
+        except QueueUnavailable as e:
+            self.router.queue_lost(sink, e)
+
+    def _journal_after(self, res: UnitResult | None) -> None:
+        reserved, self._reserved = self._reserved, None
+        if res is None or res.status != IDLE:
+            if reserved is not None:  # the unit did not end a transaction
+                reserved[0].settle(reserved[1], None)
+            return
+        journal = self.journal
+        sink = self.router.recovery_sink
+        if sink is None or (reserved is not None and reserved[0] is not sink):
+            if reserved is not None:
+                reserved[0].settle(reserved[1], None)
+            journal.drop()
+            return
+        if not journal.units:
+            if reserved is not None:
+                sink.settle(reserved[1], None)
+            return
+        entry = self._entry(sink, journal.take(commit=False))
+        try:
+            if reserved is not None:
+                sink.settle(reserved[1], entry)
+            else:  # a transaction that rolled back: its place in the order does not matter
+                sink.post(entry)
+        except QueueUnavailable as e:
+            self.router.queue_lost(sink, e)
+
+    def _entry(self, sink: Sink, units: list[Unit]) -> Entry:
+        prelude = None
+        if self.journal.queued != sink.rid:  # the session's first entry in this recovery
+            self.journal.queued = sink.rid
+            prelude = list(self.settings_log)
+        return Entry(f"{self.router.settings.name}/{self.id}", dict(self.params), units, prelude)
+
+    def _leave_queue(self) -> None:
+        reserved, self._reserved = self._reserved, None
+        sink = self.router.recovery_sink
+        try:
+            if reserved is not None:
+                reserved[0].settle(reserved[1], None)
+            if sink is not None and self.journal.queued == sink.rid:
+                sink.end_session(f"{self.router.settings.name}/{self.id}", dict(self.params))
+        except QueueUnavailable:
+            pass
+
     # -- two-phase commit -------------------------------------------------------------------
 
     def _note_unpreparable(self, a: Analysis) -> None:
@@ -1260,6 +1419,7 @@ class ClientSession(asyncio.Protocol):
         conns = self._online_conns()
         for c in conns:
             c.pending_begin = _BEGIN
+        self.journal.begin(_BEGIN)
         try:
             res = await self._write_unit(build, single=True, wrapped=True)
             # The nodes that ran it (a node the lead's failure spared still holds BEGIN).
@@ -1391,6 +1551,7 @@ class ClientSession(asyncio.Protocol):
             ]
             return res
         failpoints.hit(failpoints.AFTER_DECISION)
+        await self._queue_commit()
         finish = _ASYNC_COMMIT_ON + m.encode_query(f"COMMIT PREPARED {literal}")
         finish += _ASYNC_COMMIT_OFF
         # The others first: the lead gives up its locks last, so no transaction can
@@ -1519,6 +1680,7 @@ class ClientSession(asyncio.Protocol):
             targets: tuple[NodeConnection, ...] = pinned
             res = await self._read_unit(pinned[0], build, retry=False)
         elif route is Route.WRITE:
+            await self._before_write()
             synced = batch[-1][0] == m.SYNC and len(executed) == executes
             if synced and executes == 1 and executed[0].commit and self._commits_in_two_phases():
                 res = await self._commit_extended(batch)
@@ -1534,6 +1696,7 @@ class ClientSession(asyncio.Protocol):
                     return
                 if self.txn_status == IDLE or any(x.txn_control for x in executed):
                     async with self.router.commits.commit_slot():  # a one-phase commit
+                        await self._reserve()
                         res = await self._write_unit(locked, single=executes == 1)
                 else:
                     res = await self._write_unit(locked, single=executes == 1)
@@ -1552,6 +1715,9 @@ class ClientSession(asyncio.Protocol):
         self._after_unit(res, route, strict, catalog_change)
         for a in executed:
             self._after_catalog_work(a)
+
+
+_SETTINGS_KEPT = 100
 
 
 def _served_node_lost(conn: NodeConnection, reason: str) -> PgError:

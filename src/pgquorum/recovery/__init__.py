@@ -1,0 +1,1 @@
+"""Online recovery of a FAILED node: rebuilding it from a consistent snapshot of a healthy one."""

@@ -1,0 +1,333 @@
+"""Online recovery of a FAILED node, run by one router (the coordinator) for every router.
+
+1. The node becomes RECOVERING. Under the commit barrier of every router (HOLD COMMITS on the
+   peers), each router starts queueing its commits (the peers into the coordinator's queue),
+   and one snapshot per database is exported on a healthy node, with the global objects
+   dumped; the barrier is released at once.
+2. The node is emptied and rebuilt from those snapshots (pg_dump / pg_restore).
+3. The queue is replayed on the node in commit order (replay.py) until it is almost empty.
+4. Under the write gate of every router (HOLD WRITES), the rest is replayed, the node goes
+   ONLINE everywhere and queueing stops; the gate opens.
+
+Any failure puts the node back to FAILED with the reason, on every router: never half
+ONLINE. A coordinator that restarts during a recovery begins it again from a fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pgquorum.cluster.model import Node, NodeState
+from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, PgError
+from pgquorum.router.backend import NodeLost
+from pgquorum.router.client import Link, query
+from pgquorum.router.commit import quote_literal
+
+from . import restore
+from .gate import StillOpen
+from .queue import LocalQueue, QueueUnavailable
+from .replay import Replayer, ReplayError
+
+if TYPE_CHECKING:
+    from pgquorum.router.server import Router
+
+log = logging.getLogger(__name__)
+
+CATCH_UP_DEPTH = 20  # entries left in the queue when the final switch is tried
+SWITCH_HOLD_S = 1.0  # how long the write gate waits for open transactions that wrote
+SWITCH_PATIENCE_S = 600.0  # how long long transactions may keep the node from joining
+
+
+@dataclass
+class Progress:
+    """What SHOW RECOVERY and `pgquorum recover` report."""
+
+    node: str
+    rid: str
+    phase: str = "starting"
+    databases: int = 0
+    databases_done: int = 0
+    bytes: int = 0  # dumped and restored so far
+    replayed: int = 0
+    depth: int = 0
+    pauses_ms: list[float] = field(default_factory=list)  # each barrier's hold
+    error: str = ""
+    started: float = field(default_factory=time.time)
+    finished: float = 0.0
+
+
+class Recovery:
+    def __init__(self, router: Router, node: str) -> None:
+        self.router = router
+        self.node = node
+        rid = f"{router.settings.name}/{int(time.time() * 1000)}"
+        self.queue = LocalQueue(rid, node)
+        self.progress = Progress(node, rid)
+        self.task: asyncio.Task[None] | None = None
+        self._replayer: Replayer | None = None
+
+    @property
+    def rid(self) -> str:
+        return self.queue.rid
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    async def run(self) -> None:
+        router = self.router
+        try:
+            await self._run()
+            self.progress.phase = "done"
+        except Exception as e:
+            reason = _reason(e)
+            log.error("recovery of node %s failed: %s", self.node, reason)
+            self.progress.phase = "failed"
+            self.progress.error = reason
+            self._stop_queueing()
+            await self._tell_peers(f"RECOVERY STOP {self.rid}")
+            if router.cluster.status[self.node].state is not NodeState.FAILED:
+                router.cluster.mark_failed(self.node, f"recovery failed: {reason}")
+        finally:
+            self.progress.finished = time.time()
+            if self._replayer is not None:
+                self._replayer.close()
+
+    # -- the phases ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        router = self.router
+        cluster = router.cluster
+        st = cluster.status[self.node]
+        source = cluster.lead()
+        if source is None:
+            raise PgError(OBJECT_NOT_IN_PREREQUISITE_STATE, "no ONLINE node to recover from")
+        cluster.mark_recovering(self.node, f"recovery {self.rid} from {source.node.name}")
+        user, password = router.internal_credentials()
+        creds = restore.Credentials(user, password)
+        target = st.node
+
+        self.progress.phase = "snapshot"
+        async with hold_everywhere(router, "COMMITS") as held:
+            began = time.monotonic()
+            router.recovery_sink = self.queue
+            for link, host in held:
+                await link.query(self._start_command(host))
+            snapshots = await restore.SnapshotSet.export(source.node, creds)
+            self.progress.pauses_ms.append((time.monotonic() - began + held.drained) * 1000)
+        try:
+            globals_sql = await restore.dump_globals(source.node, creds)
+            self.progress.phase = "restore"
+            self.progress.databases = len(snapshots.databases)
+            await restore.reset_node(target, creds)
+            await restore.restore_globals(target, creds, globals_sql)
+            workdir = Path(tempfile.mkdtemp(prefix="pgquorum-recover-"))
+            try:
+                done = 0
+                for db, snapshot in snapshots.databases.items():
+
+                    def seen(n: int, done: int = done) -> None:
+                        self.progress.bytes = done + n
+
+                    done += await restore.copy_database(
+                        source.node, target, creds, db, snapshot, workdir, progress=seen
+                    )
+                    self.progress.databases_done += 1
+                    self._check_alive()
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+        finally:
+            snapshots.close()
+
+        self.progress.phase = "replay"
+        self._replayer = Replayer(target, self.queue, router.credentials)
+        give_up = time.monotonic() + SWITCH_PATIENCE_S
+        while True:
+            await self._replay_until(CATCH_UP_DEPTH)
+            still_open = await self._switch()
+            if still_open is None:
+                return
+            # Let the long transactions finish with the gate open, replaying meanwhile.
+            while time.monotonic() < give_up and not await still_open.ended(0.2):
+                await self._replay_until(CATCH_UP_DEPTH)
+            if time.monotonic() >= give_up:
+                raise PgError(
+                    OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    f"transactions that wrote stayed open for {SWITCH_PATIENCE_S:.0f}s, so "
+                    "the node could not join the group",
+                    hint="Long transactions keep a recovered node from joining; try again.",
+                )
+
+    async def _replay_until(self, depth: int) -> None:
+        replayer = self._replayer
+        assert replayer is not None
+        while self.queue.depth > depth:
+            await replayer.step()
+            self._note_replay()
+
+    async def _switch(self) -> StillOpen | None:
+        """The final pause: no write anywhere, the rest replayed, the node ONLINE. Returns
+        the transactions that were in the way if it could not be done."""
+        replayer = self._replayer
+        assert replayer is not None
+        self.progress.phase = "switch"
+        try:
+            async with hold_everywhere(self.router, "WRITES", SWITCH_HOLD_S) as held:
+                began = time.monotonic()
+                await replayer.drain()
+                self._note_replay()
+                self._check_alive()
+                await self._follow_sequences(replayer.node)
+                self.router.cluster.mark_online(self.node, f"recovered ({self.rid})")
+                self._stop_queueing()
+                for link, _ in held:
+                    await link.query(f"RECOVERY ONLINE {self.rid}")
+                self.progress.pauses_ms.append((time.monotonic() - began + held.drained) * 1000)
+                return None
+        except StillOpen as e:
+            self.progress.phase = "replay"
+            return e
+
+    async def _follow_sequences(self, target: Node) -> None:
+        """Move the node's sequences to at least the lead's: the router reserved blocks of
+        values on the ONLINE nodes meanwhile (router/sequences.py), and this node may be
+        lead one day."""
+        lead = self.router.cluster.lead()
+        if lead is None:
+            return
+        user, password = self.router.internal_credentials()
+        for db in await restore.list_databases(lead.node, restore.Credentials(user, password)):
+            params = {"user": user, "database": db, "application_name": "pgquorum recovery"}
+            _, rows = await query(lead.node, params, password, _SEQUENCES)
+            if rows:
+                await query(
+                    target,
+                    params,
+                    password,
+                    "; ".join(
+                        f"SELECT pg_catalog.setval({quote_literal(str(name))}, "
+                        f"greatest({int(str(value))}, last_value)) FROM {name}"
+                        for name, value in rows
+                    ),
+                )
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _start_command(self, peer_host: str) -> str:
+        host, port = self.router.address_for_peer(peer_host)
+        return f"RECOVERY START {self.rid} {quote_literal(self.node)} {quote_literal(host)} {port}"
+
+    def _note_replay(self) -> None:
+        assert self._replayer is not None
+        self.progress.replayed = self._replayer.applied
+        self.progress.depth = self.queue.depth
+        self._check_alive()
+
+    def _check_alive(self) -> None:
+        """A peer may have failed the node meanwhile (or lost the queue): stop."""
+        st = self.router.cluster.status[self.node]
+        if st.state is NodeState.FAILED:
+            raise ReplayError(f"the node was failed during its recovery: {st.reason}")
+        if self.router.recovery_sink is not self.queue and self.progress.phase != "switch":
+            raise QueueUnavailable("queueing stopped")
+
+    def _stop_queueing(self) -> None:
+        self.queue.close()
+        if self.router.recovery_sink is self.queue:
+            self.router.recovery_sink = None
+
+    async def _tell_peers(self, command: str) -> None:
+        user, password = self.router.internal_credentials()
+        for host, port in self.router.settings.peers:
+            with contextlib.suppress(Exception):
+                link = await Link.open(Node("peer", host, port), _admin(user), password, timeout=5)
+                try:
+                    await link.query(command)
+                finally:
+                    link.close()
+
+
+class _Held(list[tuple[Link, str]]):
+    drained = 0.0
+
+
+@contextlib.asynccontextmanager
+async def hold_everywhere(router: Router, what: str, timeout: float = 5.0) -> AsyncIterator[_Held]:
+    """HOLD COMMITS (or WRITES) on every peer, then on this router; yields the peers' admin
+    links (with the host each was reached at), open for more commands until released.
+
+    PgError if a peer cannot hold (it may still be committing); StillOpen if a write gate
+    found transactions still open after ``timeout`` (a peer's: with no sessions named, so
+    the caller just tries again).
+    """
+    user, password = router.internal_credentials()
+    held = _Held()
+    try:
+        for host, port in router.settings.peers:
+            try:
+                link = await Link.open(Node("peer", host, port), _admin(user), password)
+                held.append((link, host))
+                _, rows = await link.query(f"HOLD {what}")
+            except PgError as e:
+                if e.sqlstate == OBJECT_NOT_IN_PREREQUISITE_STATE and what == "WRITES":
+                    raise StillOpen([]) from None
+                raise _cannot_hold(what, host, port, e) from None
+            except (NodeLost, OSError, TimeoutError) as e:
+                raise _cannot_hold(what, host, port, e) from None
+            held.drained = max(held.drained, float(rows[0][1] or 0) / 1000 if rows else 0.0)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                if what == "COMMITS":
+                    took = await stack.enter_async_context(router.commits.barrier())
+                else:
+                    took = await stack.enter_async_context(router.write_gate.hold(timeout))
+                    await router.flush_sink()
+            except StillOpen:
+                raise
+            except TimeoutError:
+                raise PgError(
+                    OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    "the commits in flight did not finish in time for the snapshot",
+                ) from None
+            held.drained = max(held.drained, took)
+            yield held
+    finally:
+        for link, _ in held:
+            with contextlib.suppress(Exception):
+                await link.query(f"RELEASE {what}")
+            link.close()
+
+
+def _cannot_hold(what: str, host: str, port: int, e: BaseException) -> PgError:
+    return PgError(
+        OBJECT_NOT_IN_PREREQUISITE_STATE,
+        f"cannot hold the {what.lower()} of peer router {host}:{port}: {e}",
+    )
+
+
+_SEQUENCES = (
+    "SELECT pg_catalog.format('%I.%I', schemaname, sequencename), last_value "
+    "FROM pg_catalog.pg_sequences WHERE last_value IS NOT NULL"
+)
+
+
+def _admin(user: str) -> dict[str, str]:
+    return {"user": user, "database": "pgquorum", "application_name": "pgquorum recovery"}
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, PgError):
+        return e.message
+    return str(e) or type(e).__name__

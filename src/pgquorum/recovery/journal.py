@@ -1,0 +1,183 @@
+"""What a session sent to the nodes in its current transaction, kept for a recovering node.
+
+While a node recovers, every transaction that commits on the group is appended to the
+recovery queue as the exact bytes the nodes were sent (after the router's rewriting, so a
+replay is deterministic), with the outcome the nodes voted for, and replayed on the node in
+commit order. A transaction may begin before the recovery does and commit after it, so every
+session keeps the write units of its current transaction (a list append per unit; the bytes
+are built at once, since a prepared statement may be re-parsed for a later execution).
+
+The bytes are built for a *shadow* of the node connection on the recovering node: the shadow
+knows which prepared statements that connection will hold, so the units carry the Parse
+messages it needs, as they would for a real node the session had not used yet.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+from pgquorum.protocol import messages as m
+from pgquorum.router.backend import EXPECT_QUERY, EXPECT_QUERY_SWALLOWED, Expectation
+
+if TYPE_CHECKING:
+    from pgquorum.router.backend import NodeConnection, UnitResult
+
+IDLE = ord("I")
+
+
+@dataclass(slots=True)
+class Unit:
+    """One unit of work as sent to a node, and what the group answered."""
+
+    data: bytes
+    expect: list[tuple[int, str | None, bool, int]]  # Expectation fields
+    outcome: list[str]  # UnitResult.outcome(): the SQLSTATE first if it failed, then tags
+    copy: bytes = b""  # CopyData ... CopyDone/CopyFail of a COPY FROM STDIN
+    copy_missing: bool = False  # COPY data that streamed before the recovery began
+
+    def expectations(self) -> list[Expectation]:
+        return [Expectation(k, s, w, v) for k, s, w, v in self.expect]
+
+    def to_json(self) -> list[Any]:
+        return [
+            _b64(self.data),
+            self.expect,
+            self.outcome,
+            _b64(self.copy),
+            self.copy_missing,
+        ]
+
+    @classmethod
+    def from_json(cls, raw: list[Any]) -> Unit:
+        data, expect, outcome, copy, missing = raw
+        return cls(
+            base64.b64decode(data),
+            [(int(k), s, bool(w), int(v)) for k, s, w, v in expect],
+            [str(x) for x in outcome],
+            base64.b64decode(copy),
+            bool(missing),
+        )
+
+
+@dataclass(slots=True)
+class Entry:
+    """A finished transaction of one session (or the end of the session), for the queue."""
+
+    session: str  # "<router name>/<session id>": one replay connection each
+    params: dict[str, str]  # the client's startup parameters (user, database, ...)
+    units: list[Unit] = field(default_factory=list)
+    prelude: list[bytes] | None = None  # session settings made before the recovery began
+    end: bool = False  # the session is gone: close its replay connection
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "session": self.session,
+            "params": self.params,
+            "units": [u.to_json() for u in self.units],
+        }
+        if self.prelude is not None:
+            out["prelude"] = [_b64(p) for p in self.prelude]
+        if self.end:
+            out["end"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Entry:
+        prelude = raw.get("prelude")
+        return cls(
+            str(raw["session"]),
+            {str(k): str(v) for k, v in raw["params"].items()},
+            [Unit.from_json(u) for u in raw["units"]],
+            None if prelude is None else [base64.b64decode(p) for p in prelude],
+            bool(raw.get("end", False)),
+        )
+
+
+class _Shadow:
+    """Stands in for a NodeConnection when building a unit's bytes (see _build_batch)."""
+
+    __slots__ = ("pending_close", "prepared")
+
+    def __init__(self) -> None:
+        self.prepared: dict[str, int] = {}
+        self.pending_close: list[str] = []
+
+
+class Journal:
+    """The write units of one session's transaction in progress."""
+
+    def __init__(self) -> None:
+        self.units: list[Unit] = []
+        self._shadow = _Shadow()
+        self._begin: bytes | None = None  # a deferred BEGIN, sent with the next unit
+        self.open = False  # the last unit left a transaction block open on the nodes
+        self.queued: str | None = None  # the recovery whose queue has this session's units
+
+    def begin(self, data: bytes) -> None:
+        """The client's BEGIN, held back until the transaction's first write (as the
+        session holds it back from each node)."""
+        self._begin = data
+
+    def cancel_begin(self) -> None:
+        self._begin = None
+
+    def record(
+        self,
+        build: Callable[[NodeConnection], tuple[bytes, list[Expectation]]],
+        res: UnitResult,
+    ) -> Unit:
+        data, expect = build(cast("NodeConnection", self._shadow))
+        if self._begin is not None:
+            data = self._begin + data
+            expect = [EXPECT_QUERY_SWALLOWED, *expect]
+            self._begin = None
+        prepared = self._shadow.prepared
+        for e in expect:  # what the node will hold after this unit
+            if e.statement is not None:
+                if e.kind == m.PARSE:
+                    prepared[e.statement] = e.version
+                elif e.kind == m.CLOSE:
+                    prepared.pop(e.statement, None)
+        unit = Unit(
+            data,
+            [(e.kind, e.statement, e.swallow, e.version) for e in expect],
+            [str(x) for x in res.outcome()],
+        )
+        self.units.append(unit)
+        self.open = res.status not in (0, IDLE)
+        return unit
+
+    def take(self, *, commit: bool) -> list[Unit]:
+        """The transaction's units, ended the way the router ended it on the nodes (a
+        two-phase COMMIT, or a ROLLBACK of a transaction the client never ended)."""
+        units = self.units
+        if self.open:
+            units.append(_COMMIT if commit else _ROLLBACK)
+        self.units = []
+        self.open = False
+        self._begin = None
+        return units
+
+    def drop(self) -> None:
+        """No recovery wants the transaction: forget it, and what the shadow holds, so the
+        next recovery's replay connection starts from nothing, like the shadow."""
+        self.units = []
+        self.open = False
+        self._begin = None
+        self._shadow = _Shadow()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _fixed(sql: str, tag: str) -> Unit:
+    e = EXPECT_QUERY
+    return Unit(m.encode_query(sql), [(e.kind, e.statement, e.swallow, e.version)], [tag])
+
+
+_COMMIT = _fixed("COMMIT", "COMMIT")
+_ROLLBACK = _fixed("ROLLBACK", "ROLLBACK")

@@ -1,0 +1,269 @@
+"""The recovery queue: every transaction the group commits while a node recovers, in commit
+order.
+
+The router that runs the recovery (the coordinator) holds the queue; its sessions append to
+it directly (:class:`LocalQueue`), the sessions of peer routers through the coordinator's
+admin console (:class:`RemoteQueue`, which batches what its sessions send, a group commit
+over the network).
+
+Commit order is the order of serial numbers, taken inside the commit barrier's slot *before*
+a commit is sent (a two-phase commit takes its serial after the decision, before phase 2):
+a transaction that waits for another's locks can only commit after that one's commit ended
+on the lead, so it draws a later serial. A one-phase commit reserves its serial first and
+settles it with the transaction's units afterwards (or as void, when the unit did not end a
+transaction); the replay waits for an entry to be settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any, Protocol
+
+from pgquorum.cluster.model import Node
+from pgquorum.protocol.errors import PgError
+from pgquorum.router.backend import NodeLost
+from pgquorum.router.client import Link
+
+from .journal import Entry
+
+log = logging.getLogger(__name__)
+
+COMMAND = "RECOVERY QUEUE "  # the admin console command that carries a batch of operations
+SEND_TIMEOUT_S = 10.0
+
+
+class QueueUnavailable(Exception):
+    """The coordinator's queue cannot take an entry: the recovery cannot go on."""
+
+
+class Sink(Protocol):
+    """Where a router's sessions put their transactions while a node recovers."""
+
+    rid: str
+    node: str
+
+    async def reserve(self) -> int: ...
+    def settle(self, serial: int, entry: Entry | None) -> None: ...
+    async def append(self, entry: Entry) -> int: ...
+    def post(self, entry: Entry) -> None: ...
+    async def flush(self) -> None: ...
+    def end_session(self, session: str, params: dict[str, str]) -> None: ...
+    def close(self) -> None: ...
+
+
+_PENDING = object()
+
+
+class LocalQueue:
+    """The coordinator's queue, in memory: serial -> entry (None when void)."""
+
+    def __init__(self, rid: str, node: str) -> None:
+        self.rid = rid
+        self.node = node
+        self._next = 1
+        self._entries: dict[int, object] = {}
+        self._changed = asyncio.Event()
+        self.applied = 0  # serials below this were replayed (set by the replay)
+        self.closed = False
+
+    @property
+    def depth(self) -> int:
+        """Entries reserved and not yet replayed."""
+        return self._next - 1 - self.applied
+
+    @property
+    def last(self) -> int:
+        return self._next - 1
+
+    async def reserve(self) -> int:
+        return self.reserve_now()
+
+    def reserve_now(self) -> int:
+        if self.closed:
+            raise QueueUnavailable(f"the recovery {self.rid} of node {self.node} ended")
+        serial = self._next
+        self._next += 1
+        self._entries[serial] = _PENDING
+        return serial
+
+    def settle(self, serial: int, entry: Entry | None) -> None:
+        self.settle_now(serial, entry)
+
+    def post(self, entry: Entry) -> None:
+        self.settle_now(self.reserve_now(), entry)
+
+    def settle_now(self, serial: int, entry: Entry | None) -> None:
+        if self._entries.get(serial) is _PENDING:
+            self._entries[serial] = entry
+            self._wake()
+
+    async def append(self, entry: Entry) -> int:
+        serial = self.reserve_now()
+        self.settle_now(serial, entry)
+        return serial
+
+    async def flush(self) -> None:
+        pass
+
+    def end_session(self, session: str, params: dict[str, str]) -> None:
+        if not self.closed:
+            self.settle_now(self.reserve_now(), Entry(session, params, end=True))
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def take(self, serial: int, timeout: float) -> Entry | None:
+        """Entry ``serial`` once it is settled (None: void). TimeoutError if it is not
+        reserved or settled within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            got = self._entries.get(serial, _PENDING)
+            if got is not _PENDING:
+                del self._entries[serial]
+                return got  # type: ignore[return-value]
+            if self.closed:
+                raise QueueUnavailable("the queue was closed")
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TimeoutError
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+
+    def apply_batch(self, ops: list[dict[str, Any]]) -> list[int]:
+        """Operations sent by a peer's RemoteQueue; a serial (or 0) for each."""
+        out = []
+        for op in ops:
+            kind = op["op"]
+            if kind == "reserve":
+                out.append(self.reserve_now())
+            elif kind == "settle":
+                entry = op.get("entry")
+                self.settle_now(
+                    int(op["serial"]), None if entry is None else Entry.from_json(entry)
+                )
+                out.append(0)
+            elif kind == "append":
+                serial = self.reserve_now()
+                self.settle_now(serial, Entry.from_json(op["entry"]))
+                out.append(serial)
+            elif kind == "end":
+                self.end_session(str(op["session"]), dict(op["params"]))
+                out.append(0)
+            else:
+                raise ValueError(f"unknown queue operation {kind!r}")
+        return out
+
+
+class RemoteQueue:
+    """A peer router's way into the coordinator's queue: the operations of all its sessions,
+    sent in batches over one admin connection, in the order they were made."""
+
+    def __init__(
+        self,
+        rid: str,
+        node: str,
+        coordinator: tuple[str, int],
+        credentials: tuple[str, str | None],
+    ) -> None:
+        self.rid = rid
+        self.node = node
+        self.coordinator = coordinator
+        self._credentials = credentials
+        self._waiting: list[tuple[dict[str, Any], asyncio.Future[int] | None]] = []
+        self._link: Link | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.error: Exception | None = None
+
+    async def reserve(self) -> int:
+        return await self._call({"op": "reserve"})
+
+    def settle(self, serial: int, entry: Entry | None) -> None:
+        op: dict[str, Any] = {"op": "settle", "serial": serial}
+        if entry is not None:
+            op["entry"] = entry.to_json()
+        self._post(op, None)
+
+    def post(self, entry: Entry) -> None:
+        self._post({"op": "append", "entry": entry.to_json()}, None)
+
+    async def append(self, entry: Entry) -> int:
+        return await self._call({"op": "append", "entry": entry.to_json()})
+
+    def end_session(self, session: str, params: dict[str, str]) -> None:
+        with contextlib.suppress(QueueUnavailable):
+            self._post({"op": "end", "session": session, "params": params}, None)
+
+    async def flush(self) -> None:
+        """Until every operation made so far has reached the coordinator."""
+        await self._idle.wait()
+        if self.error is not None:
+            raise QueueUnavailable(str(self.error))
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+        for _, fut in self._waiting:
+            if fut is not None and not fut.done():
+                fut.set_exception(QueueUnavailable("the recovery ended"))
+        self._waiting = []
+        self._idle.set()
+
+    async def _call(self, op: dict[str, Any]) -> int:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._post(op, fut)
+        return await fut
+
+    def _post(self, op: dict[str, Any], fut: asyncio.Future[int] | None) -> None:
+        if self.error is not None:
+            raise QueueUnavailable(str(self.error))
+        self._waiting.append((op, fut))
+        self._idle.clear()
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                serials = await asyncio.wait_for(
+                    self._exchange([op for op, _ in batch]), SEND_TIMEOUT_S
+                )
+            except (NodeLost, PgError, OSError, TimeoutError, ValueError) as e:
+                self.error = e
+                log.error("cannot reach the recovery queue at %s:%d: %s", *self.coordinator, e)
+                for _, fut in batch + self._waiting:
+                    if fut is not None and not fut.done():
+                        fut.set_exception(QueueUnavailable(str(e)))
+                self._waiting = []
+                break
+            for (_, fut), serial in zip(batch, serials, strict=True):
+                if fut is not None and not fut.done():
+                    fut.set_result(serial)
+        self._idle.set()
+
+    async def _exchange(self, ops: list[dict[str, Any]]) -> list[int]:
+        if self._link is None:
+            user, password = self._credentials
+            params = {"user": user, "database": "pgquorum", "application_name": "pgquorum queue"}
+            host, port = self.coordinator
+            self._link = await Link.open(Node("coordinator", host, port), params, password)
+        payload = json.dumps({"rid": self.rid, "ops": ops}, separators=(",", ":"))
+        _, rows = await self._link.query(COMMAND + payload)
+        serials = [int(r[0] or 0) for r in rows]
+        if len(serials) != len(ops):
+            raise ValueError("the coordinator answered a different number of operations")
+        return serials

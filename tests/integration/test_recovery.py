@@ -1,0 +1,216 @@
+"""Online recovery of a FAILED node: RECOVER NODE / pgquorum recover, under load."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from cli_harness import run_cli
+from router_harness import RouterThread, client_cmd, router_config
+
+from helpers import assert_nodes_identical
+from pgquorum.cluster.model import NodeState
+from pgquorum.local.binaries import PgBinaries
+from pgquorum.local.instance import LocalNode
+
+
+def balanced(node: LocalNode) -> bool:
+    """pgbench's invariant: the balances moved exactly as the history says."""
+    return (
+        node.psql(
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts) = "
+            "(SELECT coalesce(sum(delta), 0) FROM pgbench_history) AND "
+            "(SELECT sum(tbalance) FROM pgbench_tellers) = "
+            "(SELECT coalesce(sum(delta), 0) FROM pgbench_history)"
+        )
+        == "t"
+    )
+
+
+def recovery(rt: RouterThread) -> dict[str, str]:
+    with psycopg.connect(rt.dsn("pgquorum"), autocommit=True) as admin:
+        cur = admin.execute("SHOW RECOVERY")
+        cols = [d.name for d in cur.description or ()]
+        rows = cur.fetchall()
+    return dict(zip(cols, rows[0], strict=True)) if rows else {}
+
+
+def recover(rt: RouterThread, node: str) -> None:
+    with psycopg.connect(rt.dsn("pgquorum"), autocommit=True) as admin:
+        admin.execute(f"RECOVER NODE {node}")
+
+
+def wait_recovery(rt: RouterThread, timeout: float = 90) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = recovery(rt)
+        if info.get("phase") in ("done", "failed"):
+            return info
+        time.sleep(0.1)
+    raise AssertionError(f"the recovery did not end in {timeout}s: {recovery(rt)}")
+
+
+def fail_by_killing(rt: RouterThread, node: LocalNode) -> None:
+    """Kill a node's server and make the router notice (a write), then start it again."""
+    node.kill()
+    deadline = time.monotonic() + 30
+    while rt.router.cluster.status[node.name].state is not NodeState.FAILED:
+        assert time.monotonic() < deadline, "the router did not fail the killed node"
+        with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+            conn.execute("SELECT 1 FROM pg_catalog.pg_class LIMIT 1 FOR UPDATE")
+        time.sleep(0.05)
+    node.start()
+
+
+@pytest.fixture
+def three(make_nodes) -> Iterator[tuple[RouterThread, list[LocalNode]]]:  # type: ignore[no-untyped-def]
+    nodes = make_nodes(3)
+    rt = RouterThread(router_config(nodes))
+    try:
+        yield rt, nodes
+    finally:
+        rt.stop()
+
+
+def longest_latency_ms(prefix: Path) -> float:
+    """The longest transaction in pgbench's per-transaction logs (-l): the longest pause a
+    client saw."""
+    longest = 0
+    for path in glob.glob(f"{prefix}*"):
+        for line in Path(path).read_text().splitlines():
+            longest = max(longest, int(line.split()[2]))
+    return longest / 1000
+
+
+@pytest.mark.slow
+def test_killed_node_is_recovered_under_pgbench(
+    three: tuple[RouterThread, list[LocalNode]], pg_binaries: PgBinaries, tmp_path: Path
+) -> None:
+    rt, nodes = three
+    init = subprocess.run(
+        client_cmd(pg_binaries, "pgbench", rt, "-i", "-s", "2", "-q"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert init.returncode == 0, init.stderr
+    prefix = tmp_path / "tx"
+    bench = subprocess.Popen(
+        client_cmd(
+            pg_binaries,
+            "pgbench",
+            rt,
+            *("-c", "8", "-j", "2", "-T", "25", "-n", "-l", f"--log-prefix={prefix}"),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        time.sleep(2)
+        fail_by_killing(rt, nodes[2])
+        time.sleep(1)  # transactions the recovered node missed
+        recover(rt, "node3")
+        info = wait_recovery(rt)
+        assert info["phase"] == "done", info
+        out, _ = bench.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(Exception):
+            bench.kill()
+    assert bench.returncode == 0, out
+    assert "number of failed transactions: 0" in out, out
+    processed = int(out.split("number of transactions actually processed: ")[1].split()[0])
+    assert processed > 100, out
+    assert int(info["replayed"]) > 0, info  # commits were queued and replayed
+    print(
+        f"\nrecovery: {info}\nlongest client-visible pause: "
+        f"{longest_latency_ms(prefix):.0f} ms (pgbench -l), barriers {info['pauses_ms']} ms"
+    )
+    assert all(st.state is NodeState.ONLINE for st in rt.router.cluster.status.values())
+    res = run_cli("verify", "--port", str(rt.port))
+    assert res.returncode == 0, res.stdout + res.stderr
+    for n in nodes:
+        assert balanced(n), n.name
+    assert_nodes_identical(nodes, "postgres")
+
+
+def test_ddl_and_writes_during_a_recovery_reach_the_node(
+    three: tuple[RouterThread, list[LocalNode]],
+) -> None:
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id serial PRIMARY KEY, v text)")
+        conn.execute("INSERT INTO t (v) SELECT 'old' || g FROM generate_series(1, 50) g ORDER BY g")
+        conn.execute("CREATE TABLE h (v text)")
+    fail_by_killing(rt, nodes[2])
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("INSERT INTO t (v) VALUES ('while failed')")
+    # A transaction that wrote and stays open keeps the node from going ONLINE, so the
+    # statements below certainly run while it recovers.
+    holder = psycopg.connect(rt.dsn())
+    holder.execute("INSERT INTO h VALUES ('held open')")
+    recover(rt, "node3")
+    deadline = time.monotonic() + 30
+    while recovery(rt)["phase"] not in ("replay", "switch"):
+        assert time.monotonic() < deadline, recovery(rt)
+        time.sleep(0.05)
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE made_during (id int PRIMARY KEY, at timestamptz DEFAULT now())")
+        conn.execute("ALTER TABLE t ADD COLUMN w int DEFAULT 7")
+        conn.execute("INSERT INTO made_during (id) VALUES (1), (2)")
+        conn.execute("UPDATE t SET w = id * 2 WHERE id % 3 = 0")
+        conn.execute("SET search_path = public, pg_catalog")
+        with conn.transaction():
+            conn.execute("INSERT INTO t (v) VALUES ('in a block')")
+            conn.execute("DELETE FROM t WHERE id = 5")
+        with conn.cursor() as cur:  # the extended protocol, prepared
+            for i in range(3):
+                cur.execute("INSERT INTO t (v, w) VALUES (%s, %s)", (f"p{i}", i), prepare=True)
+    holder.commit()
+    holder.close()
+    info = wait_recovery(rt)
+    assert info["phase"] == "done", info
+    assert rt.router.cluster.status["node3"].state is NodeState.ONLINE
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:  # every node takes writes again
+        conn.execute("INSERT INTO t (v) VALUES ('after')")
+    assert nodes[2].psql("SELECT count(*) FROM made_during") == "2"
+    assert nodes[2].psql("SELECT v FROM h") == "held open"
+    assert_nodes_identical(nodes, "postgres")
+
+
+def test_a_replay_that_fails_leaves_the_node_failed(
+    three: tuple[RouterThread, list[LocalNode]],
+) -> None:
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        conn.execute("CREATE TABLE h (id int)")
+    fail_by_killing(rt, nodes[2])
+    holder = psycopg.connect(rt.dsn())
+    holder.execute("INSERT INTO h VALUES (0)")  # keeps the recovery in its replay phase
+    recover(rt, "node3")
+    deadline = time.monotonic() + 30
+    while recovery(rt)["phase"] not in ("replay", "switch"):
+        assert time.monotonic() < deadline, recovery(rt)
+        time.sleep(0.05)
+    nodes[2].kill()  # mid-replay
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        for i in range(1, 20):
+            conn.execute("INSERT INTO t VALUES (%s)", (i,))
+    holder.commit()
+    holder.close()
+    info = wait_recovery(rt)
+    assert info["phase"] == "failed" and info["error"], info
+    st = rt.router.cluster.status["node3"]
+    assert st.state is NodeState.FAILED and "recovery failed" in st.reason, st
+    assert rt.router.recovery_sink is None
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:  # the others go on
+        conn.execute("INSERT INTO t VALUES (100)")
+    assert_nodes_identical(nodes[:2], "postgres")

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -164,9 +165,11 @@ def up(nodes: int, port: int, directory: Path, password: str | None, verbose: bo
     async def serve() -> None:
         from pgquorum.router.server import Router
 
+        cluster.mark_joining()
         r = Router(cluster.router_config())
         await r.start()
         cluster.write_state(router_pid=os.getpid())
+        joining = asyncio.ensure_future(_join(r, cluster.joining))
         auth = f" password={password}" if password else ""
         console.print(f"pgquorum is up: {len(cluster.nodes)} nodes behind 127.0.0.1:{port}")
         console.print(f'  psql "host=127.0.0.1 port={port} user=postgres dbname=postgres{auth}"')
@@ -177,6 +180,7 @@ def up(nodes: int, port: int, directory: Path, password: str | None, verbose: bo
             while not waiter.done():
                 await asyncio.wait([waiter], timeout=1)
                 live.update(_status_line(r))
+        joining.cancel()
         await r.stop()
 
     try:
@@ -188,6 +192,20 @@ def up(nodes: int, port: int, directory: Path, password: str | None, verbose: bo
             cluster.stop_nodes()
         cluster.write_state(router_pid=None)
         console.print("pgquorum stopped")
+
+
+async def _join(r: object, names: list[str]) -> None:
+    """Recover the nodes added to a local cluster, one after the other."""
+    from pgquorum.router.server import Router
+
+    assert isinstance(r, Router)
+    for name in names:
+        console.print(f"  {name} is new: it joins the group by recovery")
+        recovery = r.start_recovery(name)
+        assert recovery.task is not None
+        await recovery.task
+        p = recovery.progress
+        console.print(f"  {name}: recovery {p.phase} {p.error}".rstrip(), markup=False)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -258,6 +276,120 @@ def verify(host: str, port: int, user: str, password: str | None, fail_minority:
         return
     _print_table(cols, rows, title="differences from the majority")
     sys.exit(1)
+
+
+@main.command()
+@click.argument("node")
+@_router_address
+@click.option(
+    "--dir",
+    "directory",
+    default=".pgquorum",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="A local cluster (pgquorum up): a node whose server is down is started first.",
+)
+def recover(
+    node: str, host: str, port: int, user: str, password: str | None, directory: Path
+) -> None:
+    """Bring a FAILED node back while clients go on: rebuilt from a snapshot of a healthy
+    node, then the transactions committed meanwhile replayed. Exit 1 if it fails."""
+    from pgquorum.local.cluster import start_if_down
+
+    if start_if_down(directory, node):
+        console.print(f"started the server of {node}")
+    _recover((host, port, user, password), node, f"RECOVER NODE {_quote_name(node)}")
+
+
+@main.command("add-node")
+@click.argument("node")
+@click.argument("address")
+@_router_address
+def add_node(
+    node: str, address: str, host: str, port: int, user: str, password: str | None
+) -> None:
+    """Join an empty PostgreSQL server at ADDRESS (host:port, or a socket directory:port) to
+    the group as NODE, filled the way a recovery fills a node. Exit 1 if it fails."""
+    node_host, _, node_port = address.rpartition(":")
+    if not node_host or not node_port.isdigit():
+        raise click.BadParameter("expected HOST:PORT", param_hint="ADDRESS")
+    literal = "'" + node_host.replace("'", "''") + "'"
+    command = f"ADD NODE {_quote_name(node)} {literal} {int(node_port)}"
+    _recover((host, port, user, password), node, command)
+
+
+@main.command("remove-node")
+@click.argument("node")
+@_router_address
+def remove_node(node: str, host: str, port: int, user: str, password: str | None) -> None:
+    """Take NODE out of the group for good (on every peer router too)."""
+    from pgquorum.router.client import admin_query
+
+    command = f"REMOVE NODE {_quote_name(node)}"
+    try:
+        _run_value(admin_query(host, port, user, password, command))
+    except Exception as e:
+        console.print(f"cannot remove {node}: {e}", style="red", markup=False)
+        sys.exit(1)
+    console.print(f"{node} is no longer part of the group")
+
+
+def _quote_name(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _recover(router: tuple[str, int, str, str | None], node: str, command: str) -> None:
+    """Start a recovery with ``command`` and follow it to its end."""
+    from pgquorum.router.client import admin_query
+
+    host, port, user, password = router
+    try:
+        _run_value(admin_query(host, port, user, password, command))
+        info = _follow_recovery(host, port, user, password)
+    except Exception as e:
+        console.print(f"recovery of {node} failed: {e}", style="red", markup=False)
+        sys.exit(1)
+    if info.get("phase") != "done":
+        console.print(f"recovery of {node} failed: {info.get('error')}", style="red", markup=False)
+        sys.exit(1)
+    console.print(
+        f"{node} is ONLINE: {info['bytes']} bytes restored, {info['replayed']} transactions "
+        f"replayed in {info['seconds']} s; longest pause {info['longest_pause_ms']} ms",
+        markup=False,
+    )
+
+
+def _follow_recovery(host: str, port: int, user: str, password: str | None) -> dict[str, str]:
+    """Poll SHOW RECOVERY, drawing a progress bar, until the recovery ends."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
+
+    from pgquorum.router.client import admin_query
+
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.fields[phase]:<8}"),
+        BarColumn(),
+        TextColumn("databases {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("{task.fields[size]}"),
+        TextColumn("queue {task.fields[depth]}"),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("recovery", total=1, phase="starting", size="", depth="0")
+        while True:
+            cols, rows = _run_value(admin_query(host, port, user, password, "SHOW RECOVERY"))
+            info = {c: v or "" for c, v in zip(cols, rows[0], strict=True)} if rows else {}
+            done_dbs, _, dbs = info.get("databases", "0/0").partition("/")
+            bar.update(
+                task,
+                total=max(int(dbs or 0), 1),
+                completed=int(done_dbs or 0),
+                phase=info.get("phase", ""),
+                size=f"{int(info.get('bytes') or 0) / 1e6:.1f} MB",
+                depth=info.get("queue_depth", "0"),
+            )
+            if info.get("phase") in ("done", "failed"):
+                return info
+            time.sleep(0.2)
 
 
 def _print_table(cols: list[str], rows: list[list[str | None]], title: str | None = None) -> None:

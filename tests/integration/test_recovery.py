@@ -14,7 +14,7 @@ import pytest
 from cli_harness import run_cli
 from router_harness import RouterThread, client_cmd, router_config
 
-from helpers import assert_nodes_identical
+from helpers import Transfers, assert_nodes_identical
 from pgquorum.cluster.model import NodeState
 from pgquorum.local.binaries import PgBinaries
 from pgquorum.local.instance import LocalNode
@@ -214,3 +214,55 @@ def test_a_replay_that_fails_leaves_the_node_failed(
     with psycopg.connect(rt.dsn(), autocommit=True) as conn:  # the others go on
         conn.execute("INSERT INTO t VALUES (100)")
     assert_nodes_identical(nodes[:2], "postgres")
+
+
+def test_a_fourth_node_joins_a_group_under_load(
+    three: tuple[RouterThread, list[LocalNode]],
+    make_nodes,  # type: ignore[no-untyped-def]
+) -> None:
+    rt, nodes = three
+    (empty,) = make_nodes(1)
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE acct (id int PRIMARY KEY, balance int NOT NULL)")
+        conn.execute("INSERT INTO acct SELECT g, 100 FROM generate_series(1, 200) g")
+    with Transfers(rt.dsn(), clients=4, accounts=200) as load:
+        time.sleep(0.5)
+        res = run_cli(
+            "add-node", "node4", f"{empty.router_host}:{empty.port}", "--port", str(rt.port)
+        )
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "node4 is ONLINE" in res.stdout, res.stdout
+        time.sleep(0.5)  # load on four nodes
+    assert not load.errors, load.errors
+    status = rt.router.cluster.status
+    assert [n.name for n in rt.router.cluster.group.nodes] == [
+        "node1",
+        "node2",
+        "node3",
+        "node4",
+    ]
+    assert all(st.state is NodeState.ONLINE for st in status.values())
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT sum(balance) FROM acct").fetchone() == (20000,)
+    assert_nodes_identical([*nodes, empty], "postgres")
+    # Taken out again: the others go on without it.
+    res = run_cli("remove-node", "node4", "--port", str(rt.port))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert [n.name for n in rt.router.cluster.group.nodes] == ["node1", "node2", "node3"]
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = 1")
+    assert nodes[0].psql("SELECT balance FROM acct WHERE id = 1") != empty.psql(
+        "SELECT balance FROM acct WHERE id = 1"
+    )
+
+
+def test_recover_refuses_what_it_cannot_do(three: tuple[RouterThread, list[LocalNode]]) -> None:
+    rt, _ = three
+    with psycopg.connect(rt.dsn("pgquorum"), autocommit=True) as admin:
+        with pytest.raises(psycopg.errors.UndefinedObject):
+            admin.execute("RECOVER NODE nosuch")
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="ONLINE"):
+            admin.execute("RECOVER NODE node2")
+        with pytest.raises(psycopg.errors.DuplicateObject):
+            admin.execute("ADD NODE node2 '127.0.0.1' 5432")
+        assert admin.execute("SHOW RECOVERY").fetchall() == []

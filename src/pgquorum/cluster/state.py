@@ -40,10 +40,15 @@ class ClusterView:
     """
 
     def __init__(self, group: Group, store: StateStore | None = None, router: str = "") -> None:
-        self.group = group
         self.store = store if store is not None else StateStore(None)
+        # The configured nodes, amended by ADD NODE / REMOVE NODE (kept in the store).
+        added, removed = self.store.members(group.name)
+        configured = {n.name for n in group.nodes}
+        nodes = [n for n in group.nodes if n.name not in removed]
+        nodes += [n for n in added if n.name not in configured]
+        self.group = Group(group.name, tuple(nodes))
         self.router = router
-        self.status: dict[str, NodeStatus] = {n.name: NodeStatus(n) for n in group.nodes}
+        self.status: dict[str, NodeStatus] = {n.name: NodeStatus(n) for n in self.group.nodes}
         self._listeners: list[Callable[[NodeStatus], None]] = []
         self.generation = 0  # bumped on every state change, so callers can cache derived views
         self.refresh()
@@ -111,6 +116,24 @@ class ClusterView:
     def mark_online(self, name: str, reason: str) -> None:
         """The end of a recovery: the node holds what the others hold and takes traffic."""
         self._set(name, NodeState.ONLINE, reason)
+
+    def add_node(self, node: Node, reason: str) -> None:
+        """A new member of the group: FAILED (no traffic) until a recovery fills it."""
+        if node.name in self.status and node in self.group.nodes:
+            return
+        self.store.set_member(self.group.name, node)
+        self.group = Group(self.group.name, (*self.group.nodes, node))
+        self.status[node.name] = NodeStatus(node, NodeState.FAILED)
+        self._set(node.name, NodeState.FAILED, reason)
+
+    def remove_node(self, name: str) -> None:
+        """Take a node out of the group for good (it is failed first). Its status stays, out
+        of the group, for sessions still holding a connection to it."""
+        self.mark_failed(name, "removed from the group")
+        st = self.status[name]
+        self.store.set_member(self.group.name, st.node, removed=True)
+        self.group = Group(self.group.name, tuple(n for n in self.group.nodes if n.name != name))
+        self.generation += 1
 
     def _set(self, name: str, state: NodeState, reason: str) -> None:
         st = self.status[name]

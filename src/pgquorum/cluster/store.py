@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from .model import NodeState
+from .model import Node, NodeState
 
 _SCHEMA = """
 create table if not exists nodes(
@@ -26,6 +26,10 @@ create table if not exists nodes(
 create table if not exists events(
     id integer primary key autoincrement, at real not null, grp text not null,
     node text not null, state text not null, reason text not null, router text not null);
+create table if not exists members(
+    grp text not null, name text not null, host text not null, port integer not null,
+    removed integer not null default 0,
+    primary key (grp, name));
 create table if not exists decisions(
     gid text primary key, router text not null, at real not null);
 """
@@ -101,6 +105,27 @@ class StateStore:
                 db.execute("rollback")
                 raise
         return now
+
+    def set_member(self, group: str, node: Node, *, removed: bool = False) -> None:
+        """A node added to the group at run time (ADD NODE), or taken out (REMOVE NODE):
+        the configuration file's list of nodes, amended."""
+        with self._lock:
+            self._db.execute(
+                "insert into members(grp, name, host, port, removed) values (?, ?, ?, ?, ?) "
+                "on conflict(grp, name) do update set host = excluded.host, "
+                "port = excluded.port, removed = excluded.removed",
+                (group, node.name, node.host, node.port, int(removed)),
+            )
+
+    def members(self, group: str) -> tuple[list[Node], set[str]]:
+        """Nodes added at run time, and names removed."""
+        with self._lock:
+            rows = self._db.execute(
+                "select name, host, port, removed from members where grp = ? order by rowid",
+                (group,),
+            ).fetchall()
+        added = [Node(name, host, int(port)) for name, host, port, removed in rows if not removed]
+        return added, {name for name, _, _, removed in rows if removed}
 
     def events(self, limit: int = 100) -> list[Event]:
         """The latest state changes, newest first."""

@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgquorum.cluster.model import Group, Node
+from pgquorum.cluster.model import Group, Node, NodeState
+from pgquorum.cluster.store import StateStore
 from pgquorum.config import Config, RouterSettings
 
 from .binaries import PgBinaries, find_binaries
@@ -35,6 +36,7 @@ class LocalCluster:
     def __post_init__(self) -> None:
         self.directory = self.directory.resolve()
         self.nodes: list[LocalNode] = []
+        self.joining: list[str] = []
         self._binaries: PgBinaries | None = None
 
     @property
@@ -85,7 +87,27 @@ class LocalCluster:
         new = [n for n in self.nodes if not n.initialized()]
         with ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(lambda n: n.init(password=self.password), new))
+        # Nodes added to a cluster that has data: empty, so they join by recovery.
+        self.joining = [n.name for n in new] if len(new) < len(self.nodes) else []
         return self.nodes
+
+    def mark_joining(self) -> None:
+        """Record the joining nodes as FAILED before the router reads the state database,
+        so no traffic reaches them until their recovery has filled them."""
+        if not self.joining:
+            return
+        store = StateStore(self.directory / STATE_DB)
+        try:
+            for name in self.joining:
+                store.set_state(
+                    "default",
+                    name,
+                    NodeState.FAILED,
+                    "new node: joins the group by recovery",
+                    "local",
+                )
+        finally:
+            store.close()
 
     def start_nodes(self) -> None:
         with ThreadPoolExecutor(max_workers=4) as pool:
@@ -142,6 +164,28 @@ def stop_left_running(directory: Path) -> list[str]:
             node.stop()
             done.append(f"stopped {p.name}")
     return done
+
+
+def start_if_down(directory: Path, name: str) -> bool:
+    """Start node ``name`` of a local cluster if its server is not running (crashed,
+    killed); True if it was started. False too when ``directory`` holds no such node."""
+    cluster = LocalCluster(directory)
+    nodes = cluster.read_state().get("nodes")
+    entry = (
+        next(
+            (n for n in nodes if isinstance(n, dict) and n.get("name") == name),
+            None,
+        )
+        if isinstance(nodes, list)
+        else None
+    )
+    if entry is None or not (cluster.directory / name / "PG_VERSION").exists():
+        return False
+    node = LocalNode(name, cluster.directory / name, int(entry["port"]), cluster.binaries)
+    if node.is_running():
+        return False
+    node.start()
+    return True
 
 
 def _is_pgquorum(pid: int) -> bool:

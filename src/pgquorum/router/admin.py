@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from pglast import parse_sql
 from pglast.ast import VariableShowStmt
 
-from pgquorum.cluster.model import NodeState
+from pgquorum.cluster.model import Node, NodeState
 from pgquorum.protocol import messages as m
 from pgquorum.protocol.errors import (
     FEATURE_NOT_SUPPORTED,
@@ -68,6 +68,8 @@ class AdminConsole:
         ]
         rows: list[list[str | None]] = []
         for st in cluster.status.values():
+            if st.node not in cluster.group.nodes:
+                continue  # removed
             rows.append(
                 [
                     st.node.name,
@@ -127,6 +129,8 @@ class AdminConsole:
         rows.append(["FAIL NODE name [REASON 'text']"])
         rows.append(["VERIFY [FAIL MINORITY]"])
         rows.append(["RECOVER NODE name"])
+        rows.append(["ADD NODE name 'host' port"])
+        rows.append(["REMOVE NODE name"])
         rows.append(["SHOW RECOVERY"])
         return ["command"], rows
 
@@ -155,8 +159,9 @@ class AdminConsole:
         snapshot; HOLD WRITES: its write gate, for a recovered node to join. Held until
         RELEASE, the end of the admin session, or HOLD_MAX_S."""
         key = (session.id, what)
+        cols = _hold_columns(what)
         if key in self._holds:
-            return ["held", "drained_ms"], [["t", None]]  # already held by this session
+            return cols, [["t", None]]  # already held by this session
         drained: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         release = asyncio.Event()
         router = self.router
@@ -186,13 +191,13 @@ class AdminConsole:
             took = await drained
         except TimeoutError:
             raise _no_quiet_point(what) from None
-        return ["held", "drained_ms"], [["t", f"{took * 1000:.1f}"]]
+        return cols, [["t", f"{took * 1000:.1f}"]]
 
     def release(self, session: ClientSession, what: str) -> Table:
         release = self._holds.pop((session.id, what), None)
         if release is not None:
             release.set()
-        return ["held", "drained_ms"], [["f", None]]
+        return _hold_columns(what), [["f", None]]
 
     # -- recovery -----------------------------------------------------------------------------
 
@@ -236,6 +241,25 @@ class AdminConsole:
             p.error,
         ]
         return cols, [row]
+
+    async def member_command(self, match: re.Match[str]) -> Table:
+        """ADD NODE name 'host' port / REMOVE NODE name (FROM PEER: a peer passing it on)."""
+        router = self.router
+        name = _unquote(match["node"])
+        from_peer = match["peer"] is not None
+        if match["verb"].upper() == "ADD":
+            if match["host"] is None:
+                raise PgError(SYNTAX_ERROR, "usage: ADD NODE name 'host' port")
+            node = Node(name, match["host"].replace("''", "'"), int(match["port"]))
+            await router.add_node(node, from_peer=from_peer)
+        else:
+            await router.remove_node(name, from_peer=from_peer)
+        rows: list[list[str | None]] = [
+            [st.node.name, st.state.value, st.reason]
+            for st in router.cluster.status.values()
+            if st.node.name == name
+        ]
+        return ["node", "state", "reason"], rows
 
     def recovery_command(self, sql: str) -> Table:
         """The coordinator's commands to its peers (RECOVERY START/QUEUE/ONLINE/STOP)."""
@@ -301,6 +325,9 @@ class AdminConsole:
             return [self.recover_node(_unquote(words[2]))]
         if words and words[0].upper() == "RECOVERY":
             return [self.recovery_command(sql)]
+        member = _MEMBER.match(sql.strip().rstrip(";").strip())
+        if member is not None:
+            return [await self.member_command(member)]
         if words and words[0].upper() == "VERIFY":
             rest = [w.upper() for w in words[1:]]
             if rest not in ([], ["FAIL", "MINORITY"]):
@@ -384,12 +411,21 @@ def _no_quiet_point(what: str = "COMMITS") -> PgError:
     )
 
 
+def _hold_columns(what: str) -> list[str]:
+    return ["held" if what == "COMMITS" else "writes_held", "drained_ms"]
+
+
 def _unquote(name: str) -> str:
     if len(name) > 1 and name[0] == name[-1] and name[0] in "\"'":
         return name[1:-1].replace(name[0] * 2, name[0])
     return name
 
 
+_MEMBER = re.compile(
+    r"""^(?P<verb>ADD|REMOVE)\s+NODE\s+(?P<node>"(?:[^"]|"")+"|[\w.-]+)"""
+    r"""(?:\s+'(?P<host>(?:[^']|'')*)'\s+(?P<port>\d{1,5}))?(?P<peer>\s+FROM\s+PEER)?$""",
+    re.IGNORECASE,
+)
 _HOLDS = ("HOLD COMMITS", "RELEASE COMMITS", "HOLD WRITES", "RELEASE WRITES")
 _RECOVERY_START = re.compile(
     r"^RECOVERY\s+START\s+(?P<rid>\S+)\s+'(?P<node>(?:[^']|'')*)'\s+"
@@ -403,5 +439,11 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-_TAGS = {"node": "FAIL NODE", "database": "VERIFY", "held": "HOLD", "serial": "RECOVERY"}
+_TAGS = {
+    "node": "FAIL NODE",
+    "database": "VERIFY",
+    "held": "HOLD COMMITS",
+    "writes_held": "HOLD WRITES",
+    "serial": "RECOVERY",
+}
 HOLD_MAX_S = 10.0  # a peer's hold never outlives this

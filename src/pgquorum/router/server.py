@@ -15,7 +15,12 @@ from pgquorum.cluster.store import StateStore
 from pgquorum.config import Config, RouterSettings
 from pgquorum.protocol import messages as m
 from pgquorum.protocol.auth import UserSecret, load_users
-from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, UNDEFINED_OBJECT, PgError
+from pgquorum.protocol.errors import (
+    DUPLICATE_OBJECT,
+    OBJECT_NOT_IN_PREREQUISITE_STATE,
+    UNDEFINED_OBJECT,
+    PgError,
+)
 from pgquorum.recovery.coordinator import Recovery
 from pgquorum.recovery.gate import WriteGate
 from pgquorum.recovery.queue import QueueUnavailable, Sink
@@ -23,8 +28,9 @@ from pgquorum.sql.analyze import Analyzer
 from pgquorum.sql.catalog import FunctionCatalog, TableCatalog
 
 from .admin import AdminConsole
-from .backend import open_transport
-from .commit import CommitCoordinator
+from .backend import NodeLost, open_transport
+from .client import admin_query
+from .commit import CommitCoordinator, quote_literal
 from .peers import Peers
 from .sequences import SequenceAllocator
 from .session import ClientSession
@@ -120,6 +126,55 @@ class Router:
         self.recovery = Recovery(self, node)
         self.recovery.start()
         return self.recovery
+
+    async def add_node(self, node: Node, *, from_peer: bool = False) -> None:
+        """ADD NODE: a new member joins through the recovery path (an empty server is
+        filled from a snapshot of the group). Peers are told first, so they queue for it."""
+        cluster = self.cluster
+        known = next((n for n in cluster.group.nodes if n.name == node.name), None)
+        if known is not None:
+            if from_peer and known == node:
+                return
+            raise PgError(DUPLICATE_OBJECT, f"node {node.name!r} is already in the group")
+        cluster.add_node(node, "new node: joins the group by recovery")
+        if from_peer:
+            return
+        await self._tell_peers(
+            f"ADD NODE {_ident(node.name)} {quote_literal(node.host)} {node.port} FROM PEER"
+        )
+        self.start_recovery(node.name)
+
+    async def remove_node(self, name: str, *, from_peer: bool = False) -> None:
+        """REMOVE NODE: take a node out of the group for good."""
+        cluster = self.cluster
+        if name not in cluster.status or cluster.status[name].node not in cluster.group.nodes:
+            if from_peer:
+                return
+            raise PgError(UNDEFINED_OBJECT, f"no node {name!r} in group {cluster.group.name!r}")
+        recovery = self.recovery
+        if recovery is not None and recovery.running and recovery.node == name:
+            raise PgError(OBJECT_NOT_IN_PREREQUISITE_STATE, f"node {name} is being recovered")
+        others = [st for st in cluster.online() if st.node.name != name]
+        if not others and not from_peer:
+            raise PgError(
+                OBJECT_NOT_IN_PREREQUISITE_STATE,
+                f"node {name} is the last ONLINE node of the group; it cannot be removed",
+            )
+        cluster.remove_node(name)
+        if not from_peer:
+            await self._tell_peers(f"REMOVE NODE {_ident(name)} FROM PEER")
+
+    async def _tell_peers(self, command: str) -> None:
+        """An admin command to every peer, which must take it (else PgError)."""
+        user, password = self.internal_credentials()
+        for host, port in self.settings.peers:
+            try:
+                await admin_query(host, port, user, password, command, timeout=10)
+            except (NodeLost, PgError, OSError, TimeoutError) as e:
+                raise PgError(
+                    OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    f"peer router {host}:{port} did not take {command.split(' FROM')[0]!r}: {e}",
+                ) from None
 
     def queue_lost(self, sink: Sink, error: Exception) -> None:
         """The recovery queue cannot take a commit: that recovery cannot succeed any more."""
@@ -269,6 +324,10 @@ async def _send_cancel(node: Node, pid: int, secret: int) -> None:
         cast(asyncio.WriteTransport, transport).write(m.encode_cancel_request(pid, secret))
     finally:
         transport.close()  # after the buffered request is sent
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _shutdown_error() -> m.PgError:

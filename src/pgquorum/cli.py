@@ -53,6 +53,7 @@ def main() -> None:
 @click.option("--worker", type=int, default=None, hidden=True)
 def router(config_path: Path, verbose: bool, worker: int | None) -> None:
     """Run a router in front of existing PostgreSQL servers."""
+    parent = os.getppid()  # a worker's first process (see _wait_for_signal)
     try:
         config = load_config(config_path)
     except ConfigError as e:
@@ -75,7 +76,7 @@ def router(config_path: Path, verbose: bool, worker: int | None) -> None:
         await r.start()
         if supervisor is not None:
             supervisor.start()
-        await _wait_for_signal(orphan_check=worker is not None)
+        await _wait_for_signal(orphan_of=parent if worker is not None else None)
         if supervisor is not None:
             await supervisor.stop()
         await r.stop()
@@ -83,24 +84,24 @@ def router(config_path: Path, verbose: bool, worker: int | None) -> None:
     _run(serve())
 
 
-async def _wait_for_signal(*, orphan_check: bool = False) -> None:
+async def _wait_for_signal(*, orphan_of: int | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if orphan_check:
-        # A worker whose first process died (even by SIGKILL) stops too, rather than
+    if orphan_of is not None:
+        # A worker whose first process died (even by SIGKILL, even while this one was
+        # still starting: the parent is taken at process start) stops too, rather than
         # serving on alone without its supervisor.
-        parent = os.getppid()
 
         async def watch_parent() -> None:
-            while os.getppid() == parent:
+            while os.getppid() == orphan_of:
                 await asyncio.sleep(1)
             stop.set()
 
         watcher = loop.create_task(watch_parent())
     await stop.wait()
-    if orphan_check:
+    if orphan_of is not None:
         watcher.cancel()
 
 

@@ -36,7 +36,7 @@ class Unit:
     expect: list[tuple[int, str | None, bool, int]]  # Expectation fields
     outcome: list[str]  # UnitResult.outcome(): the SQLSTATE first if it failed, then tags
     copy: bytes = b""  # CopyData ... CopyDone/CopyFail of a COPY FROM STDIN
-    copy_missing: bool = False  # COPY data that streamed before the recovery began
+    missing: str = ""  # why the unit cannot be replayed (its COPY data was not kept, ...)
 
     def expectations(self) -> list[Expectation]:
         return [Expectation(k, s, w, v) for k, s, w, v in self.expect]
@@ -47,7 +47,7 @@ class Unit:
             self.expect,
             self.outcome,
             _b64(self.copy),
-            self.copy_missing,
+            self.missing,
         ]
 
     @classmethod
@@ -58,7 +58,7 @@ class Unit:
             [(int(k), s, bool(w), int(v)) for k, s, w, v in expect],
             [str(x) for x in outcome],
             base64.b64decode(copy),
-            bool(missing),
+            str(missing),
         )
 
 
@@ -115,6 +115,7 @@ class Journal:
         self._begin: bytes | None = None  # a deferred BEGIN, sent with the next unit
         self.open = False  # the last unit left a transaction block open on the nodes
         self.queued: str | None = None  # the recovery whose queue has this session's units
+        self._size = 0  # bytes kept: a huge transaction stops being kept (see record)
 
     def begin(self, data: bytes) -> None:
         """The client's BEGIN, held back until the transaction's first write (as the
@@ -146,7 +147,16 @@ class Journal:
             [(e.kind, e.statement, e.swallow, e.version) for e in expect],
             [str(x) for x in res.outcome()],
         )
-        self.units.append(unit)
+        self._size += len(data)
+        if self._size > MAX_KEPT_BYTES:
+            # Memory is worth more than the replay of one giant transaction: a recovery it
+            # commits into fails, safely, rather than every session holding its bulk load.
+            if self.units and self.units[0].missing:
+                unit = self.units[0]
+            else:
+                self.units = [Unit(b"", [], [], missing=_TOO_BIG)]
+        else:
+            self.units.append(unit)
         self.open = res.status not in (0, IDLE)
         return unit
 
@@ -159,6 +169,7 @@ class Journal:
         self.units = []
         self.open = False
         self._begin = None
+        self._size = 0
         return units
 
     def drop(self) -> None:
@@ -167,7 +178,12 @@ class Journal:
         self.units = []
         self.open = False
         self._begin = None
+        self._size = 0
         self._shadow = _Shadow()
+
+
+MAX_KEPT_BYTES = 64 * 1024 * 1024
+_TOO_BIG = f"the transaction sent more than {MAX_KEPT_BYTES >> 20} MB of statements"
 
 
 def _b64(data: bytes) -> str:

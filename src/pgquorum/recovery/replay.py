@@ -75,10 +75,10 @@ class Replayer:
         if conn is None:
             conn = await self._open(entry)
         for i, unit in enumerate(entry.units):
-            if unit.copy_missing:
+            if unit.missing:
                 raise ReplayError(
-                    f"transaction {serial} of session {entry.session} ran a COPY FROM STDIN "
-                    "that began before the recovery: its data was not queued"
+                    f"transaction {serial} of session {entry.session} cannot be replayed: "
+                    f"{unit.missing}"
                 )
             got = await _run(conn, unit)
             if got != unit.outcome:

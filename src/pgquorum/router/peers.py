@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from pgquorum.cluster.model import NodeState
 from pgquorum.cluster.state import NodeStatus
 from pgquorum.protocol.errors import PgError
+from pgquorum.recovery.queue import RemoteQueue
 
 from .backend import NodeLost
 from .client import admin_query
@@ -54,6 +55,12 @@ def fail_node_command(node: str, reason: str) -> str:
     return f'FAIL NODE "{node.replace(chr(34), chr(34) * 2)}" REASON {quote_literal(reason)}'
 
 
+class PeerRecoveries:
+    def __init__(self) -> None:
+        self.online: set[str] = set()  # nodes some peer has ONLINE
+        self.running: dict[str, tuple[str, str, int]] = {}  # node -> (recovery, peer address)
+
+
 class Peers:
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -63,6 +70,7 @@ class Peers:
 
     async def start(self) -> None:
         if not self.addresses:
+            self._settle_recovering(PeerRecoveries())
             return
         await self.pull()
         self.router.cluster.on_change(self._changed)
@@ -79,27 +87,71 @@ class Peers:
             await asyncio.wait(self._tasks, timeout=2)
 
     async def pull(self) -> None:
-        """Take over the FAILED nodes the peers know of (those that answer in time)."""
+        """Take over the FAILED nodes the peers know of (those that answer in time), and
+        settle the nodes this router left RECOVERING when it stopped."""
+        seen = PeerRecoveries()
         results = await asyncio.gather(
-            *(self._pull_one(host, port) for host, port in self.addresses),
+            *(self._pull_one(host, port, seen) for host, port in self.addresses),
             return_exceptions=True,
         )
         for (host, port), res in zip(self.addresses, results, strict=True):
             if isinstance(res, BaseException):
                 log.warning("peer %s:%d did not tell its node states: %s", host, port, res)
+        self._settle_recovering(seen)
 
-    async def _pull_one(self, host: str, port: int) -> None:
+    async def _pull_one(self, host: str, port: int, seen: PeerRecoveries) -> None:
         user, password = self.router.internal_credentials()
-        cols, rows = await asyncio.wait_for(
-            admin_query(host, port, user, password, "SHOW NODES", timeout=PULL_TIMEOUT_S),
-            PULL_TIMEOUT_S,
-        )
+
+        async def ask(command: str) -> tuple[list[str], list[list[str | None]]]:
+            return await asyncio.wait_for(
+                admin_query(host, port, user, password, command, timeout=PULL_TIMEOUT_S),
+                PULL_TIMEOUT_S,
+            )
+
+        cols, rows = await ask("SHOW NODES")
         name_at, state_at, reason_at = cols.index("name"), cols.index("state"), cols.index("reason")
         cluster = self.router.cluster
         for row in rows:
             name, state = row[name_at], row[state_at]
             if name in cluster.status and state == NodeState.FAILED.value:
                 cluster.mark_failed(name, f"failed by peer {host}:{port}: {row[reason_at]}")
+            elif name is not None and state == NodeState.ONLINE.value:
+                seen.online.add(name)
+        cols, rows = await ask("SHOW RECOVERY")
+        for row in rows:
+            info = dict(zip(cols, row, strict=True))
+            if info["phase"] not in ("done", "failed") and info["node"] and info["recovery"]:
+                seen.running[info["node"]] = (info["recovery"], host, port)
+
+    def _settle_recovering(self, seen: PeerRecoveries) -> None:
+        """A node this router left RECOVERING: join the recovery a peer still runs (queue
+        its commits there), take ONLINE if it ended meanwhile, else it is FAILED again."""
+        router = self.router
+        for st in list(router.cluster.status.values()):
+            if st.state is not NodeState.RECOVERING:
+                continue
+            name = st.node.name
+            running = seen.running.get(name)
+            if running is not None:
+                rid, host, port = running
+                router.recovery_sink = RemoteQueue(
+                    rid, name, (host, port), router.internal_credentials()
+                )
+                log.warning("node %s: joining recovery %s run by peer %s:%d", name, *running)
+            elif name in seen.online:
+                router.cluster.mark_online(name, "recovered while this router was down")
+            else:
+                # This router ran the recovery (its reason names the recovery, and the
+                # recovery the router): begin it again, from a fresh snapshot.
+                # (Straight from RECOVERING: a FAILED state would travel to the peers and
+                # back, and end the new recovery.)
+                if st.reason.startswith(f"recovery {router.settings.name}/"):
+                    log.warning("node %s: beginning its interrupted recovery again", name)
+                    router.start_recovery(name, again=True)
+                else:
+                    router.cluster.mark_failed(
+                        name, "its recovery was interrupted by a router restart; recover it again"
+                    )
 
     def _changed(self, st: NodeStatus) -> None:
         if st.state is not NodeState.FAILED:

@@ -103,8 +103,9 @@ class Router:
         self.write_gate = WriteGate(lambda: self.sessions.values())
         self.recovery: Recovery | None = None
 
-    def start_recovery(self, node: str) -> Recovery:
-        """RECOVER NODE: rebuild a FAILED node while clients go on (recovery/coordinator)."""
+    def start_recovery(self, node: str, *, again: bool = False) -> Recovery:
+        """RECOVER NODE: rebuild a FAILED node while clients go on (recovery/coordinator).
+        ``again``: a recovery this router ran before it restarted, begun anew."""
         cluster = self.cluster
         if node not in cluster.status:
             raise PgError(UNDEFINED_OBJECT, f"no node {node!r} in group {cluster.group.name!r}")
@@ -115,7 +116,7 @@ class Router:
             )
         cluster.refresh()
         state = cluster.status[node].state
-        if state is not NodeState.FAILED:
+        if state is not NodeState.FAILED and not (again and state is NodeState.RECOVERING):
             raise PgError(
                 OBJECT_NOT_IN_PREREQUISITE_STATE,
                 f"node {node} is {state.value}; only a FAILED node can be recovered",
@@ -199,7 +200,7 @@ class Router:
         host = settings.listen_host
         if host in ("", "0.0.0.0", "::", "*"):
             host = socket.gethostname()
-        return host, self.port
+        return host, settings.listen_port or self.port
 
     def credentials(self, client_user: str) -> tuple[str, str | None]:
         """The user and password the router logs in to nodes with, for a client's user."""

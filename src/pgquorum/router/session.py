@@ -1040,7 +1040,7 @@ class ClientSession(asyncio.Protocol):
         if self._copy_seen:
             self._copy_seen = False
             if self._copy_data is None:
-                unit.copy_missing = True
+                unit.missing = "its COPY FROM STDIN began before the recovery (no data kept)"
             else:
                 unit.copy, self._copy_data = self._copy_data, None
         return res

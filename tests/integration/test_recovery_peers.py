@@ -1,0 +1,95 @@
+"""Recovery with several routers: peers queue their commits into the coordinator's queue, and
+routers that restart during a recovery rejoin it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import psycopg
+from router_harness import RouterThread
+from test_peers import eventually, pair_configs, state
+from test_recovery import fail_by_killing, recover, recovery, wait_recovery
+
+from helpers import Transfers, assert_nodes_identical
+from pgquorum.cluster.model import NodeState
+
+
+def setup_table(rt: RouterThread) -> None:
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE acct (id int PRIMARY KEY, balance int NOT NULL)")
+        conn.execute("INSERT INTO acct SELECT g, 100 FROM generate_series(1, 100) g")
+        conn.execute("CREATE TABLE h (v text)")
+
+
+def test_commits_through_a_peer_reach_the_recovered_node(make_nodes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    nodes = make_nodes(3)
+    config_a, config_b = pair_configs(nodes, tmp_path)
+    a, b = RouterThread(config_a), RouterThread(config_b)
+    try:
+        setup_table(a)
+        with (
+            Transfers(a.dsn(), clients=2, accounts=100) as load_a,
+            Transfers(b.dsn(), clients=2, accounts=100) as load_b,
+        ):
+            time.sleep(0.3)
+            fail_by_killing(a, nodes[2])
+            eventually(lambda: state(b, "node3") is NodeState.FAILED)
+            recover(a, "node3")
+            info = wait_recovery(a)
+            assert info["phase"] == "done", info
+            eventually(lambda: state(b, "node3") is NodeState.ONLINE)
+            time.sleep(0.3)  # both routers write to node3 again
+        assert not load_a.errors and not load_b.errors, (load_a.errors, load_b.errors)
+        assert int(info["replayed"]) > 0
+        with psycopg.connect(b.dsn(), autocommit=True) as conn:
+            conn.execute("INSERT INTO h VALUES ('through b, after')")
+        assert nodes[2].psql("SELECT count(*) FROM h") == "1"
+        assert nodes[2].psql("SELECT sum(balance) FROM acct") == "10000"
+        assert_nodes_identical(nodes, "postgres")
+    finally:
+        a.stop()
+        b.stop()
+
+
+def wait_phase(rt: RouterThread, phases: tuple[str, ...]) -> None:
+    eventually(lambda: recovery(rt).get("phase") in phases, timeout=30)
+
+
+def test_routers_that_restart_during_a_recovery_rejoin_it(make_nodes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    nodes = make_nodes(3)
+    config_a, config_b = pair_configs(nodes, tmp_path)
+    a, b = RouterThread(config_a), RouterThread(config_b)
+    try:
+        setup_table(a)
+        fail_by_killing(a, nodes[2])
+        eventually(lambda: state(b, "node3") is NodeState.FAILED)
+        # A transaction through a that wrote and stays open keeps the recovery replaying.
+        holder = psycopg.connect(a.dsn())
+        holder.execute("INSERT INTO h VALUES ('held')")
+        recover(a, "node3")
+        wait_phase(a, ("replay", "switch"))
+        # The peer restarts: it finds the recovery at a and queues its commits there.
+        b.stop()
+        b = RouterThread(config_b)
+        assert state(b, "node3") is NodeState.RECOVERING
+        assert b.router.recovery_sink is not None
+        with psycopg.connect(b.dsn(), autocommit=True) as conn:
+            conn.execute("UPDATE acct SET balance = balance + 5 WHERE id = 1")
+        # The coordinator restarts (its open transaction dies with it): it begins the
+        # recovery again, and the peer follows the new one.
+        holder.close()
+        a.stop()
+        a = RouterThread(config_a)
+        info = wait_recovery(a)
+        assert info["phase"] == "done", info
+        eventually(lambda: state(b, "node3") is NodeState.ONLINE)
+        with psycopg.connect(b.dsn(), autocommit=True) as conn:
+            conn.execute("UPDATE acct SET balance = balance + 7 WHERE id = 2")
+        assert nodes[2].psql("SELECT balance FROM acct WHERE id IN (1, 2) ORDER BY id") == (
+            "105\n107"
+        )
+        assert_nodes_identical(nodes, "postgres")
+    finally:
+        a.stop()
+        b.stop()

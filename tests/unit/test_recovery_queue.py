@@ -1,0 +1,111 @@
+"""The recovery journal and queue: units as a node would be sent them, commit order, JSON."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pgquorum.protocol import messages as m
+from pgquorum.recovery import journal as j
+from pgquorum.recovery.journal import Entry, Journal, Unit
+from pgquorum.recovery.queue import LocalQueue, QueueUnavailable
+from pgquorum.router.backend import EXPECT_QUERY, Expectation, UnitResult
+from pgquorum.router.session import Statement, _build_batch
+
+
+def result(*tags: str, error: str | None = None, status: int = ord("T")) -> UnitResult:
+    res = UnitResult()
+    res.tags = list(tags)
+    res.error = error
+    res.status = status
+    return res
+
+
+def query(sql: str):  # type: ignore[no-untyped-def]
+    data = m.encode_query(sql)
+    return lambda conn: (data, [EXPECT_QUERY])
+
+
+def test_deferred_begin_goes_with_the_first_write_and_commit_is_added() -> None:
+    journal = Journal()
+    journal.begin(m.encode_query("BEGIN ISOLATION LEVEL SERIALIZABLE"))
+    journal.record(query("UPDATE t SET v = 1"), result("UPDATE 1"))
+    journal.record(query("DELETE FROM t"), result("DELETE 3"))
+    units = journal.take(commit=True)
+    assert [u.data for u in units] == [
+        m.encode_query("BEGIN ISOLATION LEVEL SERIALIZABLE") + m.encode_query("UPDATE t SET v = 1"),
+        m.encode_query("DELETE FROM t"),
+        m.encode_query("COMMIT"),
+    ]
+    assert units[0].outcome == ["UPDATE 1"] and len(units[0].expect) == 2
+    assert journal.take(commit=True) == []  # taken: nothing left
+
+
+def test_a_transaction_the_client_ended_gets_nothing_added() -> None:
+    journal = Journal()
+    journal.record(query("BEGIN; INSERT INTO t VALUES (1); COMMIT"), result(status=ord("I")))
+    assert [u.data for u in journal.take(commit=False)] == [
+        m.encode_query("BEGIN; INSERT INTO t VALUES (1); COMMIT")
+    ]
+
+
+def test_prepared_statements_are_parsed_once_for_the_replay_connection() -> None:
+    journal = Journal()
+    parse = m.encode_parse("s1", "INSERT INTO t VALUES ($1)", [23])
+    stmt = Statement(m.parse_parse(parse[5:]), parse, None, 1)  # type: ignore[arg-type]
+    bind = m.frame(m.BIND, b"\0s1\0\0\0\0\0\0\0")
+    batch = [(m.BIND, bind[5:], stmt), (m.EXECUTE, b"\0\0\0\0\0", None), (m.SYNC, b"", None)]
+    build = lambda conn: _build_batch(conn, list(batch))  # noqa: E731
+    first = journal.record(build, result("INSERT 0 1", status=ord("I")))
+    second = journal.record(build, result("INSERT 0 1", status=ord("I")))
+    assert first.data.startswith(parse) and not second.data.startswith(parse)
+    assert first.expectations()[0].kind == m.PARSE
+    journal.drop()  # no recovery wanted them: the shadow forgets what it held
+    third = journal.record(build, result("INSERT 0 1", status=ord("I")))
+    assert third.data.startswith(parse)
+
+
+def test_a_huge_transaction_is_marked_instead_of_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(j, "MAX_KEPT_BYTES", 100)
+    journal = Journal()
+    for _ in range(10):
+        journal.record(query("INSERT INTO t VALUES (1)"), result("INSERT 0 1"))
+    units = journal.take(commit=True)
+    assert units[0].missing and len(units) == 2  # the marker, then COMMIT
+
+
+def test_entries_survive_json() -> None:
+    unit = Unit(b"\0\1Q", [(ord("Q"), None, False, 0), (ord("P"), "s", True, 3)], ["INSERT 0 1"])
+    unit.copy = b"d\0\0\0\5x"
+    entry = Entry("r/7", {"user": "u", "database": "db"}, [unit], [m.encode_query("SET a = 1")])
+    back = Entry.from_json(entry.to_json())
+    assert back == entry
+    assert isinstance(back.units[0].expectations()[1], Expectation)
+
+
+def test_local_queue_orders_by_reservation_and_waits_for_settling() -> None:
+    async def main() -> None:
+        q = LocalQueue("rid", "node3")
+        first = await q.reserve()  # a one-phase commit, not settled yet
+        second = await q.append(Entry("s/2", {}, [], None))
+        q.post(Entry("s/3", {}, [], None))
+        assert (first, second, q.depth) == (1, 2, 3)
+        with pytest.raises(TimeoutError):
+            await q.take(1, timeout=0.05)
+        asyncio.get_running_loop().call_later(0.02, q.settle, first, Entry("s/1", {}, [], None))
+        got = await q.take(1, timeout=1)
+        assert got is not None and got.session == "s/1"
+        q.applied = 1
+        assert (await q.take(2, timeout=1)).session == "s/2"  # type: ignore[union-attr]
+        void = await q.reserve()
+        q.settle(void, None)
+        assert await q.take(void, timeout=1) is None
+        q.close()
+        with pytest.raises(QueueUnavailable):
+            await q.reserve()
+        ops = [{"op": "reserve"}, {"op": "end", "session": "x", "params": {}}]
+        q2 = LocalQueue("rid2", "node3")
+        assert q2.apply_batch(ops) == [1, 0] and q2.last == 2
+
+    asyncio.run(main())

@@ -160,6 +160,19 @@ def assert_nodes_identical(
         raise AssertionError(f"nodes differ in database {database!r}:\n  " + "\n  ".join(problems))
 
 
+def balanced(node: LocalNode) -> bool:
+    """pgbench's invariant: the balances moved exactly as the history says."""
+    return (
+        node.psql(
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts) = "
+            "(SELECT coalesce(sum(delta), 0) FROM pgbench_history) AND "
+            "(SELECT sum(tbalance) FROM pgbench_tellers) = "
+            "(SELECT coalesce(sum(delta), 0) FROM pgbench_history)"
+        )
+        == "t"
+    )
+
+
 class Transfers:
     """Clients moving 1 between accounts of ``acct (id, balance)`` (ids 1..accounts) in
     transactions, until stopped: load that commits all the time and keeps the total."""

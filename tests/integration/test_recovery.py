@@ -14,23 +14,10 @@ import pytest
 from cli_harness import run_cli
 from router_harness import RouterThread, client_cmd, router_config
 
-from helpers import Transfers, assert_nodes_identical
+from helpers import Transfers, assert_nodes_identical, balanced
 from pgquorum.cluster.model import NodeState
 from pgquorum.local.binaries import PgBinaries
 from pgquorum.local.instance import LocalNode
-
-
-def balanced(node: LocalNode) -> bool:
-    """pgbench's invariant: the balances moved exactly as the history says."""
-    return (
-        node.psql(
-            "SELECT (SELECT sum(abalance) FROM pgbench_accounts) = "
-            "(SELECT coalesce(sum(delta), 0) FROM pgbench_history) AND "
-            "(SELECT sum(tbalance) FROM pgbench_tellers) = "
-            "(SELECT coalesce(sum(delta), 0) FROM pgbench_history)"
-        )
-        == "t"
-    )
 
 
 def recovery(rt: RouterThread) -> dict[str, str]:

@@ -268,9 +268,9 @@ async def hold_everywhere(router: Router, what: str, timeout: float = 5.0) -> As
     """HOLD COMMITS (or WRITES) on every peer, then on this router; yields the peers' admin
     links (with the host each was reached at), open for more commands until released.
 
-    PgError if a peer cannot hold (it may still be committing); StillOpen if a write gate
-    found transactions still open after ``timeout`` (a peer's: with no sessions named, so
-    the caller just tries again).
+    PgError if a peer cannot hold its commits (it may still be committing); StillOpen if a
+    write gate found transactions still open after ``timeout``, or a peer cannot hold its
+    writes now (with no sessions named: the caller just tries again later).
     """
     user, password = router.internal_credentials()
     held = _Held()
@@ -280,11 +280,12 @@ async def hold_everywhere(router: Router, what: str, timeout: float = 5.0) -> As
                 link = await Link.open(Node("peer", host, port), _admin(user), password)
                 held.append((link, host))
                 _, rows = await link.query(f"HOLD {what}")
-            except PgError as e:
-                if e.sqlstate == OBJECT_NOT_IN_PREREQUISITE_STATE and what == "WRITES":
+            except (PgError, NodeLost, OSError, TimeoutError) as e:
+                if what == "WRITES":
+                    # Transactions still open there, or the peer is restarting (it finds the
+                    # recovery when it starts): try again later rather than give up.
+                    log.info("peer %s:%d cannot hold writes yet: %s", host, port, e)
                     raise StillOpen([]) from None
-                raise _cannot_hold(what, host, port, e) from None
-            except (NodeLost, OSError, TimeoutError) as e:
                 raise _cannot_hold(what, host, port, e) from None
             held.drained = max(held.drained, float(rows[0][1] or 0) / 1000 if rows else 0.0)
         async with contextlib.AsyncExitStack() as stack:

@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 
 import psycopg
+from cli_harness import dsn, run_cli
 from router_harness import RouterThread
 from test_peers import eventually, pair_configs, state
 from test_recovery import fail_by_killing, recover, recovery, wait_recovery
+from test_workers import start_workers, worker_dsn
 
 from helpers import Transfers, assert_nodes_identical
 from pgquorum.cluster.model import NodeState
@@ -93,3 +95,44 @@ def test_routers_that_restart_during_a_recovery_rejoin_it(make_nodes, tmp_path: 
     finally:
         a.stop()
         b.stop()
+
+
+def test_recovery_through_router_workers(make_nodes, procs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Two worker processes on one port: the sibling queues into the coordinator over its
+    private socket."""
+    nodes = make_nodes(3)
+    router, port, _ = start_workers(procs, tmp_path, nodes)
+    with psycopg.connect(dsn(port), autocommit=True) as conn:
+        conn.execute("CREATE TABLE acct (id int PRIMARY KEY, balance int NOT NULL)")
+        conn.execute("INSERT INTO acct SELECT g, 100 FROM generate_series(1, 100) g")
+    with Transfers(dsn(port), clients=6, accounts=100) as load:  # spread over both workers
+        time.sleep(0.3)
+        nodes[2].kill()
+        deadline = time.monotonic() + 30
+        while "FAILED" not in run_cli("status", "--port", str(port)).stdout:
+            assert time.monotonic() < deadline, router.output()
+            time.sleep(0.2)
+        nodes[2].start()
+        with psycopg.connect(worker_dsn(port, 1), autocommit=True) as admin:
+            admin.execute("RECOVER NODE node3")  # worker 1 coordinates
+        deadline = time.monotonic() + 60
+        while True:
+            with psycopg.connect(worker_dsn(port, 1), autocommit=True) as admin:
+                cur = admin.execute("SHOW RECOVERY")
+                cols = [d.name for d in cur.description or ()]
+                info = dict(zip(cols, cur.fetchall()[0], strict=True))
+            if info["phase"] in ("done", "failed"):
+                break
+            assert time.monotonic() < deadline, info
+            time.sleep(0.1)
+        assert info["phase"] == "done", info
+        time.sleep(0.5)  # both workers write to node3 again
+    assert not load.errors, load.errors
+    assert int(info["replayed"]) > 0
+    for i in (0, 1):
+        with psycopg.connect(worker_dsn(port, i), autocommit=True) as admin:
+            states = [r[4] for r in admin.execute("SHOW NODES").fetchall()]
+            assert states == ["ONLINE"] * 3, (i, states)
+    assert nodes[2].psql("SELECT sum(balance) FROM acct") == "10000"
+    assert_nodes_identical(nodes, "postgres")
+    assert router.terminate() == 0, router.output()

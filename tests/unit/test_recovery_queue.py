@@ -109,3 +109,20 @@ def test_local_queue_orders_by_reservation_and_waits_for_settling() -> None:
         assert q2.apply_batch(ops) == [1, 0] and q2.last == 2
 
     asyncio.run(main())
+
+
+def test_the_queue_gives_up_rather_than_grow_without_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pgquorum.recovery import queue
+
+    monkeypatch.setattr(queue, "MAX_DEPTH", 2)
+
+    async def main() -> None:
+        q = LocalQueue("rid", "node3")
+        await q.reserve()
+        await q.reserve()
+        with pytest.raises(QueueUnavailable, match="waited for the replay"):
+            await q.reserve()
+        with pytest.raises(QueueUnavailable):  # closed: the replay stops too
+            await q.take(3, timeout=1)
+
+    asyncio.run(main())

@@ -152,7 +152,9 @@ class Recovery:
             snapshots.close()
 
         self.progress.phase = "replay"
-        self._replayer = Replayer(target, self.queue, router.credentials)
+        self._replayer = Replayer(
+            target, self.queue, router.credentials, router.settings.node_timeout_s
+        )
         give_up = time.monotonic() + SWITCH_PATIENCE_S
         while True:
             await self._replay_until(CATCH_UP_DEPTH)

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 COMMAND = "RECOVERY QUEUE "  # the admin console command that carries a batch of operations
 SEND_TIMEOUT_S = 10.0
+MAX_DEPTH = 1_000_000  # entries the coordinator keeps (in memory) before the recovery fails
 
 
 class QueueUnavailable(Exception):
@@ -84,6 +85,12 @@ class LocalQueue:
     def reserve_now(self) -> int:
         if self.closed:
             raise QueueUnavailable(f"the recovery {self.rid} of node {self.node} ended")
+        if self.depth >= MAX_DEPTH:  # the queue is in memory: the recovery gives up first
+            self.closed = True
+            self._wake()
+            raise QueueUnavailable(
+                f"more than {MAX_DEPTH} transactions waited for the replay on node {self.node}"
+            )
         serial = self._next
         self._next += 1
         self._entries[serial] = _PENDING

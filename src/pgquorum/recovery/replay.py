@@ -10,6 +10,7 @@ must be the one the group voted for; anything else ends the recovery.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -33,10 +34,13 @@ Credentials = Callable[[str], tuple[str, str | None]]
 
 
 class Replayer:
-    def __init__(self, node: Node, queue: LocalQueue, credentials: Credentials) -> None:
+    def __init__(
+        self, node: Node, queue: LocalQueue, credentials: Credentials, timeout: float = 30.0
+    ) -> None:
         self.node = node
         self.queue = queue
         self.credentials = credentials
+        self.timeout = timeout  # for one unit: a node that hangs fails the recovery
         self.sessions: dict[str, NodeConnection] = {}
         self.applied = 0  # entries replayed (not counting void ones)
 
@@ -80,7 +84,13 @@ class Replayer:
                     f"transaction {serial} of session {entry.session} cannot be replayed: "
                     f"{unit.missing}"
                 )
-            got = await _run(conn, unit)
+            try:
+                got = await asyncio.wait_for(_run(conn, unit), self.timeout)
+            except TimeoutError:
+                raise ReplayError(
+                    f"node {self.node.name} did not answer transaction {serial} within "
+                    f"{self.timeout:.0f}s"
+                ) from None
             if got != unit.outcome:
                 raise ReplayError(
                     f"replaying transaction {serial} (session {entry.session}, unit {i + 1}) "

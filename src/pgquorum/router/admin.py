@@ -25,7 +25,7 @@ from pgquorum.protocol.errors import (
     UNDEFINED_OBJECT,
     PgError,
 )
-from pgquorum.recovery.queue import RemoteQueue
+from pgquorum.recovery.queue import QueueUnavailable, RemoteQueue
 
 from .peers import parse_fail_node
 from .verify import verify
@@ -277,7 +277,12 @@ class AdminConsole:
                     OBJECT_NOT_IN_PREREQUISITE_STATE,
                     f"no recovery {request.get('rid')!r} is queueing on this router",
                 )
-            serials = recovery.queue.apply_batch(request["ops"])
+            try:
+                serials = recovery.queue.apply_batch(request["ops"])
+            except QueueUnavailable as e:
+                raise PgError(OBJECT_NOT_IN_PREREQUISITE_STATE, str(e)) from None
+            except (KeyError, TypeError, ValueError) as e:
+                raise PgError(SYNTAX_ERROR, f"invalid RECOVERY QUEUE operation: {e}") from None
             return ["serial"], [[str(n)] for n in serials]
         start = _RECOVERY_START.match(text)
         if start is not None:
@@ -347,7 +352,9 @@ class AdminConsole:
                     FEATURE_NOT_SUPPORTED,
                     "unsupported admin command; try: "
                     + ", ".join("SHOW " + c.upper() for c in self.commands)
-                    + ", FAIL NODE name [REASON 'text'], VERIFY [FAIL MINORITY]",
+                    + ", FAIL NODE name [REASON 'text'], VERIFY [FAIL MINORITY]"
+                    + ", RECOVER NODE name, SHOW RECOVERY, ADD NODE name 'host' port"
+                    + ", REMOVE NODE name",
                 )
         return tables
 

@@ -192,6 +192,7 @@ class Recovery:
                 self._note_replay()
                 self._check_alive()
                 await self._follow_sequences(replayer.node)
+                await replayer.flush()
                 self.router.cluster.mark_online(self.node, f"recovered ({self.rid})")
                 self._stop_queueing()
                 for link, _ in held:
@@ -199,6 +200,7 @@ class Recovery:
                 self.progress.pauses_ms.append((time.monotonic() - began + held.drained) * 1000)
                 return None
         except StillOpen as e:
+            log.info("node %s: %s; joining later", self.node, e)
             self.progress.phase = "replay"
             return e
 

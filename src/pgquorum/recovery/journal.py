@@ -37,6 +37,11 @@ class Unit:
     outcome: list[str]  # UnitResult.outcome(): the SQLSTATE first if it failed, then tags
     copy: bytes = b""  # CopyData ... CopyDone/CopyFail of a COPY FROM STDIN
     missing: str = ""  # why the unit cannot be replayed (its COPY data was not kept, ...)
+    error: str = ""  # the SQLSTATE of the unit's first error (also first in ``outcome``)
+
+    @property
+    def tags(self) -> list[str]:
+        return self.outcome[1:] if self.error else self.outcome
 
     def expectations(self) -> list[Expectation]:
         return [Expectation(k, s, w, v) for k, s, w, v in self.expect]
@@ -48,17 +53,19 @@ class Unit:
             self.outcome,
             _b64(self.copy),
             self.missing,
+            self.error,
         ]
 
     @classmethod
     def from_json(cls, raw: list[Any]) -> Unit:
-        data, expect, outcome, copy, missing = raw
+        data, expect, outcome, copy, missing, error = raw
         return cls(
             base64.b64decode(data),
             [(int(k), s, bool(w), int(v)) for k, s, w, v in expect],
             [str(x) for x in outcome],
             base64.b64decode(copy),
             str(missing),
+            str(error),
         )
 
 
@@ -146,6 +153,7 @@ class Journal:
             data,
             [(e.kind, e.statement, e.swallow, e.version) for e in expect],
             [str(x) for x in res.outcome()],
+            error=res.error or "",
         )
         self._size += len(data)
         if self._size > MAX_KEPT_BYTES:

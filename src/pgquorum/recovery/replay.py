@@ -64,6 +64,21 @@ class Replayer:
         while self.queue.depth > 0:
             await self.step()
 
+    async def flush(self) -> None:
+        """Make every replayed commit durable: a commit with synchronous_commit on flushes
+        the WAL up to itself, and so every earlier commit."""
+        user, password = self.credentials("postgres")
+        params = {"user": user, "database": "template1", "application_name": "pgquorum recovery"}
+        conn = await NodeConnection.open(self.node, params, password, _discard)
+        try:
+            sql = "BEGIN; SELECT pg_catalog.txid_current(); COMMIT"
+            conn.send_unit(m.encode_query(sql), [EXPECT_QUERY], relay=False)
+            res = await asyncio.wait_for(conn.wait(), self.timeout)
+            if res.error:
+                raise ReplayError(f"cannot flush the WAL of node {self.node.name}: {res.error}")
+        finally:
+            conn.close()
+
     def close(self) -> None:
         for conn in self.sessions.values():
             conn.close()
@@ -78,30 +93,35 @@ class Replayer:
         conn = self.sessions.get(entry.session)
         if conn is None:
             conn = await self._open(entry)
-        for i, unit in enumerate(entry.units):
+        for unit in entry.units:
             if unit.missing:
                 raise ReplayError(
                     f"transaction {serial} of session {entry.session} cannot be replayed: "
                     f"{unit.missing}"
                 )
+        for run in _runs(entry.units):
             try:
-                got = await asyncio.wait_for(_run(conn, unit), self.timeout)
+                got = await asyncio.wait_for(_run(conn, run), self.timeout)
             except TimeoutError:
                 raise ReplayError(
                     f"node {self.node.name} did not answer transaction {serial} within "
                     f"{self.timeout:.0f}s"
                 ) from None
-            if got != unit.outcome:
+            want = _merged(run)
+            if got != want:
                 raise ReplayError(
-                    f"replaying transaction {serial} (session {entry.session}, unit {i + 1}) "
-                    f"node {self.node.name} answered {_show(got)} where the group answered "
-                    f"{_show(unit.outcome)}"
+                    f"replaying transaction {serial} (session {entry.session}) node "
+                    f"{self.node.name} answered {_show(got)} where the group answered "
+                    f"{_show(want)}"
                 )
 
     async def _open(self, entry: Entry) -> NodeConnection:
         params = {k: v for k, v in entry.params.items() if k != "replication"}
         params["user"], password = self.credentials(params["user"])
         params["application_name"] = "pgquorum recovery"
+        # No WAL flush per replayed commit (the replay is serial: one flush each would
+        # bound it by the disk); flush() makes them durable before the node joins.
+        params["options"] = (params.get("options", "") + " -c synchronous_commit=off").strip()
         conn = await NodeConnection.open(self.node, params, password, _discard)
         for sql in entry.prelude or ():
             conn.send_unit(sql, [EXPECT_QUERY], relay=False)
@@ -112,11 +132,31 @@ class Replayer:
         return conn
 
 
-async def _run(conn: NodeConnection, unit: Unit) -> list[str]:
-    conn.send_unit(unit.data, unit.expectations(), relay=False)
+def _runs(units: list[Unit]) -> list[list[Unit]]:
+    """The units in runs sent at once (one round trip each); a COPY waits for its
+    CopyInResponse, so it ends a run."""
+    runs: list[list[Unit]] = [[]]
+    for unit in units:
+        runs[-1].append(unit)
+        if unit.copy:
+            runs.append([])
+    return [r for r in runs if r]
+
+
+def _merged(run: list[Unit]) -> list[str]:
+    """What a node answers to a run as one unit: the first error, then every tag."""
+    error = next((u.error for u in run if u.error), "")
+    tags = [t for u in run for t in u.tags]
+    return [error, *tags] if error else tags
+
+
+async def _run(conn: NodeConnection, run: list[Unit]) -> list[str]:
+    data = b"".join(u.data for u in run)
+    conn.send_unit(data, [e for u in run for e in u.expectations()], relay=False)
     res = await conn.wait()
     if res.copy_in:
-        conn.send_more(unit.copy or m.frame(m.COPY_FAIL, b"no COPY data was queued\0"))
+        copy = run[-1].copy
+        conn.send_more(copy or m.frame(m.COPY_FAIL, b"no COPY data was queued\0"))
         conn.resume_copy()
         res = await conn.wait()
     return [str(x) for x in res.outcome()]

@@ -202,6 +202,9 @@ async def _join(r: object, names: list[str]) -> None:
     assert isinstance(r, Router)
     for name in names:
         console.print(f"  {name} is new: it joins the group by recovery")
+        running = r.recovery
+        if running is not None and running.task is not None and running.running:
+            await asyncio.wait({running.task})  # one recovery at a time
         recovery = r.start_recovery(name)
         assert recovery.task is not None
         await recovery.task

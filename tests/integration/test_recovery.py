@@ -253,3 +253,37 @@ def test_recover_refuses_what_it_cannot_do(three: tuple[RouterThread, list[Local
         with pytest.raises(psycopg.errors.DuplicateObject):
             admin.execute("ADD NODE node2 '127.0.0.1' 5432")
         assert admin.execute("SHOW RECOVERY").fetchall() == []
+
+
+def test_settings_from_before_the_recovery_and_copy_during_it_replay(
+    three: tuple[RouterThread, list[LocalNode]],
+) -> None:
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA s1")
+        conn.execute("CREATE TABLE s1.t (id int PRIMARY KEY, v text)")
+        conn.execute("CREATE TABLE public.t (id int PRIMARY KEY, v text)")
+        conn.execute("CREATE TABLE h (v text)")
+    fail_by_killing(rt, nodes[2])
+    # A session that changed a setting long before the recovery, and writes during it.
+    worker = psycopg.connect(rt.dsn(), autocommit=True)
+    worker.execute("SET search_path = s1, public")
+    holder = psycopg.connect(rt.dsn())
+    holder.execute("INSERT INTO h VALUES ('held')")  # keeps the recovery replaying
+    recover(rt, "node3")
+    deadline = time.monotonic() + 30
+    while recovery(rt)["phase"] not in ("replay", "switch"):
+        assert time.monotonic() < deadline, recovery(rt)
+        time.sleep(0.05)
+    worker.execute("INSERT INTO t VALUES (1, 'goes to s1')")
+    with worker.cursor().copy("COPY t (id, v) FROM STDIN") as copy:
+        for i in range(2, 200):
+            copy.write_row((i, f"copied {i}"))
+    holder.commit()
+    holder.close()
+    info = wait_recovery(rt)
+    assert info["phase"] == "done", info
+    worker.close()
+    assert nodes[2].psql("SELECT count(*) FROM s1.t") == "199"
+    assert nodes[2].psql("SELECT count(*) FROM public.t") == "0"
+    assert_nodes_identical(nodes, "postgres")

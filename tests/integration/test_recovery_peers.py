@@ -10,7 +10,7 @@ import psycopg
 from cli_harness import dsn, run_cli
 from router_harness import RouterThread
 from test_peers import eventually, pair_configs, state
-from test_recovery import fail_by_killing, recover, recovery, wait_recovery
+from test_recovery import fail_by_killing, recover, recover_held_open, wait_recovery
 from test_workers import start_workers, worker_dsn
 
 from helpers import Transfers, assert_nodes_identical
@@ -54,10 +54,6 @@ def test_commits_through_a_peer_reach_the_recovered_node(make_nodes, tmp_path: P
         b.stop()
 
 
-def wait_phase(rt: RouterThread, phases: tuple[str, ...]) -> None:
-    eventually(lambda: recovery(rt).get("phase") in phases, timeout=30)
-
-
 def test_routers_that_restart_during_a_recovery_rejoin_it(make_nodes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     nodes = make_nodes(3)
     config_a, config_b = pair_configs(nodes, tmp_path)
@@ -66,11 +62,7 @@ def test_routers_that_restart_during_a_recovery_rejoin_it(make_nodes, tmp_path: 
         setup_table(a)
         fail_by_killing(a, nodes[2])
         eventually(lambda: state(b, "node3") is NodeState.FAILED)
-        # A transaction through a that wrote and stays open keeps the recovery replaying.
-        holder = psycopg.connect(a.dsn())
-        holder.execute("INSERT INTO h VALUES ('held')")
-        recover(a, "node3")
-        wait_phase(a, ("replay", "switch"))
+        holder = recover_held_open(a)
         # The peer restarts: it finds the recovery at a and queues its commits there.
         b.stop()
         b = RouterThread(config_b)

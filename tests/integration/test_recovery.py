@@ -166,6 +166,12 @@ def test_ddl_and_writes_during_a_recovery_reach_the_node(
         with conn.cursor() as cur:  # the extended protocol, prepared
             for i in range(3):
                 cur.execute("INSERT INTO t (v, w) VALUES (%s, %s)", (f"p{i}", i), prepare=True)
+            # A prepared statement re-parsed with its own serial value for each execution,
+            # in one transaction: the replay must run each execution's own text.
+            with conn.transaction():
+                for i in range(3, 6):
+                    cur.execute("INSERT INTO made_during (id) VALUES (%s)", (i,), prepare=True)
+                    cur.execute("INSERT INTO t (v) VALUES (%s)", (f"b{i}",), prepare=True)
     holder.commit()
     holder.close()
     info = wait_recovery(rt)
@@ -173,7 +179,7 @@ def test_ddl_and_writes_during_a_recovery_reach_the_node(
     assert rt.router.cluster.status["node3"].state is NodeState.ONLINE
     with psycopg.connect(rt.dsn(), autocommit=True) as conn:  # every node takes writes again
         conn.execute("INSERT INTO t (v) VALUES ('after')")
-    assert nodes[2].psql("SELECT count(*) FROM made_during") == "2"
+    assert nodes[2].psql("SELECT count(*) FROM made_during") == "5"
     assert nodes[2].psql("SELECT count(*) FROM h") == "1"  # the transaction held open
     assert_nodes_identical(nodes, "postgres")
 

@@ -57,22 +57,40 @@ def test_prepared_statements_are_parsed_once_for_the_replay_connection() -> None
     bind = m.frame(m.BIND, b"\0s1\0\0\0\0\0\0\0")
     batch = [(m.BIND, bind[5:], stmt), (m.EXECUTE, b"\0\0\0\0\0", None), (m.SYNC, b"", None)]
     build = lambda conn: _build_batch(conn, list(batch))  # noqa: E731
-    first = journal.record(build, result("INSERT 0 1", status=ord("I")))
-    second = journal.record(build, result("INSERT 0 1", status=ord("I")))
+    journal.record(build, result("INSERT 0 1", status=ord("I")))
+    first = journal.take(commit=False)[0]
+    journal.record(build, result("INSERT 0 1", status=ord("I")))
+    second = journal.take(commit=False)[0]  # the replay connection holds s1 by now
     assert first.data.startswith(parse) and not second.data.startswith(parse)
     assert first.expectations()[0].kind == m.PARSE
-    journal.drop()  # no recovery wanted them: the shadow forgets what it held
-    third = journal.record(build, result("INSERT 0 1", status=ord("I")))
-    assert third.data.startswith(parse)
+    journal.record(build, result("INSERT 0 1", status=ord("I")))
+    journal.drop()  # no recovery wanted it: the shadow forgets what it held
+    journal.record(build, result("INSERT 0 1", status=ord("I")))
+    assert journal.take(commit=False)[0].data.startswith(parse)
+
+
+def test_a_kept_unit_builds_the_statement_version_it_ran() -> None:
+    """A prepared statement rewritten for a later execution is a new object: the unit kept
+    for the earlier execution still builds the text that execution ran."""
+    journal = Journal()
+    old = m.encode_parse("", "INSERT INTO t VALUES ('2026-01-01')", [])
+    new = m.encode_parse("", "INSERT INTO t VALUES ('2026-01-02')", [])
+    for version, frame in ((1, old), (2, new)):
+        stmt = Statement(m.parse_parse(frame[5:]), frame, None, version)  # type: ignore[arg-type]
+        batch = [(m.BIND, b"\0\0\0\0\0\0\0\0", stmt), (m.EXECUTE, b"\0\0\0\0\0", None)]
+        journal.record(lambda conn, b=batch: _build_batch(conn, b), result("INSERT 0 1"))
+    units = journal.take(commit=True)
+    assert units[0].data.startswith(old) and units[1].data.startswith(new)
 
 
 def test_a_huge_transaction_is_marked_instead_of_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(j, "MAX_KEPT_BYTES", 100)
+    monkeypatch.setattr(j, "MAX_KEPT_UNITS", 3)
     journal = Journal()
     for _ in range(10):
         journal.record(query("INSERT INTO t VALUES (1)"), result("INSERT 0 1"))
     units = journal.take(commit=True)
     assert units[0].missing and len(units) == 2  # the marker, then COMMIT
+    assert journal.empty
 
 
 def test_entries_survive_json() -> None:

@@ -4,8 +4,8 @@ While a node recovers, every transaction that commits on the group is appended t
 recovery queue as the exact bytes the nodes were sent (after the router's rewriting, so a
 replay is deterministic), with the outcome the nodes voted for, and replayed on the node in
 commit order. A transaction may begin before the recovery does and commit after it, so every
-session keeps the write units of its current transaction (a list append per unit; the bytes
-are built at once, since a prepared statement may be re-parsed for a later execution).
+session keeps the write units of its current transaction: a list append per unit, the bytes
+built only when a recovery queues the transaction.
 
 The bytes are built for a *shadow* of the node connection on the recovering node: the shadow
 knows which prepared statements that connection will hold, so the units carry the Parse
@@ -24,6 +24,10 @@ from pgquorum.router.backend import EXPECT_QUERY, EXPECT_QUERY_SWALLOWED, Expect
 
 if TYPE_CHECKING:
     from pgquorum.router.backend import NodeConnection, UnitResult
+
+    BuildUnit = Callable[[NodeConnection], tuple[bytes, list[Expectation]]]
+    # (build, deferred BEGIN, SQLSTATE, command tags, COPY data, why it cannot be replayed)
+    _Kept = tuple[BuildUnit, bytes | None, str | None, list[str], bytes, str]
 
 IDLE = ord("I")
 
@@ -114,84 +118,94 @@ class _Shadow:
 
 
 class Journal:
-    """The write units of one session's transaction in progress."""
+    """The write units of one session's transaction in progress.
+
+    Kept as they ran (the build function and the outcome: an append on the per-unit path)
+    and built into bytes only when a recovery queues the transaction (``take``); a rewritten
+    prepared statement is a new Statement object, so a kept unit builds what it ran.
+    """
 
     def __init__(self) -> None:
-        self.units: list[Unit] = []
+        self._kept: list[_Kept] = []
+        self._overflow = False
         self._shadow = _Shadow()
         self._begin: bytes | None = None  # a deferred BEGIN, sent with the next unit
         self.open = False  # the last unit left a transaction block open on the nodes
         self.queued: str | None = None  # the recovery whose queue has this session's units
-        self._size = 0  # bytes kept: a huge transaction stops being kept (see record)
+
+    @property
+    def empty(self) -> bool:
+        return not self._kept and not self._overflow
 
     def begin(self, data: bytes) -> None:
         """The client's BEGIN, held back until the transaction's first write (as the
         session holds it back from each node)."""
         self._begin = data
 
-    def cancel_begin(self) -> None:
-        self._begin = None
-
     def record(
-        self,
-        build: Callable[[NodeConnection], tuple[bytes, list[Expectation]]],
-        res: UnitResult,
-    ) -> Unit:
-        data, expect = build(cast("NodeConnection", self._shadow))
-        if self._begin is not None:
-            data = self._begin + data
-            expect = [EXPECT_QUERY_SWALLOWED, *expect]
-            self._begin = None
-        prepared = self._shadow.prepared
-        for e in expect:  # what the node will hold after this unit
-            if e.statement is not None:
-                if e.kind == m.PARSE:
-                    prepared[e.statement] = e.version
-                elif e.kind == m.CLOSE:
-                    prepared.pop(e.statement, None)
-        unit = Unit(
-            data,
-            [(e.kind, e.statement, e.swallow, e.version) for e in expect],
-            [str(x) for x in res.outcome()],
-            error=res.error or "",
-        )
-        self._size += len(data)
-        if self._size > MAX_KEPT_BYTES:
+        self, build: BuildUnit, res: UnitResult, copy: bytes = b"", missing: str = ""
+    ) -> None:
+        begin, self._begin = self._begin, None
+        self.open = res.status not in (0, IDLE)
+        if len(self._kept) < MAX_KEPT_UNITS:
+            self._kept.append((build, begin, res.error, res.tags, copy, missing))
+        else:
             # Memory is worth more than the replay of one giant transaction: a recovery it
             # commits into fails, safely, rather than every session holding its bulk load.
-            if self.units and self.units[0].missing:
-                unit = self.units[0]
-            else:
-                self.units = [Unit(b"", [], [], missing=_TOO_BIG)]
-        else:
-            self.units.append(unit)
-        self.open = res.status not in (0, IDLE)
-        return unit
+            self._overflow = True
 
     def take(self, *, commit: bool) -> list[Unit]:
-        """The transaction's units, ended the way the router ended it on the nodes (a
-        two-phase COMMIT, or a ROLLBACK of a transaction the client never ended)."""
-        units = self.units
+        """The transaction's units as the recovering node must be sent them, ended the way
+        the router ended it on the nodes (a two-phase COMMIT, or a ROLLBACK of a transaction
+        the client never ended)."""
+        units = [Unit(b"", [], [], missing=_TOO_BIG)] if self._overflow else self._build()
         if self.open:
             units.append(_COMMIT if commit else _ROLLBACK)
-        self.units = []
+        self._kept = []
+        self._overflow = False
         self.open = False
         self._begin = None
-        self._size = 0
         return units
 
     def drop(self) -> None:
         """No recovery wants the transaction: forget it, and what the shadow holds, so the
         next recovery's replay connection starts from nothing, like the shadow."""
-        self.units = []
+        self._kept = []
+        self._overflow = False
         self.open = False
         self._begin = None
-        self._size = 0
         self._shadow = _Shadow()
 
+    def _build(self) -> list[Unit]:
+        shadow = self._shadow
+        prepared = shadow.prepared
+        units = []
+        for build, begin, error, tags, copy, missing in self._kept:
+            data, expect = build(cast("NodeConnection", shadow))
+            if begin is not None:
+                data = begin + data
+                expect = [EXPECT_QUERY_SWALLOWED, *expect]
+            for e in expect:  # what the node will hold after this unit
+                if e.statement is not None:
+                    if e.kind == m.PARSE:
+                        prepared[e.statement] = e.version
+                    elif e.kind == m.CLOSE:
+                        prepared.pop(e.statement, None)
+            outcome = [error, *tags] if error else list(tags)
+            unit = Unit(
+                data,
+                [(e.kind, e.statement, e.swallow, e.version) for e in expect],
+                outcome,
+                copy,
+                missing,
+                error or "",
+            )
+            units.append(unit)
+        return units
 
-MAX_KEPT_BYTES = 64 * 1024 * 1024
-_TOO_BIG = f"the transaction sent more than {MAX_KEPT_BYTES >> 20} MB of statements"
+
+MAX_KEPT_UNITS = 100_000
+_TOO_BIG = f"the transaction ran more than {MAX_KEPT_UNITS} write units"
 
 
 def _b64(data: bytes) -> str:

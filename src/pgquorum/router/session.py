@@ -910,16 +910,19 @@ class ClientSession(asyncio.Protocol):
             # setval or DDL moved a sequence: reserve afresh from where it is now.
             self.router.sequences.forget(self.database)
 
-    async def _fix_statement(self, stmt: Statement, route: Route) -> None:
-        """Point a prepared statement at the text its next execution must run: a rewrite
-        with this transaction's time and sequence values (a new version, so each node is
-        sent the new Parse)."""
+    async def _fix_statement(self, stmt: Statement, route: Route) -> Statement:
+        """The prepared statement its next execution must run: a rewrite with this
+        transaction's time and sequence values, as a new version (each node is sent the new
+        Parse). A new object: units kept in the journal still build the old one."""
         text = await self._fix_text(stmt.parse.query, stmt.analysis, route) or stmt.parse.query
-        if text != stmt.sent_text:
-            p = stmt.parse
-            stmt.parse_frame = m.encode_parse(p.name, text, p.param_types)
-            stmt.sent_text = text
-            stmt.version = next(self._versions)
+        if text == stmt.sent_text:
+            return stmt
+        p = stmt.parse
+        fixed = Statement(
+            p, m.encode_parse(p.name, text, p.param_types), stmt.analysis, next(self._versions)
+        )
+        fixed.sent_text = text
+        return fixed
 
     async def _refuse(self, err: PgError) -> UnitResult:
         """Report a statement the router will not run. Inside a transaction block the nodes'
@@ -1036,13 +1039,14 @@ class ClientSession(asyncio.Protocol):
         """_run_write, and the unit kept in the transaction's journal."""
         self._cancel_build = None
         res = await self._run_write(build, single=single, lock_free=lock_free, wrapped=wrapped)
-        unit = self.journal.record(self._cancel_build or build, res)
+        copy, missing = b"", ""
         if self._copy_seen:
             self._copy_seen = False
             if self._copy_data is None:
-                unit.missing = "its COPY FROM STDIN began before the recovery (no data kept)"
+                missing = "its COPY FROM STDIN began before the recovery (no data kept)"
             else:
-                unit.copy, self._copy_data = self._copy_data, None
+                copy, self._copy_data = self._copy_data, None
+        self.journal.record(self._cancel_build or build, res, copy, missing)
         return res
 
     async def _run_write(
@@ -1354,7 +1358,7 @@ class ClientSession(asyncio.Protocol):
                 reserved[0].settle(reserved[1], None)
             journal.drop()
             return
-        if not journal.units:
+        if journal.empty:
             if reserved is not None:
                 sink.settle(reserved[1], None)
             return
@@ -1647,7 +1651,9 @@ class ClientSession(asyncio.Protocol):
                         r = await self._resolve(stmt.analysis)
                         try:
                             if _may_need_fixing(stmt.analysis):
-                                await self._fix_statement(stmt, r)
+                                fixed = await self._fix_statement(stmt, r)
+                                if fixed is not stmt:
+                                    _repoint(stmt, fixed, statements, bound, batch, i)
                         except PgError as e:
                             await self._refuse_batch(batch, e)
                             return
@@ -1718,6 +1724,26 @@ class ClientSession(asyncio.Protocol):
 
 
 _SETTINGS_KEPT = 100
+
+
+def _repoint(
+    old: Statement,
+    new: Statement,
+    statements: dict[str, Statement],
+    bound: dict[str, Statement | None],
+    batch: list[tuple[int, bytes, object]],
+    upto: int,
+) -> None:
+    """Make the batch so far (and the session) use the rewritten version of a statement."""
+    if statements.get(old.name) is old:
+        statements[old.name] = new
+    for portal, stmt in bound.items():
+        if stmt is old:
+            bound[portal] = new
+    for k in range(upto):
+        mtype, payload, info = batch[k]
+        if info is old:
+            batch[k] = (mtype, payload, new)
 
 
 def _served_node_lost(conn: NodeConnection, reason: str) -> PgError:

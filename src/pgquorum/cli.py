@@ -35,6 +35,18 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+def _cluster_dir(text: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """--dir: a local cluster's directory (pgquorum up, down, recover)."""
+    return click.option(
+        "--dir",
+        "directory",
+        default=".pgquorum",
+        show_default=True,
+        type=click.Path(path_type=Path),
+        help=text,
+    )
+
+
 @click.group()
 @click.version_option(package_name="pgquorum")
 def main() -> None:
@@ -120,14 +132,7 @@ async def _wait_for_signal(*, orphan_of: int | None = None) -> None:
     type=click.IntRange(1, 65535),
     help="Port of the router on 127.0.0.1.",
 )
-@click.option(
-    "--dir",
-    "directory",
-    default=".pgquorum",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Directory for the data directories.",
-)
+@_cluster_dir("Directory for the data directories.")
 @click.option(
     "--password",
     envvar="PGQUORUM_PASSWORD",
@@ -229,9 +234,7 @@ def _status_line(r: object) -> str:
 
 
 @main.command()
-@click.option(
-    "--dir", "directory", default=".pgquorum", show_default=True, type=click.Path(path_type=Path)
-)
+@_cluster_dir("The local cluster's directory.")
 def down(directory: Path) -> None:
     """Stop a local cluster left running."""
     from pgquorum.local.cluster import stop_left_running
@@ -285,24 +288,18 @@ def verify(host: str, port: int, user: str, password: str | None, fail_minority:
 @main.command()
 @click.argument("node")
 @_router_address
-@click.option(
-    "--dir",
-    "directory",
-    default=".pgquorum",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="A local cluster (pgquorum up): a node whose server is down is started first.",
-)
+@_cluster_dir("A local cluster (pgquorum up): a node whose server is down is started first.")
 def recover(
     node: str, host: str, port: int, user: str, password: str | None, directory: Path
 ) -> None:
     """Bring a FAILED node back while clients go on: rebuilt from a snapshot of a healthy
     node, then the transactions committed meanwhile replayed. Exit 1 if it fails."""
     from pgquorum.local.cluster import start_if_down
+    from pgquorum.router.commit import quote_ident
 
     if start_if_down(directory, node):
         console.print(f"started the server of {node}")
-    _recover((host, port, user, password), node, f"RECOVER NODE {_quote_name(node)}")
+    _recover((host, port, user, password), node, f"RECOVER NODE {quote_ident(node)}")
 
 
 @main.command("add-node")
@@ -317,8 +314,9 @@ def add_node(
     node_host, _, node_port = address.rpartition(":")
     if not node_host or not node_port.isdigit():
         raise click.BadParameter("expected HOST:PORT", param_hint="ADDRESS")
-    literal = "'" + node_host.replace("'", "''") + "'"
-    command = f"ADD NODE {_quote_name(node)} {literal} {int(node_port)}"
+    from pgquorum.router.commit import quote_ident, quote_literal
+
+    command = f"ADD NODE {quote_ident(node)} {quote_literal(node_host)} {int(node_port)}"
     _recover((host, port, user, password), node, command)
 
 
@@ -328,18 +326,15 @@ def add_node(
 def remove_node(node: str, host: str, port: int, user: str, password: str | None) -> None:
     """Take NODE out of the group for good (on every peer router too)."""
     from pgquorum.router.client import admin_query
+    from pgquorum.router.commit import quote_ident
 
-    command = f"REMOVE NODE {_quote_name(node)}"
+    command = f"REMOVE NODE {quote_ident(node)}"
     try:
         _run_value(admin_query(host, port, user, password, command))
     except Exception as e:
         console.print(f"cannot remove {node}: {e}", style="red", markup=False)
         sys.exit(1)
     console.print(f"{node} is no longer part of the group")
-
-
-def _quote_name(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _recover(router: tuple[str, int, str, str | None], node: str, command: str) -> None:

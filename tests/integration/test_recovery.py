@@ -247,6 +247,7 @@ def test_a_fourth_node_joins_a_group_under_load(
     assert nodes[0].psql("SELECT balance FROM acct WHERE id = 1") != empty.psql(
         "SELECT balance FROM acct WHERE id = 1"
     )
+    assert_nodes_identical(nodes, "postgres")
 
 
 def test_recover_refuses_what_it_cannot_do(three: tuple[RouterThread, list[LocalNode]]) -> None:

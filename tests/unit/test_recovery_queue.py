@@ -124,7 +124,7 @@ def test_local_queue_orders_by_reservation_and_waits_for_settling() -> None:
             await q.reserve()
         ops = [{"op": "reserve"}, {"op": "end", "session": "x", "params": {}}]
         q2 = LocalQueue("rid2", "node3")
-        assert q2.apply_batch(ops) == [1, 0] and q2.last == 2
+        assert q2.apply_batch(ops) == [1, 0] and q2.depth == 2
 
     asyncio.run(main())
 

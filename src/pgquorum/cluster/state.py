@@ -91,23 +91,8 @@ class ClusterView:
             self.refresh()  # an error is when another router's verdicts matter most
         except Exception:
             log.exception("cannot read the state database")
-        st = self.status[name]
-        if st.state is NodeState.FAILED:
-            return
-        st.state = NodeState.FAILED
-        st.reason = reason
-        st.last_error = reason
-        try:
-            st.since = self.store.set_state(
-                self.group.name, name, NodeState.FAILED, reason, self.router
-            )
-        except Exception:  # the node stays out of service in memory all the same
-            log.exception("cannot record node %s as FAILED in the state database", name)
-            st.since = time.time()
-        self.generation += 1
-        log.error("node %s FAILED: %s", name, reason)
-        for listener in self._listeners:
-            listener(st)
+        if self.status[name].state is not NodeState.FAILED:
+            self._set(name, NodeState.FAILED, reason)
 
     def mark_recovering(self, name: str, reason: str) -> None:
         """A FAILED (or new) node that a recovery is rebuilding: still no traffic."""
@@ -124,7 +109,9 @@ class ClusterView:
         self.store.set_member(self.group.name, node)
         self.group = Group(self.group.name, (*self.group.nodes, node))
         self.status[node.name] = NodeStatus(node, NodeState.FAILED)
-        self._set(node.name, NodeState.FAILED, reason)
+        # Not told to the peers as a failure (they learn of the member from ADD NODE, and
+        # a FAIL NODE arriving late would end its recovery).
+        self._set(node.name, NodeState.FAILED, reason, notify=False)
 
     def remove_node(self, name: str) -> None:
         """Take a node out of the group for good (it is failed first). Its status stays, out
@@ -135,19 +122,22 @@ class ClusterView:
         self.group = Group(self.group.name, tuple(n for n in self.group.nodes if n.name != name))
         self.generation += 1
 
-    def _set(self, name: str, state: NodeState, reason: str) -> None:
+    def _set(self, name: str, state: NodeState, reason: str, *, notify: bool = True) -> None:
         st = self.status[name]
         st.state = state
         st.reason = reason
+        st.last_error = reason
         try:
             st.since = self.store.set_state(self.group.name, name, state, reason, self.router)
-        except Exception:
+        except Exception:  # the new state holds in memory all the same
             log.exception("cannot record node %s as %s in the state database", name, state)
             st.since = time.time()
         self.generation += 1
-        log.warning("node %s is %s: %s", name, state, reason)
-        for listener in self._listeners:
-            listener(st)
+        level = logging.ERROR if state is NodeState.FAILED else logging.WARNING
+        log.log(level, "node %s is %s: %s", name, state, reason)
+        if notify:
+            for listener in self._listeners:
+                listener(st)
 
     def on_change(self, listener: Callable[[NodeStatus], None]) -> None:
         self._listeners.append(listener)

@@ -16,21 +16,19 @@ ONLINE. A coordinator that restarts during a recovery begins it again from a fre
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pgquorum.cluster.model import Node, NodeState
 from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, PgError
-from pgquorum.router.backend import NodeLost
-from pgquorum.router.client import Link, query
+from pgquorum.router.client import query
 from pgquorum.router.commit import quote_literal
+from pgquorum.router.peers import hold_everywhere
 
 from . import restore
 from .gate import StillOpen
@@ -58,7 +56,6 @@ class Progress:
     databases_done: int = 0
     bytes: int = 0  # dumped and restored so far
     replayed: int = 0
-    depth: int = 0
     pauses_ms: list[float] = field(default_factory=list)  # each barrier's hold
     error: str = ""
     started: float = field(default_factory=time.time)
@@ -97,7 +94,7 @@ class Recovery:
             self.progress.phase = "failed"
             self.progress.error = reason
             self._stop_queueing()
-            await self._tell_peers(f"RECOVERY STOP {self.rid}")
+            await router.peers.tell(f"RECOVERY STOP {self.rid}", strict=False)
             if router.cluster.status[self.node].state is not NodeState.FAILED:
                 router.cluster.mark_failed(self.node, f"recovery failed: {reason}")
         finally:
@@ -236,7 +233,6 @@ class Recovery:
     def _note_replay(self) -> None:
         assert self._replayer is not None
         self.progress.replayed = self._replayer.applied
-        self.progress.depth = self.queue.depth
         self._check_alive()
 
     def _check_alive(self) -> None:
@@ -252,84 +248,11 @@ class Recovery:
         if self.router.recovery_sink is self.queue:
             self.router.recovery_sink = None
 
-    async def _tell_peers(self, command: str) -> None:
-        user, password = self.router.internal_credentials()
-        for host, port in self.router.settings.peers:
-            with contextlib.suppress(Exception):
-                link = await Link.open(Node("peer", host, port), _admin(user), password, timeout=5)
-                try:
-                    await link.query(command)
-                finally:
-                    link.close()
-
-
-class _Held(list[tuple[Link, str]]):
-    drained = 0.0
-
-
-@contextlib.asynccontextmanager
-async def hold_everywhere(router: Router, what: str, timeout: float = 5.0) -> AsyncIterator[_Held]:
-    """HOLD COMMITS (or WRITES) on every peer, then on this router; yields the peers' admin
-    links (with the host each was reached at), open for more commands until released.
-
-    PgError if a peer cannot hold its commits (it may still be committing); StillOpen if a
-    write gate found transactions still open after ``timeout``, or a peer cannot hold its
-    writes now (with no sessions named: the caller just tries again later).
-    """
-    user, password = router.internal_credentials()
-    held = _Held()
-    try:
-        for host, port in router.settings.peers:
-            try:
-                link = await Link.open(Node("peer", host, port), _admin(user), password)
-                held.append((link, host))
-                _, rows = await link.query(f"HOLD {what}")
-            except (PgError, NodeLost, OSError, TimeoutError) as e:
-                if what == "WRITES":
-                    # Transactions still open there, or the peer is restarting (it finds the
-                    # recovery when it starts): try again later rather than give up.
-                    log.info("peer %s:%d cannot hold writes yet: %s", host, port, e)
-                    raise StillOpen([]) from None
-                raise _cannot_hold(what, host, port, e) from None
-            held.drained = max(held.drained, float(rows[0][1] or 0) / 1000 if rows else 0.0)
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                if what == "COMMITS":
-                    took = await stack.enter_async_context(router.commits.barrier())
-                else:
-                    took = await stack.enter_async_context(router.write_gate.hold(timeout))
-                    await router.flush_sink()
-            except StillOpen:
-                raise
-            except TimeoutError:
-                raise PgError(
-                    OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    "the commits in flight did not finish in time for the snapshot",
-                ) from None
-            held.drained = max(held.drained, took)
-            yield held
-    finally:
-        for link, _ in held:
-            with contextlib.suppress(Exception):
-                await link.query(f"RELEASE {what}")
-            link.close()
-
-
-def _cannot_hold(what: str, host: str, port: int, e: BaseException) -> PgError:
-    return PgError(
-        OBJECT_NOT_IN_PREREQUISITE_STATE,
-        f"cannot hold the {what.lower()} of peer router {host}:{port}: {e}",
-    )
-
 
 _SEQUENCES = (
     "SELECT pg_catalog.format('%I.%I', schemaname, sequencename), last_value "
     "FROM pg_catalog.pg_sequences WHERE last_value IS NOT NULL"
 )
-
-
-def _admin(user: str) -> dict[str, str]:
-    return {"user": user, "database": "pgquorum", "application_name": "pgquorum recovery"}
 
 
 def _reason(e: BaseException) -> str:

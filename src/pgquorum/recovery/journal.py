@@ -174,7 +174,7 @@ class Journal:
         self._overflow = False
         self.open = False
         self._begin = None
-        self._shadow = _Shadow()
+        self._shadow.prepared.clear()
 
     def _build(self) -> list[Unit]:
         shadow = self._shadow

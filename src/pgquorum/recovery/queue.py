@@ -22,10 +22,9 @@ import json
 import logging
 from typing import Any, Protocol
 
-from pgquorum.cluster.model import Node
 from pgquorum.protocol.errors import PgError
 from pgquorum.router.backend import NodeLost
-from pgquorum.router.client import Link
+from pgquorum.router.client import Link, admin_link
 
 from .journal import Entry
 
@@ -74,10 +73,6 @@ class LocalQueue:
     def depth(self) -> int:
         """Entries reserved and not yet replayed."""
         return self._next - 1 - self.applied
-
-    @property
-    def last(self) -> int:
-        return self._next - 1
 
     async def reserve(self) -> int:
         return self.reserve_now()
@@ -264,10 +259,7 @@ class RemoteQueue:
 
     async def _exchange(self, ops: list[dict[str, Any]]) -> list[int]:
         if self._link is None:
-            user, password = self._credentials
-            params = {"user": user, "database": "pgquorum", "application_name": "pgquorum queue"}
-            host, port = self.coordinator
-            self._link = await Link.open(Node("coordinator", host, port), params, password)
+            self._link = await admin_link(*self.coordinator, *self._credentials)
         payload = json.dumps({"rid": self.rid, "ops": ops}, separators=(",", ":"))
         _, rows = await self._link.query(COMMAND + payload)
         serials = [int(r[0] or 0) for r in rows]

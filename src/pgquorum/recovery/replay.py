@@ -44,12 +44,6 @@ class Replayer:
         self.sessions: dict[str, NodeConnection] = {}
         self.applied = 0  # entries replayed (not counting void ones)
 
-    async def run_until(self, depth: int) -> None:
-        """Replay until at most ``depth`` entries are left in the queue."""
-        queue = self.queue
-        while queue.depth > depth:
-            await self.step()
-
     async def step(self) -> None:
         queue = self.queue
         serial = queue.applied + 1

@@ -25,6 +25,7 @@ from pathlib import Path
 from pgquorum.cluster.model import Node
 from pgquorum.local.binaries import PgBinaries, find_binaries
 from pgquorum.router.client import Link
+from pgquorum.router.commit import quote_ident
 
 APPLICATION_NAME = "pgquorum recovery"
 PROGRESS_INTERVAL_S = 0.2
@@ -114,10 +115,7 @@ async def dump_globals(source: Node, creds: Credentials, binaries: PgBinaries | 
     exists so that the restore replaces it. Tablespaces are not supported."""
     bins = await _binaries(binaries)
     args = [
-        str(bins.path("pg_dumpall")),
-        *_connection_args(source, creds),
-        "--dbname",
-        _dbname("template1"),
+        *_tool(bins, "pg_dumpall", source, creds, "template1"),
         "--globals-only",
         "--no-tablespaces",
         "--clean",
@@ -155,9 +153,9 @@ async def reset_node(target: Node, creds: Credentials) -> None:
         )[1]
         for db, is_template in rows:
             if is_template == "t":  # a template database cannot be dropped
-                await link.query(f"ALTER DATABASE {_ident(str(db))} WITH IS_TEMPLATE false")
+                await link.query(f"ALTER DATABASE {quote_ident(str(db))} WITH IS_TEMPLATE false")
             # FORCE ends the sessions still connected to it.
-            await link.query(f"DROP DATABASE {_ident(str(db))} WITH (FORCE)")
+            await link.query(f"DROP DATABASE {quote_ident(str(db))} WITH (FORCE)")
     finally:
         link.close()
 
@@ -173,10 +171,7 @@ async def restore_globals(
     """
     bins = await _binaries(binaries)
     args = [
-        str(bins.path("psql")),
-        *_connection_args(target, creds),
-        "--dbname",
-        _dbname("template1"),
+        *_tool(bins, "psql", target, creds, "template1"),
         "--no-psqlrc",
         "--quiet",
         "--file=-",  # errors then name their line: "psql:<stdin>:12: ERROR:  ..."
@@ -232,10 +227,7 @@ async def copy_database(
     dumpdir = tmp / "dump"
     try:
         dump = [
-            str(bins.path("pg_dump")),
-            *_connection_args(source, creds),
-            "--dbname",
-            _dbname(database),
+            *_tool(bins, "pg_dump", source, creds, database),
             "--format=directory",
             f"--jobs={jobs}",
             f"--snapshot={snapshot}",
@@ -253,10 +245,7 @@ async def copy_database(
         if progress:
             progress(size)
         restore = [
-            str(bins.path("pg_restore")),
-            *_connection_args(target, creds),
-            "--dbname",
-            _dbname("template1"),
+            *_tool(bins, "pg_restore", target, creds, "template1"),
             "--create",
             "--exit-on-error",
             f"--jobs={jobs}",
@@ -286,9 +275,11 @@ async def _open(node: Node, creds: Credentials, database: str) -> Link:
     return await Link.open(node, params, creds.password)
 
 
-def _connection_args(node: Node, creds: Credentials) -> list[str]:
+def _tool(bins: PgBinaries, tool: str, node: Node, creds: Credentials, database: str) -> list[str]:
+    """A client tool's command line up to its options: where it connects, as whom."""
     # A host that is a directory is a Unix socket directory, for libpq as for the router.
     return [
+        str(bins.path(tool)),
         "--host",
         node.host,
         "--port",
@@ -296,6 +287,8 @@ def _connection_args(node: Node, creds: Credentials) -> list[str]:
         "--username",
         creds.user,
         "--no-password",
+        "--dbname",
+        _dbname(database),
     ]
 
 
@@ -306,10 +299,6 @@ def _dbname(name: str) -> str:
 
 def _conninfo_quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _literal(value: str) -> str:

@@ -21,13 +21,14 @@ from pgquorum.protocol import messages as m
 from pgquorum.protocol.errors import (
     FEATURE_NOT_SUPPORTED,
     OBJECT_NOT_IN_PREREQUISITE_STATE,
+    QUERY_CANCELED,
     SYNTAX_ERROR,
     UNDEFINED_OBJECT,
     PgError,
 )
 from pgquorum.recovery.queue import QueueUnavailable, RemoteQueue
 
-from .peers import parse_fail_node
+from .peers import no_quiet_point, parse_fail_node
 from .verify import verify
 
 if TYPE_CHECKING:
@@ -149,8 +150,8 @@ class AdminConsole:
         """VERIFY [FAIL MINORITY]: where the ONLINE nodes differ (no rows: identical)."""
         try:
             findings = await verify(self.router, fail_minority=fail_minority)
-        except TimeoutError:
-            raise _no_quiet_point() from None
+        except TimeoutError:  # (holding the commits has its own error: no_quiet_point)
+            raise PgError(QUERY_CANCELED, "VERIFY gave up: a node did not answer in time") from None
         cols = ["database", "table", "range", "node", "detail"]
         return cols, [[f.database, f.table, f.range, f.node, f.detail] for f in findings]
 
@@ -190,7 +191,7 @@ class AdminConsole:
         try:
             took = await drained
         except TimeoutError:
-            raise _no_quiet_point(what) from None
+            raise no_quiet_point(what) from None
         return cols, [["t", f"{took * 1000:.1f}"]]
 
     def release(self, session: ClientSession, what: str) -> Table:
@@ -403,19 +404,6 @@ class AdminConsole:
                 out = [m.encode_error(e)]
             out.append(m.encode_ready(ord("I")))
             session.write(b"".join(out))
-
-
-def _no_quiet_point(what: str = "COMMITS") -> PgError:
-    if what == "WRITES":
-        return PgError(
-            OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "cannot hold writes: transactions that wrote are still open",
-        )
-    return PgError(
-        OBJECT_NOT_IN_PREREQUISITE_STATE,
-        "cannot hold commits: the commits in flight did not finish in time",
-        hint="Try again; a long one-phase commit (or a lock it waits for) was in the way.",
-    )
 
 
 def _hold_columns(what: str) -> list[str]:

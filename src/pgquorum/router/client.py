@@ -63,12 +63,23 @@ async def query(
         link.close()
 
 
+async def admin_link(
+    host: str, port: int, user: str, password: str | None, timeout: float = 30
+) -> Link:
+    """A connection to a router's admin console, for several commands."""
+    params = {"user": user, "database": "pgquorum", "application_name": "pgquorum"}
+    return await Link.open(Node("router", host, port), params, password, timeout)
+
+
 async def admin_query(
     host: str, port: int, user: str, password: str | None, sql: str, timeout: float = 30
 ) -> Table:
     """Run one admin console command on a router."""
-    params = {"user": user, "database": "pgquorum", "application_name": "pgquorum"}
-    return await query(Node("router", host, port), params, password, sql, timeout)
+    link = await admin_link(host, port, user, password, timeout)
+    try:
+        return await link.query(sql)
+    finally:
+        link.close()
 
 
 def _discard(data: bytes) -> None:

@@ -39,6 +39,10 @@ def quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 class CommitCoordinator:
     def __init__(self, router: Router) -> None:
         self.router = router

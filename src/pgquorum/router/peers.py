@@ -10,18 +10,21 @@ restarted router never resurrects a node another one failed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from pgquorum.cluster.model import NodeState
 from pgquorum.cluster.state import NodeStatus
-from pgquorum.protocol.errors import PgError
+from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, PgError
+from pgquorum.recovery.gate import StillOpen
 from pgquorum.recovery.queue import RemoteQueue
 
 from .backend import NodeLost
-from .client import admin_query
-from .commit import quote_literal
+from .client import Link, admin_link, admin_query
+from .commit import quote_ident, quote_literal
 
 if TYPE_CHECKING:
     from .server import Router
@@ -52,7 +55,7 @@ def parse_fail_node(sql: str) -> tuple[str, str] | None:
 
 
 def fail_node_command(node: str, reason: str) -> str:
-    return f'FAIL NODE "{node.replace(chr(34), chr(34) * 2)}" REASON {quote_literal(reason)}'
+    return f"FAIL NODE {quote_ident(node)} REASON {quote_literal(reason)}"
 
 
 class PeerRecoveries:
@@ -175,3 +178,87 @@ class Peers:
                 log.warning("peer %s:%d not told yet (%s); retrying in %.1fs", host, port, e, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
+
+    async def tell(self, command: str, *, strict: bool = True) -> None:
+        """An admin command to every peer, now. ``strict``: each must take it (else PgError);
+        otherwise a peer that cannot is passed over."""
+        user, password = self.router.internal_credentials()
+        for host, port in self.addresses:
+            try:
+                await admin_query(host, port, user, password, command, timeout=10)
+            except (NodeLost, PgError, OSError, TimeoutError) as e:
+                if strict:
+                    raise PgError(
+                        OBJECT_NOT_IN_PREREQUISITE_STATE,
+                        f"peer router {host}:{port} did not take "
+                        f"{command.split(' FROM')[0]!r}: {e}",
+                    ) from None
+                log.warning("peer %s:%d did not take %r: %s", host, port, command, e)
+
+
+class Held(list[tuple[Link, str]]):
+    """The peers' admin links under a hold (with the host each was reached at)."""
+
+    drained = 0.0  # the longest any router took to drain (seconds)
+
+
+@contextlib.asynccontextmanager
+async def hold_everywhere(router: Router, what: str, timeout: float = 5.0) -> AsyncIterator[Held]:
+    """HOLD COMMITS (or WRITES) on every peer, then on this router; yields the peers' admin
+    links, open for more commands until released.
+
+    PgError if a router cannot hold its commits (a peer may still be committing); StillOpen
+    if a write gate found transactions still open after ``timeout``, or a peer cannot hold
+    its writes now (with no sessions named: the caller just tries again later).
+    """
+    user, password = router.internal_credentials()
+    held = Held()
+    try:
+        for host, port in router.settings.peers:
+            try:
+                link = await admin_link(host, port, user, password)
+                held.append((link, host))
+                _, rows = await link.query(f"HOLD {what}")
+            except (PgError, NodeLost, OSError, TimeoutError) as e:
+                if what == "WRITES":
+                    # Transactions still open there, or the peer is restarting (it finds the
+                    # recovery when it starts): try again later rather than give up.
+                    log.info("peer %s:%d cannot hold writes yet: %s", host, port, e)
+                    raise StillOpen([]) from None
+                raise PgError(
+                    OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    f"cannot hold the commits of peer router {host}:{port}: {e}",
+                ) from None
+            held.drained = max(held.drained, float(rows[0][1] or 0) / 1000 if rows else 0.0)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                if what == "COMMITS":
+                    took = await stack.enter_async_context(router.commits.barrier())
+                else:
+                    took = await stack.enter_async_context(router.write_gate.hold(timeout))
+                    await router.flush_sink()
+            except StillOpen:
+                raise
+            except TimeoutError:
+                raise no_quiet_point(what) from None
+            held.drained = max(held.drained, took)
+            yield held
+    finally:
+        for link, _ in held:
+            with contextlib.suppress(Exception):
+                await link.query(f"RELEASE {what}")
+            link.close()
+
+
+def no_quiet_point(what: str = "COMMITS") -> PgError:
+    """A router's commits (or writes) could not be held in time."""
+    if what == "WRITES":
+        return PgError(
+            OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "cannot hold writes: transactions that wrote are still open",
+        )
+    return PgError(
+        OBJECT_NOT_IN_PREREQUISITE_STATE,
+        "cannot hold commits: the commits in flight did not finish in time",
+        hint="Try again; a long one-phase commit (or a lock it waits for) was in the way.",
+    )

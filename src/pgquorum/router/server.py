@@ -28,9 +28,8 @@ from pgquorum.sql.analyze import Analyzer
 from pgquorum.sql.catalog import FunctionCatalog, TableCatalog
 
 from .admin import AdminConsole
-from .backend import NodeLost, open_transport
-from .client import admin_query
-from .commit import CommitCoordinator, quote_literal
+from .backend import open_transport
+from .commit import CommitCoordinator, quote_ident, quote_literal
 from .peers import Peers
 from .sequences import SequenceAllocator
 from .session import ClientSession
@@ -140,8 +139,8 @@ class Router:
         cluster.add_node(node, "new node: joins the group by recovery")
         if from_peer:
             return
-        await self._tell_peers(
-            f"ADD NODE {_ident(node.name)} {quote_literal(node.host)} {node.port} FROM PEER"
+        await self.peers.tell(
+            f"ADD NODE {quote_ident(node.name)} {quote_literal(node.host)} {node.port} FROM PEER"
         )
         self.start_recovery(node.name)
 
@@ -163,19 +162,7 @@ class Router:
             )
         cluster.remove_node(name)
         if not from_peer:
-            await self._tell_peers(f"REMOVE NODE {_ident(name)} FROM PEER")
-
-    async def _tell_peers(self, command: str) -> None:
-        """An admin command to every peer, which must take it (else PgError)."""
-        user, password = self.internal_credentials()
-        for host, port in self.settings.peers:
-            try:
-                await admin_query(host, port, user, password, command, timeout=10)
-            except (NodeLost, PgError, OSError, TimeoutError) as e:
-                raise PgError(
-                    OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    f"peer router {host}:{port} did not take {command.split(' FROM')[0]!r}: {e}",
-                ) from None
+            await self.peers.tell(f"REMOVE NODE {quote_ident(name)} FROM PEER")
 
     def queue_lost(self, sink: Sink, error: Exception) -> None:
         """The recovery queue cannot take a commit: that recovery cannot succeed any more."""
@@ -325,10 +312,6 @@ async def _send_cancel(node: Node, pid: int, secret: int) -> None:
         cast(asyncio.WriteTransport, transport).write(m.encode_cancel_request(pid, secret))
     finally:
         transport.close()  # after the buffered request is sent
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _shutdown_error() -> m.PgError:

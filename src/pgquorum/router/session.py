@@ -153,7 +153,7 @@ class ClientSession(asyncio.Protocol):
         # Recovery (see pgquorum.recovery): the transaction's write units as sent, settings
         # to give a new connection, and the queue serial a one-phase commit reserved.
         self.journal = Journal()
-        self.settings_log: list[bytes] = []
+        self.settings_log: deque[bytes] = deque(maxlen=_SETTINGS_KEPT)
         self.writing = False  # in a write unit outside a transaction that wrote (WriteGate)
         self.txn_count = 0  # transactions ended (WriteGate)
         self._begin_data: bytes | None = None  # the client's deferred BEGIN
@@ -746,7 +746,7 @@ class ClientSession(asyncio.Protocol):
                 res = await self._write_unit(build, single=a.statements == 1, lock_free=a.lock_free)
             if a.lock_free and not a.txn_control and not res.error and a.statements == 1:
                 # A setting: a node the session connects to later gets it first.
-                self.settings_log = [*self.settings_log[-(_SETTINGS_KEPT - 1) :], data]
+                self.settings_log.append(data)
             self._reply(res)
         else:
             conn = self._lead() if route is Route.LEAD else self._pick_read()
@@ -978,6 +978,7 @@ class ClientSession(asyncio.Protocol):
         self.txn_status = status
         if status == IDLE:
             self.txn_count += 1
+            self._begin_data = None
             self.txn_time = None
             self.txn_wrote = False
             self.txn_one_phase = False

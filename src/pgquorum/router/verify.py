@@ -13,17 +13,16 @@ comparison are the ones reported (and failed with FAIL MINORITY).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pgquorum.cluster.model import Node
-from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, PgError
+from pgquorum.protocol.errors import PgError
 
-from .backend import NodeLost
 from .client import Link, Table
+from .peers import hold_everywhere
 
 if TYPE_CHECKING:
     from .server import Router
@@ -79,33 +78,14 @@ class Snapshots:
 
         await asyncio.gather(*(open_one(n, db) for n in nodes for db in databases))
         # Every router in front of the group holds its commits: peers first, then this one.
-        held: list[Link] = []
-        try:
-            for host, port in router.settings.peers:
-                params = {"user": user, "database": "pgquorum", "application_name": "pgquorum"}
-                try:
-                    peer = await Link.open(Node("peer", host, port), params, password, timeout=30)
-                    held.append(peer)
-                    await peer.query("HOLD COMMITS")
-                except (NodeLost, PgError, OSError, TimeoutError) as e:
-                    # A peer we cannot reach may still be committing: no consistent point.
-                    raise PgError(
-                        OBJECT_NOT_IN_PREREQUISITE_STATE,
-                        f"cannot hold the commits of peer router {host}:{port}: {e}",
-                    ) from None
-            async with router.commits.barrier() as drained:
-                await asyncio.gather(
-                    *(
-                        link.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
-                        for link in self.links.values()
-                    )
+        async with hold_everywhere(router, "COMMITS") as held:
+            await asyncio.gather(
+                *(
+                    link.query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
+                    for link in self.links.values()
                 )
-        finally:
-            for peer in held:
-                with contextlib.suppress(Exception):
-                    await peer.query("RELEASE COMMITS")
-                peer.close()
-        return drained
+            )
+        return held.drained
 
     async def query(self, node: str, db: str, sql: str) -> Table:
         return await self.links[(node, db)].query(sql)

@@ -710,7 +710,7 @@ class ClientSession(asyncio.Protocol):
             self._defer_begin(data, a.strict_isolation)
             return
         expect = [EXPECT_QUERY]
-        if route is Route.WRITE:
+        if route is Route.WRITE and not self.txn_wrote:
             await self._before_write()
         try:
             fixed = await self._fix_text(sql, a, route) if _may_need_fixing(a) else None
@@ -1289,8 +1289,6 @@ class ClientSession(asyncio.Protocol):
     async def _before_write(self) -> None:
         """Before a write that is not part of a transaction that wrote: wait while a recovered
         node joins the group (WriteGate), then connect to nodes that came ONLINE."""
-        if self.txn_wrote:
-            return
         gate = self.router.write_gate
         if gate.held:
             await gate.wait_open()
@@ -1687,7 +1685,8 @@ class ClientSession(asyncio.Protocol):
             targets: tuple[NodeConnection, ...] = pinned
             res = await self._read_unit(pinned[0], build, retry=False)
         elif route is Route.WRITE:
-            await self._before_write()
+            if not self.txn_wrote:
+                await self._before_write()
             synced = batch[-1][0] == m.SYNC and len(executed) == executes
             if synced and executes == 1 and executed[0].commit and self._commits_in_two_phases():
                 res = await self._commit_extended(batch)

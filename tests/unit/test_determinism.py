@@ -23,6 +23,7 @@ from pglast.parser import parse_sql
 from helpers import connect
 from pgquorum.local.instance import LocalNode
 from pgquorum.protocol.errors import FEATURE_NOT_SUPPORTED, PgError
+from pgquorum.sql import determinism
 from pgquorum.sql.analyze import Analyzer
 from pgquorum.sql.determinism import (
     REFUSED_ALWAYS,
@@ -74,13 +75,28 @@ def rewrite(
     txn_time: datetime = TXN,
     stmt_time: datetime = STMT,
 ) -> str | None:
-    return check_and_rewrite(
-        sql,
-        txn_time=txn_time,
-        stmt_time=stmt_time,
-        is_volatile=lambda name: name in volatile,
-        deterministic=deterministic,
-    )
+    """check_and_rewrite from a cold plan cache, then again from the plan it kept (if any):
+    both must give the same answer."""
+
+    def run() -> str | None:
+        return check_and_rewrite(
+            sql,
+            txn_time=txn_time,
+            stmt_time=stmt_time,
+            is_volatile=lambda name: name in volatile,
+            deterministic=deterministic,
+        )
+
+    determinism._PLANS.clear()
+    try:
+        first = run()
+    except PgError as cold:
+        with pytest.raises(PgError) as warm:
+            run()
+        assert warm.value.message == cold.message
+        raise
+    assert run() == first
+    return first
 
 
 def refused(sql: str, **kwargs: Any) -> PgError:
@@ -1079,3 +1095,129 @@ def test_nul_byte_ends_the_text_like_on_the_server() -> None:
     # kept as is (the router's protocol layer never produces this: strings end at NUL).
     out = rewrite("INSERT INTO t VALUES (now())\x00; SELECT random()")
     assert out == f"INSERT INTO t VALUES ({TS})\x00; SELECT random()"
+
+
+# -- plans kept by statement shape -----------------------------------------------------------
+
+
+def warm(sql: str, volatile: frozenset[str] = VOLATILE) -> str | None:
+    """check_and_rewrite with whatever plans earlier calls kept."""
+    return check_and_rewrite(
+        sql,
+        txn_time=TXN,
+        stmt_time=STMT,
+        is_volatile=lambda name: name in volatile,
+        deterministic=frozenset(),
+    )
+
+
+def warm_refused(sql: str) -> None:
+    with pytest.raises(PgError) as info:
+        warm(sql)
+    assert info.value.sqlstate == FEATURE_NOT_SUPPORTED
+
+
+def _no_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(sql: str) -> Any:
+        raise AssertionError(f"parsed again: {sql}")
+
+    monkeypatch.setattr(determinism, "parse_sql", fail)
+
+
+def test_same_shape_other_constants_is_rewritten_from_the_kept_plan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    determinism._PLANS.clear()
+    first = "INSERT INTO h (tid, delta, mtime) VALUES (1, 'a', CURRENT_TIMESTAMP)"
+    assert warm(first) == f"INSERT INTO h (tid, delta, mtime) VALUES (1, 'a', {TS})"
+    _no_parse(monkeypatch)
+    # Longer constants move every offset after them; a string constant may hold "now()".
+    later = "INSERT INTO h (tid, delta, mtime) VALUES (123456, 'now() -- x', CURRENT_TIMESTAMP)"
+    other_txn = datetime(2027, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+    got = check_and_rewrite(
+        later,
+        txn_time=other_txn,
+        stmt_time=STMT,
+        is_volatile=lambda n: True,
+        deterministic=frozenset(),
+    )
+    assert got == (
+        "INSERT INTO h (tid, delta, mtime) VALUES (123456, 'now() -- x', "
+        "CAST('2027-01-02 03:04:05.000006+00:00' AS timestamp with time zone))"
+    )
+
+
+def test_statement_and_transaction_times_keep_their_places(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    determinism._PLANS.clear()
+    assert warm("SELECT now(), 1, statement_timestamp() AS s") == (
+        f'SELECT {TS} AS "now", 1, {STMT_TS} AS s'
+    )
+    _no_parse(monkeypatch)
+    got = check_and_rewrite(
+        "SELECT now(), 22, statement_timestamp() AS s",
+        txn_time=TXN,
+        stmt_time=STMT,
+        is_volatile=lambda n: True,
+        deterministic=frozenset(),
+    )
+    assert got == f'SELECT {TS} AS "now", 22, {STMT_TS} AS s'
+
+
+@pytest.mark.parametrize(
+    ("allowed", "refused_sql"),
+    [
+        # LIMIT 0 picks no rows at all; LIMIT 5 picks arbitrary ones.
+        (
+            "DELETE FROM t WHERE id IN (SELECT id FROM t LIMIT 0)",
+            "DELETE FROM t WHERE id IN (SELECT id FROM t LIMIT 5)",
+        ),
+        (
+            "DELETE FROM t WHERE id IN (SELECT id FROM t OFFSET 0)",
+            "DELETE FROM t WHERE id IN (SELECT id FROM t OFFSET 3)",
+        ),
+    ],
+)
+def test_a_constant_that_decides_is_never_shared_by_shape(allowed: str, refused_sql: str) -> None:
+    determinism._PLANS.clear()
+    for _ in range(2):  # either order
+        assert warm(allowed) is None
+        warm_refused(refused_sql)
+    determinism._PLANS.clear()
+    warm_refused(refused_sql)
+    assert warm(allowed) is None
+
+
+def test_precision_and_explain_options_are_not_shared_by_shape() -> None:
+    determinism._PLANS.clear()
+    three = warm("SELECT CURRENT_TIME(3)")
+    six = warm("SELECT CURRENT_TIME(6)")
+    assert three is not None and "time(3) with time zone" in three
+    assert six is not None and "time(6) with time zone" in six
+    # EXPLAIN (ANALYZE 0) runs nothing, EXPLAIN (ANALYZE 1) runs the INSERT.
+    assert warm("EXPLAIN (ANALYZE 0) INSERT INTO t VALUES (now())") is None
+    assert warm("EXPLAIN (ANALYZE 1) INSERT INTO t VALUES (now())") == (
+        f"EXPLAIN (ANALYZE 1) INSERT INTO t VALUES ({TS})"
+    )
+
+
+def test_a_function_whose_volatility_changed_is_checked_again() -> None:
+    determinism._PLANS.clear()
+    sql = "INSERT INTO t VALUES (f(1), now())"
+    stable = check_and_rewrite(
+        sql,
+        txn_time=TXN,
+        stmt_time=STMT,
+        is_volatile=lambda n: False,
+        deterministic=frozenset(),
+    )
+    assert stable == f"INSERT INTO t VALUES (f(1), {TS})"
+    with pytest.raises(PgError, match=r"cannot replicate f\(\)"):
+        check_and_rewrite(
+            "INSERT INTO t VALUES (f(2), now())",
+            txn_time=TXN,
+            stmt_time=STMT,
+            is_volatile=lambda n: n == "f",
+            deterministic=frozenset(),
+        )

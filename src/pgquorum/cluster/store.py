@@ -200,10 +200,9 @@ class DecisionLog:
     ``await record(gid)`` returns once the decision is durable. Decisions that arrive while
     a batch is being written wait for the next batch, so a burst of commits pays for one
     fsync. ``forget(gid)`` (after phase 2 finished everywhere) drops the record with a later
-    batch, once ``keep_s`` have passed: phase 2 does not wait for the nodes' WAL flush, so
-    until then a crash of every node could bring the prepared transaction back, and the
-    record must still say "commit". A record left behind by a crash is harmless (the
-    resolver prunes old ones).
+    batch, once ``keep_s`` have passed, so that a resolver that listed the transaction as
+    prepared just before phase 2 finished still finds it decided. A record left behind by a
+    crash is harmless (the resolver prunes old ones).
     """
 
     keep_s = 30.0

@@ -1555,16 +1555,17 @@ class ClientSession(asyncio.Protocol):
             return res
         failpoints.hit(failpoints.AFTER_DECISION)
         await self._queue_commit()
-        finish = _ASYNC_COMMIT_ON + m.encode_query(f"COMMIT PREPARED {literal}")
-        finish += _ASYNC_COMMIT_OFF
+        # One statement per node: COMMIT PREPARED always waits for its WAL flush (PostgreSQL
+        # ignores synchronous_commit for it), so there is no setting worth changing around it.
+        finish = m.encode_query(f"COMMIT PREPARED {literal}")
         # The others first: the lead gives up its locks last, so no transaction can
         # run on the lead on top of this one before the others have it committed.
         lead, rest = ok[0], ok[1:]
-        results = await self._run_on(rest, finish, _ASYNC_COMMIT_EXPECT)
+        results = await self._run_on(rest, finish)
         clean = self._check_finish(rest, results, "COMMIT")
         if rest:
             failpoints.hit(failpoints.AFTER_FIRST_COMMIT)
-        results = await self._run_on([lead], finish, _ASYNC_COMMIT_EXPECT)
+        results = await self._run_on([lead], finish)
         clean &= self._check_finish([lead], results, "COMMIT")
         if clean:
             commits.log.forget(gid)
@@ -1804,22 +1805,6 @@ def _build_batch(
 
 # Expectations without a statement name are immutable and shared.
 _EXPECT = {t: Expectation(t) for t in (m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.PARSE)}
-
-
-# Phase 2 need not wait for its own WAL flush: the PREPARE on every node and the decision
-# record are durable already, and a node that crashes before the flush is failed (and so
-# never read again) or, after a crash of every node, comes back with the transaction still
-# prepared, which the resolver commits by the record. The client's own setting is restored.
-_ASYNC_COMMIT_ON = m.encode_query(
-    "SELECT pg_catalog.set_config('pgquorum.synchronous_commit', "
-    "pg_catalog.current_setting('synchronous_commit'), false), "
-    "pg_catalog.set_config('synchronous_commit', 'off', false)"
-)
-_ASYNC_COMMIT_OFF = m.encode_query(
-    "SELECT pg_catalog.set_config('synchronous_commit', "
-    "pg_catalog.current_setting('pgquorum.synchronous_commit'), false)"
-)
-_ASYNC_COMMIT_EXPECT = [EXPECT_QUERY_SWALLOWED, EXPECT_QUERY, EXPECT_QUERY_SWALLOWED]
 
 
 def _may_need_fixing(a: Analysis) -> bool:

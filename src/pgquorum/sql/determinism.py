@@ -34,6 +34,7 @@ SUBSTRING(... FROM ...), AT TIME ZONE, etc.)
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -387,6 +388,7 @@ _ADD_COLUMN = _Stored(
 
 class _Fixer:
     __slots__ = (
+        "const_dependent",
         "deterministic",
         "edits",
         "is_volatile",
@@ -422,6 +424,9 @@ class _Fixer:
         self.problem: PgError | None = None  # refused if the statement changes data
         # For the whole string: (node, replacement SQL, how to keep its output name).
         self.edits: list[tuple[Any, str, tuple[int, str] | None]] = []
+        # Whether a constant's value decided anything (LIMIT 0, CURRENT_TIME(3), EXPLAIN's
+        # options): then the plan holds for this text only, not for its shape (_Plans).
+        self.const_dependent = False
 
     # -- per statement
 
@@ -457,6 +462,7 @@ class _Fixer:
         if cls in _QUERIES:
             self._walk(stmt, _FIX)
         elif cls is ast.ExplainStmt:
+            self.const_dependent = self.const_dependent or bool(stmt.options)
             if _explain_analyze(stmt):  # plain EXPLAIN runs nothing
                 self._statement(stmt.query)
         elif cls is ast.CreateTableAsStmt:
@@ -530,6 +536,8 @@ class _Fixer:
                     continue
             elif cls is ast.SQLValueFunction:
                 if obj.op in TIME_VALUE_OPS:
+                    if obj.op in _WITH_PRECISION:
+                        self.const_dependent = True
                     if isinstance(mode, _Stored):
                         raise self._stored(mode, _value_text(obj))
                     replacements[obj.location] = (obj, _value_sql(obj, self.txn_literal))
@@ -546,6 +554,8 @@ class _Fixer:
                 if obj.alias is None and not obj.is_rowsfrom and not obj.ordinality:
                     self.ranges.append(obj)
             elif cls is ast.SelectStmt:
+                if type(obj.limitCount) is ast.A_Const or type(obj.limitOffset) is ast.A_Const:
+                    self.const_dependent = True  # LIMIT 0 and LIMIT 5 differ
                 if self.problem is None and id(obj) not in exempt:
                     what = _arbitrary_rows(obj)
                     if what is not None:
@@ -678,6 +688,10 @@ def _plain_call(call: Any) -> bool:
 
 _OPEN, _CLOSE, _ICONST = "ASCII_40", "ASCII_41", "ICONST"
 _COMMENTS = frozenset({"SQL_COMMENT", "C_COMMENT"})
+# Tokens whose text is a value: a statement's shape has their kind in its place, not them.
+_CONSTANTS = frozenset({"ICONST", "FCONST", "SCONST", "USCONST", "BCONST", "XCONST"})
+# Where the router's times go in a replacement template (NUL never reaches here in SQL).
+_TXN_MARK, _STMT_MARK = "\x00txn\x00", "\x00stmt\x00"
 
 
 def _cannot_rewrite(detail: str) -> PgError:
@@ -700,13 +714,19 @@ class _Tokens:
         self.tokens = [t for t in scan(sql) if t.name not in _COMMENTS]
         self.at = {t.start: i for i, t in enumerate(self.tokens)}
 
-    def after_open_paren(self, start: int) -> bool:
-        """Whether the token before the one at `start` is "(" (comments aside)."""
-        i = self.at[start]
+    def shape(self, sql: str) -> tuple[str, ...]:
+        """The statement with its constants' values left out.  The grammar decides on token
+        kinds alone, so texts of one shape parse to the same tree but for those values."""
+        return tuple(
+            t.name if t.name in _CONSTANTS else sql[t.start : t.end + 1] for t in self.tokens
+        )
+
+    def after_open_paren(self, i: int) -> bool:
+        """Whether the token before token ``i`` is "(" (comments aside)."""
         return i > 0 and self.tokens[i - 1].name == _OPEN
 
     def span(self, node: Any) -> tuple[int, int]:
-        """[start, end) of a time function call or SQLValueFunction in the query."""
+        """The first and the last token of a time function call or SQLValueFunction."""
         tokens = self.tokens
         i = self.at.get(node.location)
         if i is None:
@@ -718,44 +738,90 @@ class _Tokens:
                 while tokens[j].name != _OPEN and j - i < 5:
                     j += 1
                 if tokens[j].name == _OPEN and tokens[j + 1].name == _CLOSE:
-                    return tokens[i].start, tokens[j + 1].end + 1
+                    return i, j + 1
             elif tokens[i].name == _VALUE_KEYWORDS[node.op]:
                 if node.op not in _WITH_PRECISION:
-                    return tokens[i].start, tokens[i].end + 1
+                    return i, i
                 if [t.name for t in tokens[i + 1 : i + 4]] == [_OPEN, _ICONST, _CLOSE]:
-                    return tokens[i].start, tokens[i + 3].end + 1
+                    return i, i + 3
         except IndexError:
             pass
         raise _cannot_rewrite(f"unexpected tokens at {node.location} for {type(node).__name__}")
 
 
-def _splice(sql: str, text: str, edits: list[tuple[Any, str, tuple[int, str] | None]]) -> str:
-    """`sql` with the edits made; `text` is its parsable_text(), which was parsed."""
-    tokens = _Tokens(text)
+# A plan: the edits to make, as (first token, last token, replacement template), in order.
+_Edits = tuple[tuple[int, int, str], ...]
+
+
+def _plan(tokens: _Tokens, edits: list[tuple[Any, str, tuple[int, str] | None]]) -> _Edits:
     spans = []
     for node, replacement, naming in edits:
-        start, end = tokens.span(node)
+        first, last = tokens.span(node)
         if naming is not None:
             how, name = naming
             # (The names are lowercase ASCII: quoting is all they need.)
-            if how == _ALIAS and tokens.after_open_paren(start):
+            if how == _ALIAS and tokens.after_open_paren(first):
                 how = _WRAP  # SELECT (now()): an alias cannot go inside the parentheses
             if how == _WRAP:
                 replacement = f'(SELECT {replacement} AS "{name}")'
             else:
                 replacement = f'{replacement} AS "{name}"'
-        spans.append((start, end, replacement))
+        spans.append((first, last, replacement))
     spans.sort()
+    for (_, last, _), (first, _, _) in itertools.pairwise(spans):
+        if first <= last:
+            raise _cannot_rewrite(f"overlapping replacements at token {first}")
+    return tuple(spans)
+
+
+def _render(sql: str, tokens: _Tokens, edits: _Edits, txn: str, stmt: str) -> str:
+    """``sql`` with the edits made and the times filled in."""
     parts = []
     done = 0
-    for start, end, replacement in spans:
-        if start < done:
-            raise _cannot_rewrite(f"overlapping replacements at {start}")
+    toks = tokens.tokens
+    for first, last, template in edits:
+        start = toks[first].start
         parts.append(sql[done:start])
-        parts.append(replacement)
-        done = end
+        parts.append(template.replace(_TXN_MARK, txn).replace(_STMT_MARK, stmt))
+        done = toks[last].end + 1
     parts.append(sql[done:])
     return "".join(parts)
+
+
+class _Plans:
+    """Plans by statement shape: a statement run again with other constants (the common
+    case: the same INSERT with new values) is rewritten from the scanner's tokens alone,
+    without a parse.  A plan is reused only while every function it asked about has the
+    same volatility, and never when a constant's value mattered (see _Fixer)."""
+
+    __slots__ = ("_plans",)
+    max_entries = 4096
+    max_tokens = 512  # longer statements (bulk INSERTs) would pin too much memory
+
+    def __init__(self) -> None:
+        self._plans: dict[object, tuple[_Edits, tuple[tuple[str, bool], ...]]] = {}
+
+    def get(self, key: object, is_volatile: Callable[[str], bool]) -> _Edits | None:
+        found = self._plans.get(key)
+        if found is None:
+            return None
+        edits, asked = found
+        for name, volatile in asked:
+            if bool(is_volatile(name)) != volatile:
+                return None
+        return edits
+
+    def put(self, key: object, edits: _Edits, asked: tuple[tuple[str, bool], ...]) -> None:
+        plans = self._plans
+        if len(plans) >= self.max_entries:
+            plans.clear()
+        plans[key] = (edits, asked)
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
+_PLANS = _Plans()
 
 
 # -- entry point ---------------------------------------------------------------------------
@@ -782,14 +848,25 @@ def check_and_rewrite(
     (comments, $n parameters, spelling all kept).  Text pglast cannot parse gives None: the
     servers will report the error.
     """
+    txn, stmt = _time_literal(txn_time), _time_literal(stmt_time)
     text = parsable_text(sql)  # same offsets; the splice keeps the client's own characters
     try:
-        stmts = parse_sql(text)
+        tokens = _Tokens(text)
     except (PglastError, RecursionError):
         return None
-    fixer = _Fixer(_time_literal(txn_time), _time_literal(stmt_time), is_volatile, deterministic)
-    for raw in stmts:
-        fixer.statement(raw.stmt)
-    if not fixer.edits:
+    key = (tokens.shape(text), deterministic)
+    edits = _PLANS.get(key, is_volatile)
+    if edits is None:
+        try:
+            stmts = parse_sql(text)
+        except (PglastError, RecursionError):
+            return None
+        fixer = _Fixer(_TXN_MARK, _STMT_MARK, is_volatile, deterministic)
+        for raw in stmts:
+            fixer.statement(raw.stmt)  # raises what is refused: not kept, it is rare
+        edits = _plan(tokens, fixer.edits)
+        if not fixer.const_dependent and len(tokens.tokens) <= _PLANS.max_tokens:
+            _PLANS.put(key, edits, tuple(fixer.volatile.items()))
+    if not edits:
         return None
-    return _splice(sql, text, fixer.edits)
+    return _render(sql, tokens, edits, txn, stmt)

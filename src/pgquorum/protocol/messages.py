@@ -286,38 +286,57 @@ def parse_parse(payload: bytes) -> Parse:
 
 def parse_bind(payload: bytes) -> Bind:
     # Only the names are needed for routing; the parameter values are forwarded untouched.
-    cur = Cursor(payload, "Bind")
-    portal = cur.cstring()
-    stmt = cur.cstring()
-    nfmt = cur.int16()
-    if nfmt < 0:
-        raise ProtocolViolation("invalid Bind message: negative format count")
-    cur.raw(2 * nfmt)
-    nparams = cur.int16()
-    if nparams < 0:
-        raise ProtocolViolation("invalid Bind message: negative parameter count")
-    for _ in range(nparams):
-        size = cur.int32()
-        if size >= 0:
-            cur.raw(size)
-        elif size != -1:
-            raise ProtocolViolation("invalid Bind message: bad parameter length")
-    nres = cur.int16()
-    if nres < 0:
-        raise ProtocolViolation("invalid Bind message: negative result format count")
-    cur.raw(2 * nres)
-    cur.end()
+    # Every read per message counts here (pgbench -M prepared sends one Bind per
+    # transaction), hence plain slicing rather than a Cursor.
+    end = payload.find(b"\0")
+    end2 = payload.find(b"\0", end + 1) if end >= 0 else -1
+    if end2 < 0:
+        raise ProtocolViolation("invalid Bind message: unterminated string")
+    portal = payload[:end].decode("utf-8", "surrogateescape")
+    stmt = payload[end + 1 : end2].decode("utf-8", "surrogateescape")
+    pos = end2 + 1
+    size = len(payload)
+    try:
+        (nfmt,) = _I16.unpack_from(payload, pos)
+        if nfmt < 0:
+            raise ProtocolViolation("invalid Bind message: negative format count")
+        pos += 2 + 2 * nfmt
+        (nparams,) = _I16.unpack_from(payload, pos)
+        if nparams < 0:
+            raise ProtocolViolation("invalid Bind message: negative parameter count")
+        pos += 2
+        for _ in range(nparams):
+            (length,) = _I32.unpack_from(payload, pos)
+            pos += 4
+            if length >= 0:
+                pos += length
+            elif length != -1:
+                raise ProtocolViolation("invalid Bind message: bad parameter length")
+        (nres,) = _I16.unpack_from(payload, pos)
+        if nres < 0:
+            raise ProtocolViolation("invalid Bind message: negative result format count")
+        pos += 2 + 2 * nres
+    except struct.error:  # read past the end
+        raise ProtocolViolation("invalid Bind message: too short") from None
+    if pos != size:
+        why = "too short" if pos > size else "trailing bytes"
+        raise ProtocolViolation(f"invalid Bind message: {why}")
     return Bind(portal, stmt)
 
 
 def _kind_and_name(payload: bytes, what: str) -> tuple[str, str]:
-    cur = Cursor(payload, what)
-    kind = chr(cur.byte())
+    # Slicing, not a Cursor: one Describe per prepared execution is on the hot path.
+    if not payload:
+        raise ProtocolViolation(f"invalid {what} message: too short")
+    kind = chr(payload[0])
     if kind not in ("S", "P"):
         raise ProtocolViolation(f"invalid {what} message subtype {kind!r}")
-    name = cur.cstring()
-    cur.end()
-    return kind, name
+    end = payload.find(b"\0", 1)
+    if end < 0:
+        raise ProtocolViolation(f"invalid {what} message: unterminated string")
+    if end != len(payload) - 1:
+        raise ProtocolViolation(f"invalid {what} message: trailing bytes")
+    return kind, payload[1:end].decode("utf-8", "surrogateescape")
 
 
 def parse_describe(payload: bytes) -> Describe:

@@ -1100,11 +1100,11 @@ def test_nul_byte_ends_the_text_like_on_the_server() -> None:
 # -- plans kept by statement shape -----------------------------------------------------------
 
 
-def warm(sql: str, volatile: frozenset[str] = VOLATILE) -> str | None:
+def warm(sql: str, volatile: frozenset[str] = VOLATILE, txn_time: datetime = TXN) -> str | None:
     """check_and_rewrite with whatever plans earlier calls kept."""
     return check_and_rewrite(
         sql,
-        txn_time=TXN,
+        txn_time=txn_time,
         stmt_time=STMT,
         is_volatile=lambda name: name in volatile,
         deterministic=frozenset(),
@@ -1133,14 +1133,7 @@ def test_same_shape_other_constants_is_rewritten_from_the_kept_plan(
     _no_parse(monkeypatch)
     # Longer constants move every offset after them; a string constant may hold "now()".
     later = "INSERT INTO h (tid, delta, mtime) VALUES (123456, 'now() -- x', CURRENT_TIMESTAMP)"
-    other_txn = datetime(2027, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
-    got = check_and_rewrite(
-        later,
-        txn_time=other_txn,
-        stmt_time=STMT,
-        is_volatile=lambda n: True,
-        deterministic=frozenset(),
-    )
+    got = warm(later, txn_time=datetime(2027, 1, 2, 3, 4, 5, 6, tzinfo=UTC))
     assert got == (
         "INSERT INTO h (tid, delta, mtime) VALUES (123456, 'now() -- x', "
         "CAST('2027-01-02 03:04:05.000006+00:00' AS timestamp with time zone))"
@@ -1204,20 +1197,7 @@ def test_precision_and_explain_options_are_not_shared_by_shape() -> None:
 
 def test_a_function_whose_volatility_changed_is_checked_again() -> None:
     determinism._PLANS.clear()
-    sql = "INSERT INTO t VALUES (f(1), now())"
-    stable = check_and_rewrite(
-        sql,
-        txn_time=TXN,
-        stmt_time=STMT,
-        is_volatile=lambda n: False,
-        deterministic=frozenset(),
-    )
+    stable = warm("INSERT INTO t VALUES (f(1), now())", volatile=frozenset())
     assert stable == f"INSERT INTO t VALUES (f(1), {TS})"
     with pytest.raises(PgError, match=r"cannot replicate f\(\)"):
-        check_and_rewrite(
-            "INSERT INTO t VALUES (f(2), now())",
-            txn_time=TXN,
-            stmt_time=STMT,
-            is_volatile=lambda n: n == "f",
-            deterministic=frozenset(),
-        )
+        warm("INSERT INTO t VALUES (f(2), now())", volatile=frozenset({"f"}))

@@ -690,7 +690,8 @@ _OPEN, _CLOSE, _ICONST = "ASCII_40", "ASCII_41", "ICONST"
 _COMMENTS = frozenset({"SQL_COMMENT", "C_COMMENT"})
 # Tokens whose text is a value: a statement's shape has their kind in its place, not them.
 _CONSTANTS = frozenset({"ICONST", "FCONST", "SCONST", "USCONST", "BCONST", "XCONST"})
-# Where the router's times go in a replacement template (NUL never reaches here in SQL).
+# Where the router's times go in a replacement template (made by the _Fixer, never taken
+# from the client's text, so a NUL there cannot be mistaken for one).
 _TXN_MARK, _STMT_MARK = "\x00txn\x00", "\x00stmt\x00"
 
 

@@ -1201,3 +1201,20 @@ def test_a_function_whose_volatility_changed_is_checked_again() -> None:
     assert stable == f"INSERT INTO t VALUES (f(1), {TS})"
     with pytest.raises(PgError, match=r"cannot replicate f\(\)"):
         warm("INSERT INTO t VALUES (f(2), now())", volatile=frozenset({"f"}))
+
+
+def test_a_unicode_escape_character_is_part_of_what_a_plan_is_kept_by() -> None:
+    # U&"n!006Fw" UESCAPE '!' is now; with '#' as the escape it is the name n!006Fw.
+    determinism._PLANS.clear()
+    now = """SELECT U&"n!006Fw" UESCAPE '!' ()"""
+    other = """SELECT U&"n!006Fw" UESCAPE '#' ()"""
+    assert warm(now) is not None
+    assert warm(other, volatile=frozenset()) is None
+    assert warm(now) is not None
+
+
+def test_an_identifier_spelled_like_a_token_kind_is_not_a_constant() -> None:
+    determinism._PLANS.clear()
+    assert warm("INSERT INTO t VALUES (now(), 1)") is not None
+    assert warm("INSERT INTO t VALUES (now(), ICONST)", volatile=frozenset()) is not None
+    assert len(determinism._PLANS._plans) == 2

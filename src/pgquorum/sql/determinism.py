@@ -688,8 +688,11 @@ def _plain_call(call: Any) -> bool:
 
 _OPEN, _CLOSE, _ICONST = "ASCII_40", "ASCII_41", "ICONST"
 _COMMENTS = frozenset({"SQL_COMMENT", "C_COMMENT"})
-# Tokens whose text is a value: a statement's shape has their kind in its place, not them.
+# Tokens whose text is a value: a statement's shape has their kind in its place, not them
+# (after a NUL, which no token's text has, so an identifier named ICONST stays apart).
 _CONSTANTS = frozenset({"ICONST", "FCONST", "SCONST", "USCONST", "BCONST", "XCONST"})
+# UESCAPE 'c' gives a constant a say in what U&"..." names: no plan is kept by shape.
+_CONSTANT_MEANS = frozenset({"UESCAPE"})
 # Where the router's times go in a replacement template (made by the _Fixer, never taken
 # from the client's text, so a NUL there cannot be mistaken for one).
 _TXN_MARK, _STMT_MARK = "\x00txn\x00", "\x00stmt\x00"
@@ -715,12 +718,23 @@ class _Tokens:
         self.tokens = [t for t in scan(sql) if t.name not in _COMMENTS]
         self.at = {t.start: i for i, t in enumerate(self.tokens)}
 
-    def shape(self, sql: str) -> tuple[str, ...]:
-        """The statement with its constants' values left out.  The grammar decides on token
-        kinds alone, so texts of one shape parse to the same tree but for those values."""
-        return tuple(
-            t.name if t.name in _CONSTANTS else sql[t.start : t.end + 1] for t in self.tokens
-        )
+    def shape(self, sql: str) -> tuple[str, ...] | None:
+        """The statement with its constants' values left out, None if it is not to be kept
+        (too long, or a constant that changes a name).  The grammar decides on token kinds
+        alone, so texts of one shape parse to the same tree but for those values."""
+        tokens = self.tokens
+        if len(tokens) > _Plans.max_tokens:
+            return None
+        shape = []
+        for t in tokens:
+            name = t.name
+            if name in _CONSTANTS:
+                shape.append("\x00" + name)
+            elif name in _CONSTANT_MEANS:
+                return None
+            else:
+                shape.append(sql[t.start : t.end + 1])
+        return tuple(shape)
 
     def after_open_paren(self, i: int) -> bool:
         """Whether the token before token ``i`` is "(" (comments aside)."""
@@ -849,14 +863,14 @@ def check_and_rewrite(
     (comments, $n parameters, spelling all kept).  Text pglast cannot parse gives None: the
     servers will report the error.
     """
-    txn, stmt = _time_literal(txn_time), _time_literal(stmt_time)
     text = parsable_text(sql)  # same offsets; the splice keeps the client's own characters
     try:
         tokens = _Tokens(text)
     except (PglastError, RecursionError):
         return None
-    key = (tokens.shape(text), deterministic)
-    edits = _PLANS.get(key, is_volatile)
+    shape = tokens.shape(text)
+    key = None if shape is None else (shape, deterministic)
+    edits = None if key is None else _PLANS.get(key, is_volatile)
     if edits is None:
         try:
             stmts = parse_sql(text)
@@ -866,8 +880,8 @@ def check_and_rewrite(
         for raw in stmts:
             fixer.statement(raw.stmt)  # raises what is refused: not kept, it is rare
         edits = _plan(tokens, fixer.edits)
-        if not fixer.const_dependent and len(tokens.tokens) <= _PLANS.max_tokens:
+        if key is not None and not fixer.const_dependent:
             _PLANS.put(key, edits, tuple(fixer.volatile.items()))
     if not edits:
         return None
-    return _render(sql, tokens, edits, txn, stmt)
+    return _render(sql, tokens, edits, _time_literal(txn_time), _time_literal(stmt_time))

@@ -63,3 +63,21 @@ def test_asyncpg_pool_concurrency(router: RouterThread, db: str) -> None:
             await pool.close()
 
     run(main())
+
+
+def test_asyncpg_executemany_gives_each_row_its_serial(router: RouterThread, db: str) -> None:
+    """executemany sends Bind/Execute pairs of one statement before a single Sync: each
+    execution gets its own sequence values, as on one server (the db fixture then compares
+    the nodes)."""
+
+    async def main() -> None:
+        conn = await asyncpg.connect(router.url(db))
+        try:
+            await conn.execute("CREATE TABLE s (id serial PRIMARY KEY, name text)")
+            await conn.executemany("INSERT INTO s (name) VALUES ($1)", [(n,) for n in "abcde"])
+            rows = await conn.fetch("SELECT id, name FROM s ORDER BY id")
+            assert [tuple(r) for r in rows] == list(zip(range(1, 6), "abcde", strict=True))
+        finally:
+            await conn.close()
+
+    run(main())

@@ -167,3 +167,27 @@ def test_md5_client_auth(make_nodes, tmp_path) -> None:  # type: ignore[no-untyp
             psycopg.connect(rt.dsn(password="nope"))
     finally:
         rt.stop()
+
+
+def test_portal_bound_before_an_earlier_execute_is_refused(router: RouterThread, db: str) -> None:
+    """Two portals bound before either runs cannot each get their own serial value from
+    one rewrite: refused (0A000), nothing runs, nothing diverges (the db fixture compares
+    the nodes)."""
+    with psycopg.connect(router.dsn(db), autocommit=True) as conn:
+        conn.execute("CREATE TABLE s (id serial PRIMARY KEY, name text)")
+    s = raw_session(router, db)
+    no_params = struct.pack("!hhh", 0, 0, 0)
+    s.sendall(
+        m.encode_parse("ins", "INSERT INTO s (name) VALUES ('x')")
+        + m.frame(m.BIND, b"p1\0ins\0" + no_params)
+        + m.frame(m.BIND, b"p2\0ins\0" + no_params)
+        + m.frame(m.EXECUTE, b"p1\0" + struct.pack("!i", 0))
+        + m.frame(m.EXECUTE, b"p2\0" + struct.pack("!i", 0))
+        + m.SYNC_MESSAGE
+    )
+    err = error_of(read_until_ready(s))
+    assert err["C"] == "0A000" and "'p2'" in err["M"], err
+    s.close()
+    with psycopg.connect(router.dsn(db), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM s").fetchone() == (0,)
+    assert_router_still_serves(router)

@@ -9,7 +9,7 @@ import pytest
 from pgquorum.protocol import messages as m
 from pgquorum.recovery import journal as j
 from pgquorum.recovery.journal import Entry, Journal, Unit
-from pgquorum.recovery.queue import LocalQueue, QueueUnavailable
+from pgquorum.recovery.queue import LocalQueue, QueueUnavailable, RemoteQueue
 from pgquorum.router.backend import EXPECT_QUERY, Expectation, UnitResult
 from pgquorum.router.session import Statement, _build_batch
 
@@ -57,14 +57,16 @@ def test_prepared_statements_are_parsed_once_for_the_replay_connection() -> None
     bind = m.frame(m.BIND, b"\0s1\0\0\0\0\0\0\0")
     batch = [(m.BIND, bind[5:], stmt), (m.EXECUTE, b"\0\0\0\0\0", None), (m.SYNC, b"", None)]
     build = lambda conn: _build_batch(conn, list(batch))  # noqa: E731
+    assert journal.join("a/1")  # the session's first entry in recovery a/1
     journal.record(build, result("INSERT 0 1", status=ord("I")))
     first = journal.take(commit=False)[0]
     journal.record(build, result("INSERT 0 1", status=ord("I")))
     second = journal.take(commit=False)[0]  # the replay connection holds s1 by now
     assert first.data.startswith(parse) and not second.data.startswith(parse)
     assert first.expectations()[0].kind == m.PARSE
-    journal.record(build, result("INSERT 0 1", status=ord("I")))
-    journal.drop()  # no recovery wanted it: the shadow forgets what it held
+    assert not journal.join("a/1")
+    # Another recovery, with no transaction in between: its replay connection holds nothing.
+    assert journal.join("b/2")
     journal.record(build, result("INSERT 0 1", status=ord("I")))
     assert journal.take(commit=False)[0].data.startswith(parse)
 
@@ -144,3 +146,29 @@ def test_the_queue_gives_up_rather_than_grow_without_end(monkeypatch: pytest.Mon
             await q.take(3, timeout=1)
 
     asyncio.run(main())
+
+
+def test_closing_a_remote_queue_ends_the_batch_in_flight() -> None:
+    """A session waiting for its place in a batch being sent when the recovery ends gets
+    QueueUnavailable, not a wait without end (it holds a commit slot meanwhile)."""
+
+    async def run() -> None:
+        queue = RemoteQueue("r/1", "node3", ("127.0.0.1", 1), ("postgres", None))
+        sent = asyncio.Event()
+
+        async def exchange(ops: list[object]) -> list[int]:
+            sent.set()
+            await asyncio.Event().wait()  # the coordinator never answers
+            return []
+
+        queue._exchange = exchange  # type: ignore[method-assign]
+        waiting = asyncio.create_task(queue.reserve())
+        await asyncio.wait_for(sent.wait(), 1)
+        queue.close()
+        with pytest.raises(QueueUnavailable):
+            await asyncio.wait_for(waiting, 1)
+        # Nothing more is sent once it is closed (a late settle would open a new link).
+        with pytest.raises(QueueUnavailable):
+            queue.settle(1, None)
+
+    asyncio.run(run())

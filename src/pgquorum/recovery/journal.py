@@ -167,14 +167,21 @@ class Journal:
         self._begin = None
         return units
 
+    def join(self, rid: str) -> bool:
+        """Before ``take`` for recovery ``rid``: True if it is the session's first entry
+        there. Its replay connection starts from nothing, and so does the shadow."""
+        if self.queued == rid:
+            return False
+        self.queued = rid
+        self._shadow = _Shadow()
+        return True
+
     def drop(self) -> None:
-        """No recovery wants the transaction: forget it, and what the shadow holds, so the
-        next recovery's replay connection starts from nothing, like the shadow."""
+        """No recovery wants the transaction: forget it."""
         self._kept = []
         self._overflow = False
         self.open = False
         self._begin = None
-        self._shadow.prepared.clear()
 
     def _build(self) -> list[Unit]:
         shadow = self._shadow

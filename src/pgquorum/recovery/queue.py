@@ -181,11 +181,13 @@ class RemoteQueue:
         self.coordinator = coordinator
         self._credentials = credentials
         self._waiting: list[tuple[dict[str, Any], asyncio.Future[int] | None]] = []
+        self._inflight: list[tuple[dict[str, Any], asyncio.Future[int] | None]] = []
         self._link: Link | None = None
         self._sender: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self.error: Exception | None = None
+        self.closed = False
 
     async def reserve(self) -> int:
         return await self._call({"op": "reserve"})
@@ -213,15 +215,17 @@ class RemoteQueue:
             raise QueueUnavailable(str(self.error))
 
     def close(self) -> None:
+        self.closed = True
         if self._sender is not None:
             self._sender.cancel()
         if self._link is not None:
             self._link.close()
             self._link = None
-        for _, fut in self._waiting:
+        # The batch being sent too: its senders would otherwise wait for ever.
+        for _, fut in self._inflight + self._waiting:
             if fut is not None and not fut.done():
                 fut.set_exception(QueueUnavailable("the recovery ended"))
-        self._waiting = []
+        self._inflight = self._waiting = []
         self._idle.set()
 
     async def _call(self, op: dict[str, Any]) -> int:
@@ -230,6 +234,8 @@ class RemoteQueue:
         return await fut
 
     def _post(self, op: dict[str, Any], fut: asyncio.Future[int] | None) -> None:
+        if self.closed:
+            raise QueueUnavailable(f"the recovery {self.rid} of node {self.node} ended")
         if self.error is not None:
             raise QueueUnavailable(str(self.error))
         self._waiting.append((op, fut))
@@ -239,7 +245,8 @@ class RemoteQueue:
 
     async def _send(self) -> None:
         while self._waiting:
-            batch, self._waiting = self._waiting, []
+            batch = self._inflight = self._waiting
+            self._waiting = []
             try:
                 serials = await asyncio.wait_for(
                     self._exchange([op for op, _ in batch]), SEND_TIMEOUT_S
@@ -250,8 +257,9 @@ class RemoteQueue:
                 for _, fut in batch + self._waiting:
                     if fut is not None and not fut.done():
                         fut.set_exception(QueueUnavailable(str(e)))
-                self._waiting = []
+                self._inflight = self._waiting = []
                 break
+            self._inflight = []
             for (_, fut), serial in zip(batch, serials, strict=True):
                 if fut is not None and not fut.done():
                     fut.set_result(serial)

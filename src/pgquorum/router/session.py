@@ -13,6 +13,7 @@ node connections:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -35,7 +36,7 @@ from pgquorum.protocol.errors import (
     ProtocolViolation,
 )
 from pgquorum.protocol.framing import Framer
-from pgquorum.recovery.journal import Entry, Journal, Unit
+from pgquorum.recovery.journal import Entry, Journal
 from pgquorum.recovery.queue import QueueUnavailable, Sink
 from pgquorum.sql import sequences as seq
 from pgquorum.sql.analyze import Analysis, Route
@@ -710,7 +711,7 @@ class ClientSession(asyncio.Protocol):
             self._defer_begin(data, a.strict_isolation)
             return
         expect = [EXPECT_QUERY]
-        if route is Route.WRITE and not self.txn_wrote:
+        if route is Route.WRITE and not self.txn_wrote and not self._may_write_now():
             await self._before_write()
         try:
             fixed = await self._fix_text(sql, a, route) if _may_need_fixing(a) else None
@@ -735,10 +736,12 @@ class ClientSession(asyncio.Protocol):
                 res = await self._commit_block()
             elif wrap:
                 res = await self._autocommit(build)
-            elif self.txn_status == IDLE or a.txn_control:
-                # A one-phase commit, lead first: inside the commit barrier's slot.
+            elif (self.txn_status == IDLE or a.txn_control) and not a.lock_free:
+                # A one-phase commit, lead first: inside the commit barrier's slot (SET,
+                # SAVEPOINT, ROLLBACK and the like commit nothing and need none).
                 async with self.router.commits.commit_slot():
-                    await self._reserve()
+                    if self.router.recovery_sink is not None:
+                        await self._reserve()
                     res = await self._write_unit(
                         build, single=a.statements == 1, lock_free=a.lock_free
                     )
@@ -1066,7 +1069,7 @@ class ClientSession(asyncio.Protocol):
             lead = conns[0]
             data, expect = build(lead)
             st = cluster.status[lead.node.name]
-            if not lock_free and self.router.followers.running:
+            if not lock_free and self.router.followers.others(lead.node.name):
                 await self.router.followers.settle(lead.node.name)
             st.outstanding += 1
             st.statements += 1
@@ -1286,9 +1289,20 @@ class ClientSession(asyncio.Protocol):
 
     # -- recovery (see pgquorum.recovery) ---------------------------------------------------
 
+    def _may_write_now(self) -> bool:
+        """Before a write that is not part of a transaction that wrote: True (and the
+        session marked writing) if nothing is in the way, else _before_write must run.
+        The common case costs no coroutine on the per-statement path."""
+        if self.router.write_gate.held or (
+            self._adopted_generation != self.router.cluster.generation
+        ):
+            return False
+        self.writing = True
+        return True
+
     async def _before_write(self) -> None:
-        """Before a write that is not part of a transaction that wrote: wait while a recovered
-        node joins the group (WriteGate), then connect to nodes that came ONLINE."""
+        """Wait while a recovered node joins the group (WriteGate), then connect to nodes
+        that came ONLINE."""
         gate = self.router.write_gate
         if gate.held:
             await gate.wait_open()
@@ -1323,10 +1337,10 @@ class ClientSession(asyncio.Protocol):
         self._online_generation = -1
 
     async def _reserve(self) -> None:
-        """Inside a commit slot, before a one-phase commit: its place in the recovery queue."""
+        """Inside a commit slot, before a one-phase commit: its place in the recovery queue
+        (called only while there is one)."""
         sink = self.router.recovery_sink
-        if sink is None:
-            return
+        assert sink is not None
         try:
             self._reserved = (sink, await sink.reserve())
         except QueueUnavailable as e:
@@ -1336,11 +1350,9 @@ class ClientSession(asyncio.Protocol):
         """A two-phase commit that was decided: its transaction goes to the recovery queue
         before any node commits it."""
         sink = self.router.recovery_sink
-        if sink is None:
-            self.journal.drop()
-            return
+        assert sink is not None
         try:
-            await sink.append(self._entry(sink, self.journal.take(commit=True)))
+            await sink.append(self._entry(sink, commit=True))
         except QueueUnavailable as e:
             self.router.queue_lost(sink, e)
 
@@ -1348,45 +1360,52 @@ class ClientSession(asyncio.Protocol):
         reserved, self._reserved = self._reserved, None
         if res is None or res.status != IDLE:
             if reserved is not None:  # the unit did not end a transaction
-                reserved[0].settle(reserved[1], None)
+                self._settle(*reserved, None)
             return
         journal = self.journal
         sink = self.router.recovery_sink
         if sink is None or (reserved is not None and reserved[0] is not sink):
             if reserved is not None:
-                reserved[0].settle(reserved[1], None)
+                self._settle(*reserved, None)
             journal.drop()
             return
         if journal.empty:
             if reserved is not None:
-                sink.settle(reserved[1], None)
+                self._settle(sink, reserved[1], None)
             return
-        entry = self._entry(sink, journal.take(commit=False))
-        try:
-            if reserved is not None:
-                sink.settle(reserved[1], entry)
-            else:  # a transaction that rolled back: its place in the order does not matter
-                sink.post(entry)
+        entry = self._entry(sink, commit=False)
+        if reserved is not None:
+            self._settle(sink, reserved[1], entry)
+            return
+        try:  # a transaction that rolled back: its place in the order does not matter
+            sink.post(entry)
         except QueueUnavailable as e:
             self.router.queue_lost(sink, e)
 
-    def _entry(self, sink: Sink, units: list[Unit]) -> Entry:
-        prelude = None
-        if self.journal.queued != sink.rid:  # the session's first entry in this recovery
-            self.journal.queued = sink.rid
-            prelude = list(self.settings_log)
+    def _settle(self, sink: Sink, serial: int, entry: Entry | None) -> None:
+        """Fill a reserved place. The commit is done whatever happens here: a queue that
+        cannot take it ends that recovery (queue_lost), never the client's session."""
+        try:
+            sink.settle(serial, entry)
+        except QueueUnavailable as e:
+            self.router.queue_lost(sink, e)
+
+    def _entry(self, sink: Sink, *, commit: bool) -> Entry:
+        """The transaction as an entry of this recovery's queue; the session's first one
+        there starts with the settings a fresh connection needs."""
+        first = self.journal.join(sink.rid)
+        units = self.journal.take(commit=commit)
+        prelude = list(self.settings_log) if first else None
         return Entry(f"{self.router.settings.name}/{self.id}", dict(self.params), units, prelude)
 
     def _leave_queue(self) -> None:
         reserved, self._reserved = self._reserved, None
         sink = self.router.recovery_sink
-        try:
-            if reserved is not None:
-                reserved[0].settle(reserved[1], None)
-            if sink is not None and self.journal.queued == sink.rid:
+        if reserved is not None:
+            self._settle(*reserved, None)
+        if sink is not None and self.journal.queued == sink.rid:
+            with contextlib.suppress(QueueUnavailable):
                 sink.end_session(f"{self.router.settings.name}/{self.id}", dict(self.params))
-        except QueueUnavailable:
-            pass
 
     # -- two-phase commit -------------------------------------------------------------------
 
@@ -1554,7 +1573,10 @@ class ClientSession(asyncio.Protocol):
             ]
             return res
         failpoints.hit(failpoints.AFTER_DECISION)
-        await self._queue_commit()
+        if self.router.recovery_sink is None:
+            self.journal.drop()
+        else:
+            await self._queue_commit()
         # One statement per node: COMMIT PREPARED always waits for its WAL flush (PostgreSQL
         # ignores synchronous_commit for it), so there is no setting worth changing around it.
         finish = m.encode_query(f"COMMIT PREPARED {literal}")
@@ -1624,10 +1646,17 @@ class ClientSession(asyncio.Protocol):
         bound: dict[str, Statement | None] = {}
         strict = False
         catalog_change = False
+        # Statements that take locks (anything but SET, SAVEPOINT, ROLLBACK, ...), and of
+        # those the transaction control ones (COMMIT, COMMIT PREPARED, PREPARE TRANSACTION).
+        locking = ends_block = False
         closes: list[str] = []
         executes = 0
         executed: list[Analysis] = []
         statements = self.statements
+        # Where each portal was bound, and the last Execute: a statement rewritten for an
+        # execution (its own sequence values) changes only the messages since that Execute.
+        bound_at: dict[str, int] = {}
+        last_execute = -1
         for i, (mtype, payload, _) in enumerate(batch):
             info: object = None
             if mtype == m.PARSE:
@@ -1640,6 +1669,7 @@ class ClientSession(asyncio.Protocol):
             elif mtype == m.BIND:
                 b = m.parse_bind(payload)
                 info = bound[b.portal] = statements.get(b.statement)
+                bound_at[b.portal] = i
             elif mtype == m.EXECUTE:
                 executes += 1
                 portal = m.parse_execute(payload).portal
@@ -1650,20 +1680,29 @@ class ClientSession(asyncio.Protocol):
                         self._note_unpreparable(stmt.analysis)
                         r = await self._resolve(stmt.analysis)
                         try:
-                            if _may_need_fixing(stmt.analysis):
+                            # A portal's first Execute since its Bind runs the statement;
+                            # another one only fetches more of its rows.
+                            at = bound_at.pop(portal, None)
+                            if at is not None and _may_need_fixing(stmt.analysis):
                                 fixed = await self._fix_statement(stmt, r)
                                 if fixed is not stmt:
-                                    _repoint(stmt, fixed, statements, bound, batch, i)
+                                    if at < last_execute:
+                                        raise _bound_too_early(portal)
+                                    _repoint(stmt, fixed, statements, bound, batch, last_execute)
                         except PgError as e:
                             await self._refuse_batch(batch, e)
                             return
                         catalog_change = catalog_change or stmt.analysis.catalog_change
                         strict = strict or stmt.analysis.strict_isolation
+                        if not stmt.analysis.lock_free:
+                            locking = True
+                            ends_block = ends_block or stmt.analysis.txn_control
                     else:
                         r = Route.LEAD  # unknown statement: let the lead report the error
                     route = _stronger(route, r)
                 else:
                     pinned = self.portals.get(portal, pinned)
+                last_execute = i
             elif mtype == m.DESCRIBE:
                 d = m.parse_describe(payload)
                 if d.kind == "S":
@@ -1686,7 +1725,7 @@ class ClientSession(asyncio.Protocol):
             targets: tuple[NodeConnection, ...] = pinned
             res = await self._read_unit(pinned[0], build, retry=False)
         elif route is Route.WRITE:
-            if not self.txn_wrote:
+            if not self.txn_wrote and not self._may_write_now():
                 await self._before_write()
             synced = batch[-1][0] == m.SYNC and len(executed) == executes
             if synced and executes == 1 and executed[0].commit and self._commits_in_two_phases():
@@ -1701,9 +1740,10 @@ class ClientSession(asyncio.Protocol):
                 except PgError as e:
                     await self._refuse_batch(batch, e)
                     return
-                if self.txn_status == IDLE or any(x.txn_control for x in executed):
+                if (self.txn_status == IDLE and locking) or ends_block:
                     async with self.router.commits.commit_slot():  # a one-phase commit
-                        await self._reserve()
+                        if self.router.recovery_sink is not None:
+                            await self._reserve()
                         res = await self._write_unit(locked, single=executes == 1)
                 else:
                     res = await self._write_unit(locked, single=executes == 1)
@@ -1733,18 +1773,28 @@ def _repoint(
     statements: dict[str, Statement],
     bound: dict[str, Statement | None],
     batch: list[tuple[int, bytes, object]],
-    upto: int,
+    after: int,
 ) -> None:
-    """Make the batch so far (and the session) use the rewritten version of a statement."""
+    """Make the batch since the Execute at ``after`` (and the session from now on) use the
+    rewritten version of a statement. What ran before keeps its own version: the nodes
+    get the new Parse before the first message that needs it (_build_batch)."""
     if statements.get(old.name) is old:
         statements[old.name] = new
-    for portal, stmt in bound.items():
-        if stmt is old:
-            bound[portal] = new
-    for k in range(upto):
+    for k in range(after + 1, len(batch)):
         mtype, payload, info = batch[k]
         if info is old:
             batch[k] = (mtype, payload, new)
+            if mtype == m.BIND:
+                bound[m.parse_bind(payload).portal] = new
+
+
+def _bound_too_early(portal: str) -> PgError:
+    return PgError(
+        FEATURE_NOT_SUPPORTED,
+        f"pgquorum cannot give portal {portal!r} its own sequence values: it was bound "
+        "before an earlier Execute in the same batch",
+        hint="Bind each portal just before its Execute, as drivers' batches do.",
+    )
 
 
 def _served_node_lost(conn: NodeConnection, reason: str) -> PgError:

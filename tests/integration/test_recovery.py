@@ -275,6 +275,12 @@ def test_settings_from_before_the_recovery_and_copy_during_it_replay(
     # A session that changed a setting long before the recovery, and writes during it.
     worker = psycopg.connect(rt.dsn(), autocommit=True)
     worker.execute("SET search_path = s1, public")
+    for i in range(150):  # a pool setting a timeout per use: the search_path must stay
+        worker.execute(f"SET statement_timeout = {60_000 + i}")
+    with worker.transaction():  # undone with the block: never for the recovered node
+        worker.execute("SET search_path = public")
+        worker.execute("SET LOCAL search_path = public")
+        raise psycopg.Rollback()
     holder = recover_held_open(rt)
     worker.execute("INSERT INTO t VALUES (1, 'goes to s1')")
     with worker.cursor().copy("COPY t (id, v) FROM STDIN") as copy:

@@ -1127,3 +1127,26 @@ def test_arbitrary_row_picks_are_flagged(sql: str, arbitrary: bool) -> None:
 def test_notify_anywhere_is_flagged(sql: str) -> None:
     # PostgreSQL cannot PREPARE a transaction that notified: it commits in one phase.
     assert Analyzer().analyze(sql).notify
+
+
+@pytest.mark.parametrize(
+    ("sql", "setting"),
+    [
+        ("SET search_path = public", ("search_path", False)),
+        ("SET SESSION Statement_Timeout TO 5", ("statement_timeout", False)),
+        ("SET TIME ZONE 'UTC'", ("timezone", False)),
+        ("RESET work_mem", ("work_mem", True)),
+        ("RESET ALL", ("", True)),
+        (
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+            ("session characteristics", False),
+        ),
+        # Only the transaction: nothing for a node connected later.
+        ("SET LOCAL statement_timeout = 0", None),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
+        ("SET a = 1; SET b = 2", None),  # several: not one setting (not logged)
+        ("SELECT 1", None),
+    ],
+)
+def test_session_setting(sql: str, setting: tuple[str, bool] | None) -> None:
+    assert Analyzer().analyze(sql).setting == setting

@@ -154,7 +154,10 @@ class ClientSession(asyncio.Protocol):
         # Recovery (see pgquorum.recovery): the transaction's write units as sent, settings
         # to give a new connection, and the queue serial a one-phase commit reserved.
         self.journal = Journal()
-        self.settings_log: deque[bytes] = deque(maxlen=_SETTINGS_KEPT)
+        # The session's settings by name (the SET as sent), and those a transaction block
+        # made, which count only if it commits.
+        self.settings: dict[str, bytes] = {}
+        self._txn_settings: list[tuple[tuple[str, bool], bytes]] = []
         self.writing = False  # in a write unit outside a transaction that wrote (WriteGate)
         self.txn_count = 0  # transactions ended (WriteGate)
         self._begin_data: bytes | None = None  # the client's deferred BEGIN
@@ -747,9 +750,9 @@ class ClientSession(asyncio.Protocol):
                     )
             else:
                 res = await self._write_unit(build, single=a.statements == 1, lock_free=a.lock_free)
-            if a.lock_free and not a.txn_control and not res.error and a.statements == 1:
-                # A setting: a node the session connects to later gets it first.
-                self.settings_log.append(data)
+            if a.setting is not None and not res.error:
+                # A node the session connects to later gets it first.
+                self._txn_settings.append((a.setting, data))
             self._reply(res)
         else:
             conn = self._lead() if route is Route.LEAD else self._pick_read()
@@ -980,6 +983,10 @@ class ClientSession(asyncio.Protocol):
             self.txn_wrote = True
         self.txn_status = status
         if status == IDLE:
+            if self._txn_settings:
+                if not res.error and res.tags[-1:] != ["ROLLBACK"]:  # they hold
+                    self._keep_settings()
+                self._txn_settings = []
             self.txn_count += 1
             self._begin_data = None
             self.txn_time = None
@@ -988,6 +995,17 @@ class ClientSession(asyncio.Protocol):
             self.txn_strict = False
             self.txn_node = None
             self.portals.clear()
+
+    def _keep_settings(self) -> None:
+        settings = self.settings
+        for (name, reset), data in self._txn_settings:
+            if not name:  # RESET ALL
+                settings.clear()
+            elif reset:
+                settings.pop(name, None)
+            else:
+                settings.pop(name, None)  # the latest last, in the order they were made
+                settings[name] = data
 
     async def _read_unit(
         self, conn: NodeConnection, build: BuildUnit, *, retry: bool
@@ -1321,7 +1339,7 @@ class ClientSession(asyncio.Protocol):
         for node in missing:
             try:
                 conn = await NodeConnection.open(node, params, password, self.write)
-                for sql in self.settings_log:
+                for sql in self.settings.values():
                     conn.send_unit(sql, [EXPECT_QUERY], relay=False)
                     await conn.wait()
             except (NodeLost, PgError, OSError) as e:
@@ -1395,7 +1413,7 @@ class ClientSession(asyncio.Protocol):
         there starts with the settings a fresh connection needs."""
         first = self.journal.join(sink.rid)
         units = self.journal.take(commit=commit)
-        prelude = list(self.settings_log) if first else None
+        prelude = list(self.settings.values()) if first else None
         return Entry(f"{self.router.settings.name}/{self.id}", dict(self.params), units, prelude)
 
     def _leave_queue(self) -> None:
@@ -1762,9 +1780,6 @@ class ClientSession(asyncio.Protocol):
         self._after_unit(res, route, strict, catalog_change)
         for a in executed:
             self._after_catalog_work(a)
-
-
-_SETTINGS_KEPT = 100
 
 
 def _repoint(

@@ -68,6 +68,9 @@ class Analysis:
     # May pick rows arbitrarily or use system columns (see _PICKS): a write that does is
     # checked by determinism.check_and_rewrite.
     arbitrary: bool = False
+    # One SET or RESET of the session (not SET LOCAL, not SET TRANSACTION): the setting's
+    # name ("" for RESET ALL) and whether it resets. A node connected later needs it.
+    setting: tuple[str, bool] | None = None
     # Tables inserted into (relation names without schema: the fingerprint ignores schemas),
     # and the table of COPY FROM: their column defaults may need the router's values.
     inserts: frozenset[str] = _EMPTY
@@ -321,6 +324,7 @@ class _Part:
         "no_block",
         "notify",
         "route",
+        "setting",
         "strict",
         "temp",
         "time_values",
@@ -349,7 +353,9 @@ class _Part:
         inserts: frozenset[str] = _EMPTY,
         copy_into: str | None = None,
         ddl: bool = False,
+        setting: tuple[str, bool] | None = None,
     ) -> None:
+        self.setting = setting
         self.arbitrary = arbitrary
         self.inserts = inserts
         self.copy_into = copy_into
@@ -439,6 +445,16 @@ def _options_strict(options: tuple[Any, ...] | None) -> bool:
         if type(option) is ast.DefElem and option.defname == "transaction_isolation":
             return _strict_level(option.arg)
     return False
+
+
+def _session_setting(stmt: Any) -> tuple[str, bool] | None:
+    """What a SET/RESET changes for the rest of the session, None if only the transaction."""
+    name = (stmt.name or "").lower()
+    if stmt.is_local or (stmt.kind is VariableSetKind.VAR_SET_MULTI and name == "transaction"):
+        return None
+    if stmt.kind is VariableSetKind.VAR_RESET_ALL:
+        return ("", True)
+    return (name, stmt.kind is VariableSetKind.VAR_RESET)
 
 
 def _variable_set_strict(stmt: Any) -> bool:
@@ -563,7 +579,13 @@ def _classify(stmt: Any, depth: int) -> _Part:
             inserts=inner.inserts,
         )
     if cls is ast.VariableSetStmt:
-        return _Part(Route.WRITE, strict=_variable_set_strict(stmt), fp_safe=False, lock_free=True)
+        return _Part(
+            Route.WRITE,
+            strict=_variable_set_strict(stmt),
+            fp_safe=False,
+            lock_free=True,
+            setting=_session_setting(stmt),
+        )
     if cls is ast.TransactionStmt:
         strict = stmt.kind in _BEGIN_KINDS and _options_strict(stmt.options)
         # COMMIT may run deferred triggers and constraint checks, which take locks.
@@ -693,6 +715,7 @@ def _combine(parts: list[_Part]) -> tuple[Analysis, bool]:
         inserts=frozenset().union(*(part.inserts for part in parts)),
         copy_into=next((part.copy_into for part in parts if part.copy_into), None),
         ddl=any(part.ddl for part in parts),
+        setting=parts[0].setting if len(parts) == 1 else None,
     )
     return analysis, all(part.fp_safe for part in parts)
 

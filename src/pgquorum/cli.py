@@ -314,9 +314,9 @@ def add_node(
     node_host, _, node_port = address.rpartition(":")
     if not node_host or not node_port.isdigit():
         raise click.BadParameter("expected HOST:PORT", param_hint="ADDRESS")
-    from pgquorum.router.commit import quote_ident, quote_literal
+    from pgquorum.router.commit import console_literal, quote_ident
 
-    command = f"ADD NODE {quote_ident(node)} {quote_literal(node_host)} {int(node_port)}"
+    command = f"ADD NODE {quote_ident(node)} {console_literal(node_host)} {int(node_port)}"
     _recover((host, port, user, password), node, command)
 
 

@@ -197,7 +197,7 @@ def _conf_quote(value: str | int) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
-def _conninfo_quote(value: str | int) -> str:
+def conninfo_quote(value: str | int) -> str:
     s = str(value)
     if s and not re.search(r"[\s'\\]", s):
         return s
@@ -608,9 +608,9 @@ class LocalNode:
             "dbname": database,
             "user": user,
         }
-        s = " ".join(f"{k}={_conninfo_quote(v)}" for k, v in parts.items())
+        s = " ".join(f"{k}={conninfo_quote(v)}" for k, v in parts.items())
         if self.password is not None and user == self.superuser:
-            s += f" password={_conninfo_quote(self.password)}"
+            s += f" password={conninfo_quote(self.password)}"
         return s
 
 

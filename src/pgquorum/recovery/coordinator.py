@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from pgquorum.cluster.model import Node, NodeState
 from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, PgError
 from pgquorum.router.client import query
-from pgquorum.router.commit import quote_literal
+from pgquorum.router.commit import console_literal, quote_literal
 from pgquorum.router.peers import hold_everywhere
 
 from . import restore
@@ -228,7 +228,9 @@ class Recovery:
 
     def _start_command(self, peer_host: str) -> str:
         host, port = self.router.address_for_peer(peer_host)
-        return f"RECOVERY START {self.rid} {quote_literal(self.node)} {quote_literal(host)} {port}"
+        return (
+            f"RECOVERY START {self.rid} {console_literal(self.node)} {console_literal(host)} {port}"
+        )
 
     def _note_replay(self) -> None:
         assert self._replayer is not None

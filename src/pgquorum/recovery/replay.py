@@ -16,7 +16,9 @@ from collections.abc import Callable
 
 from pgquorum.cluster.model import Node
 from pgquorum.protocol import messages as m
+from pgquorum.protocol.errors import PgError
 from pgquorum.router.backend import EXPECT_QUERY, NodeConnection
+from pgquorum.router.client import discard, query
 
 from .journal import Entry, Unit
 from .queue import LocalQueue
@@ -63,15 +65,11 @@ class Replayer:
         the WAL up to itself, and so every earlier commit."""
         user, password = self.credentials("postgres")
         params = {"user": user, "database": "template1", "application_name": "pgquorum recovery"}
-        conn = await NodeConnection.open(self.node, params, password, _discard)
+        sql = "BEGIN; SELECT pg_catalog.txid_current(); COMMIT"
         try:
-            sql = "BEGIN; SELECT pg_catalog.txid_current(); COMMIT"
-            conn.send_unit(m.encode_query(sql), [EXPECT_QUERY], relay=False)
-            res = await asyncio.wait_for(conn.wait(), self.timeout)
-            if res.error:
-                raise ReplayError(f"cannot flush the WAL of node {self.node.name}: {res.error}")
-        finally:
-            conn.close()
+            await query(self.node, params, password, sql, self.timeout)
+        except PgError as e:
+            raise ReplayError(f"cannot flush the WAL of node {self.node.name}: {e}") from None
 
     def close(self) -> None:
         for conn in self.sessions.values():
@@ -116,7 +114,7 @@ class Replayer:
         # No WAL flush per replayed commit (the replay is serial: one flush each would
         # bound it by the disk); flush() makes them durable before the node joins.
         params["options"] = (params.get("options", "") + " -c synchronous_commit=off").strip()
-        conn = await NodeConnection.open(self.node, params, password, _discard)
+        conn = await NodeConnection.open(self.node, params, password, discard)
         for sql in entry.prelude or ():
             conn.send_unit(sql, [EXPECT_QUERY], relay=False)
             res = await conn.wait()
@@ -158,7 +156,3 @@ async def _run(conn: NodeConnection, run: list[Unit]) -> list[str]:
 
 def _show(outcome: list[str]) -> str:
     return ", ".join(outcome) or "(nothing)"
-
-
-def _discard(data: bytes) -> None:
-    pass

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from pgquorum.cluster.model import Node
 from pgquorum.local.binaries import PgBinaries, find_binaries
+from pgquorum.local.instance import conninfo_quote
 from pgquorum.router.client import Link
-from pgquorum.router.commit import quote_ident
+from pgquorum.router.commit import quote_ident, quote_literal
 
 APPLICATION_NAME = "pgquorum recovery"
 PROGRESS_INTERVAL_S = 0.2
@@ -142,7 +143,7 @@ async def reset_node(target: Node, creds: Credentials) -> None:
             db_link = await _open(target, creds, db)
             try:
                 for gid in gids:
-                    await db_link.query(f"ROLLBACK PREPARED {_literal(gid)}")
+                    await db_link.query(f"ROLLBACK PREPARED {quote_literal(gid)}")
             finally:
                 db_link.close()
         rows = (
@@ -294,17 +295,7 @@ def _tool(bins: PgBinaries, tool: str, node: Node, creds: Credentials, database:
 
 def _dbname(name: str) -> str:
     # A bare name containing "=" would be taken for a connection string.
-    return "dbname=" + _conninfo_quote(name)
-
-
-def _conninfo_quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _literal(value: str) -> str:
-    if "\\" in value:  # E'' reads backslashes alike whatever standard_conforming_strings says
-        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
-    return "'" + value.replace("'", "''") + "'"
+    return "dbname=" + conninfo_quote(name)
 
 
 async def _run(

@@ -23,7 +23,7 @@ class Link:
     async def open(
         cls, server: Node, params: dict[str, str], password: str | None, timeout: float = 30
     ) -> Link:
-        conn = await NodeConnection.open(server, params, password, _discard, timeout=timeout)
+        conn = await NodeConnection.open(server, params, password, discard, timeout=timeout)
         return cls(conn, timeout)
 
     async def query(self, sql: str) -> Table:
@@ -67,20 +67,24 @@ async def admin_link(
     host: str, port: int, user: str, password: str | None, timeout: float = 30
 ) -> Link:
     """A connection to a router's admin console, for several commands."""
-    params = {"user": user, "database": "pgquorum", "application_name": "pgquorum"}
-    return await Link.open(Node("router", host, port), params, password, timeout)
+    return await Link.open(*_console(host, port, user), password, timeout)
 
 
 async def admin_query(
     host: str, port: int, user: str, password: str | None, sql: str, timeout: float = 30
 ) -> Table:
     """Run one admin console command on a router."""
-    link = await admin_link(host, port, user, password, timeout)
-    try:
-        return await link.query(sql)
-    finally:
-        link.close()
+    node, params = _console(host, port, user)
+    return await query(node, params, password, sql, timeout)
 
 
-def _discard(data: bytes) -> None:
-    pass
+def _console(host: str, port: int, user: str) -> tuple[Node, dict[str, str]]:
+    return Node("router", host, port), {
+        "user": user,
+        "database": "pgquorum",
+        "application_name": "pgquorum",
+    }
+
+
+def discard(data: bytes) -> None:
+    """Where a connection of the router's own sends what it would relay: nowhere."""

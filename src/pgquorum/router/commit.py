@@ -36,6 +36,15 @@ RESOLVE_INTERVAL_S = 30.0
 
 
 def quote_literal(text: str) -> str:
+    """A string literal for PostgreSQL, read the same whatever standard_conforming_strings
+    says (E'' where there are backslashes)."""
+    if "\\" in text:
+        return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + text.replace("'", "''") + "'"
+
+
+def console_literal(text: str) -> str:
+    """A string in the admin console's own commands: '' doubles a quote, nothing else."""
     return "'" + text.replace("'", "''") + "'"
 
 

@@ -24,7 +24,7 @@ from pgquorum.recovery.queue import RemoteQueue
 
 from .backend import NodeLost
 from .client import Link, admin_link, admin_query
-from .commit import quote_ident, quote_literal
+from .commit import console_literal, quote_ident
 
 if TYPE_CHECKING:
     from .server import Router
@@ -55,7 +55,7 @@ def parse_fail_node(sql: str) -> tuple[str, str] | None:
 
 
 def fail_node_command(node: str, reason: str) -> str:
-    return f"FAIL NODE {quote_ident(node)} REASON {quote_literal(reason)}"
+    return f"FAIL NODE {quote_ident(node)} REASON {console_literal(reason)}"
 
 
 class PeerRecoveries:

@@ -29,7 +29,7 @@ from pgquorum.sql.catalog import FunctionCatalog, TableCatalog
 
 from .admin import AdminConsole
 from .backend import open_transport
-from .commit import CommitCoordinator, quote_ident, quote_literal
+from .commit import CommitCoordinator, console_literal, quote_ident
 from .peers import Peers
 from .sequences import SequenceAllocator
 from .session import ClientSession
@@ -146,7 +146,7 @@ class Router:
         if from_peer:
             return
         await self.peers.tell(
-            f"ADD NODE {quote_ident(node.name)} {quote_literal(node.host)} {node.port} FROM PEER"
+            f"ADD NODE {quote_ident(node.name)} {console_literal(node.host)} {node.port} FROM PEER"
         )
         self.start_recovery(node.name)
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from pgquorum.cluster.model import Node
 from pgquorum.protocol.errors import PgError
+from pgquorum.recovery.restore import Credentials, list_databases
 
 from .client import Link, Table
 from .peers import hold_everywhere
@@ -31,11 +32,8 @@ log = logging.getLogger(__name__)
 
 RANGES = 16
 ATTEMPTS = 3
+QUERY_TIMEOUT_S = 3600.0  # a checksum reads a whole table (or key range)
 
-_DATABASES = (
-    "SELECT datname FROM pg_catalog.pg_database "
-    "WHERE datallowconn AND NOT datistemplate ORDER BY datname"
-)
 # Ordinary tables (leaf partitions included) outside the system schemas, with their primary
 # key columns in key order (empty when there is none).
 _TABLES = """
@@ -73,7 +71,7 @@ class Snapshots:
 
         async def open_one(node: Node, db: str) -> None:
             params = {"user": user, "database": db, "application_name": "pgquorum verify"}
-            link = await Link.open(node, params, password)
+            link = await Link.open(node, params, password, QUERY_TIMEOUT_S)
             self.links[(node.name, db)] = link
 
         await asyncio.gather(*(open_one(n, db) for n in nodes for db in databases))
@@ -100,12 +98,7 @@ async def verify(router: Router, *, fail_minority: bool = False) -> list[Finding
     if len(nodes) < 2:
         return []
     lead = nodes[0]
-    user, password = router.internal_credentials()
-    probe = await Link.open(lead, {"user": user, "database": "postgres"}, password)
-    try:
-        databases = [str(r[0]) for r in (await probe.query(_DATABASES))[1]]
-    finally:
-        probe.close()
+    databases = await list_databases(lead, Credentials(*router.internal_credentials()))
     snaps = Snapshots()
     try:
         for attempt in range(1, ATTEMPTS + 1):
@@ -141,8 +134,10 @@ async def _checksums(
 ) -> dict[str, tuple[str, str]]:
     order = key or "t::text"
     sql = (
-        f"SELECT count(*), pg_catalog.md5(coalesce(pg_catalog.string_agg(t::text, E'\\n' "
-        f"ORDER BY {order}), '')) FROM {table} AS t {where}"
+        # Rows folded as their own md5s: 33 bytes a row stay far below the 1 GB a text
+        # value may hold, where the rows themselves would not.
+        f"SELECT count(*), pg_catalog.md5(coalesce(pg_catalog.string_agg("
+        f"pg_catalog.md5(t::text), ',' ORDER BY {order}), '')) FROM {table} AS t {where}"
     )
     results = await asyncio.gather(*(snaps.query(n.name, db, sql) for n in nodes))
     return {n.name: (str(r[1][0][0]), str(r[1][0][1])) for n, r in zip(nodes, results, strict=True)}

@@ -6,6 +6,7 @@ Importable as `helpers` (tests/conftest.py puts tests/ on sys.path).
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -177,12 +178,41 @@ class Transfers:
     """Clients moving 1 between accounts of ``acct (id, balance)`` (ids 1..accounts) in
     transactions, until stopped: load that commits all the time and keeps the total."""
 
+    BALANCE = 100  # each account's at the start
+
     def __init__(self, dsn: str, clients: int, accounts: int) -> None:
         self.errors: list[BaseException] = []
+        self.commits = 0  # transfers committed so far (all clients)
+        self._counting = threading.Lock()
         self._stop = threading.Event()
         self._threads = [
-            threading.Thread(target=self._run, args=(dsn, n, accounts)) for n in range(clients)
+            threading.Thread(target=self._run, args=(dsn, n, accounts), daemon=True)
+            for n in range(clients)
         ]
+
+    @classmethod
+    def create(cls, dsn: str, accounts: int) -> None:
+        """The accounts table the transfers need, through ``dsn``."""
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE acct (id int PRIMARY KEY, balance int NOT NULL)")
+            conn.execute(
+                "INSERT INTO acct SELECT g, %s FROM generate_series(1, %s) g",
+                (cls.BALANCE, accounts),
+            )
+
+    @classmethod
+    def total(cls, accounts: int) -> int:
+        """The sum of the balances, which the transfers never change."""
+        return cls.BALANCE * accounts
+
+    def wait_commits(self, n: int, timeout: float = 30) -> None:
+        """Until ``n`` more transfers have committed: the load really runs."""
+        goal = self.commits + n
+        deadline = time.monotonic() + timeout
+        while self.commits < goal:
+            assert not self.errors, self.errors
+            assert time.monotonic() < deadline, f"only {self.commits} of {goal} transfers"
+            time.sleep(0.01)
 
     def _run(self, dsn: str, n: int, accounts: int) -> None:
         try:
@@ -194,6 +224,8 @@ class Transfers:
                         conn.execute("UPDATE acct SET balance = balance - 1 WHERE id = %s", (a,))
                         conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = %s", (b,))
                         conn.commit()
+                        with self._counting:
+                            self.commits += 1
                     i += 1
         except BaseException as e:
             self.errors.append(e)
@@ -207,3 +239,6 @@ class Transfers:
         self._stop.set()
         for t in self._threads:
             t.join(30)
+        stuck = sum(t.is_alive() for t in self._threads)
+        if stuck and exc[0] is None:
+            raise AssertionError(f"{stuck} transfer clients did not end (a commit held?)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from pgquorum.local.binaries import PgBinaries
+from pgquorum.local.instance import LocalNode, free_port
 
 PGQUORUM = str(Path(sys.executable).parent / "pgquorum")
 
@@ -136,3 +140,49 @@ def write_router_config(
         f'[group]\nname = "default"\n{listed}'
     )
     return path
+
+
+def start_up(
+    procs: list[CliProcess], tmp_path: Path, cluster_dir: Path, nodes: int, port: int
+) -> CliProcess:
+    """`pgquorum up --nodes N` on ``cluster_dir``, once its router port is open."""
+    up = start(
+        procs, tmp_path, "up", "--nodes", str(nodes), "--port", str(port), "--dir", str(cluster_dir)
+    )
+    up.wait_port(port)
+    return up
+
+
+def state_node_ports(cluster_dir: Path) -> list[int]:
+    """The node ports recorded in cluster.json by the running `pgquorum up`."""
+    state = json.loads((cluster_dir / "cluster.json").read_text())
+    return [int(n["port"]) for n in state["nodes"]]
+
+
+def local_nodes(cluster_dir: Path, binaries: PgBinaries) -> list[LocalNode]:
+    """The running nodes of a local cluster, to look at each one directly."""
+    return [
+        LocalNode(f"node{i}", cluster_dir / f"node{i}", port, binaries)
+        for i, port in enumerate(state_node_ports(cluster_dir), 1)
+    ]
+
+
+def worker_dsn(port: int, index: int) -> str:
+    return f"host=/tmp/pgquorum-{port}-w{index} port={port} dbname=pgquorum user=postgres"
+
+
+def start_workers(
+    procs: list[CliProcess], tmp_path: Path, nodes: list[LocalNode]
+) -> tuple[CliProcess, int, Path]:
+    """`pgquorum router` with two workers; returns once both listen."""
+    port = free_port()
+    cfg = write_router_config(
+        tmp_path / "router.toml", port, nodes, name="multi", workers=2, state_db="state.db"
+    )
+    router = start(procs, tmp_path, "router", "--config", str(cfg))
+    router.wait_port(port, timeout=30)
+    deadline = time.monotonic() + 20
+    while not Path(f"/tmp/pgquorum-{port}-w1/.s.PGSQL.{port}").exists():
+        assert time.monotonic() < deadline, router.output()
+        time.sleep(0.1)
+    return router, port, cfg

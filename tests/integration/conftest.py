@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
-from cli_harness import CliProcess
+from cli_harness import CliProcess, run_cli
 from router_harness import RouterThread, router_config
 
 from helpers import assert_nodes_identical
+from pgquorum.local.binaries import PgBinaries
 from pgquorum.local.instance import LocalNode
 
 
@@ -42,3 +46,16 @@ def procs() -> Iterator[list[CliProcess]]:
     yield started
     for p in started:
         p.kill()
+
+
+@pytest.fixture
+def cluster_dir(pg_binaries: PgBinaries) -> Iterator[Path]:
+    """A short, fresh directory for `pgquorum up`; anything left running is stopped at the end."""
+    d = Path(tempfile.mkdtemp(prefix="pgq-cli-"))
+    yield d
+    run_cli("down", "--dir", str(d), timeout=120)
+    for p in d.glob("node*"):
+        node = LocalNode(p.name, p, 0, pg_binaries)
+        if node.is_running():
+            node.kill()
+    shutil.rmtree(d, ignore_errors=True)

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import pytest
 import uvloop
 
-from pgquorum.cluster.model import Group, Node
+from pgquorum.cluster.model import Group, Node, NodeState
 from pgquorum.config import Config, RouterSettings
 from pgquorum.local.binaries import PgBinaries
-from pgquorum.local.instance import LocalNode
+from pgquorum.local.instance import LocalNode, free_port
 from pgquorum.router.server import Router
 
 
@@ -103,3 +106,65 @@ def client_cmd(
     if program == "pgbench":
         return [*base, *args, db]
     return [*base, "-X", "-v", "ON_ERROR_STOP=1", "-d", db, *args]
+
+
+def pgbench(
+    binaries: PgBinaries, rt: RouterThread, *args: str, db: str = "postgres", timeout: float = 300
+) -> str:
+    """Run pgbench through the router to its end; its output (a failed run fails the test)."""
+    r = subprocess.run(
+        client_cmd(binaries, "pgbench", rt, *args, db=db),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout + r.stderr
+
+
+def start_pgbench(
+    binaries: PgBinaries, rt: RouterThread, *args: str, cwd: Path | None = None
+) -> subprocess.Popen[str]:
+    """pgbench load through the router in the background; finish_pgbench reads its end."""
+    return subprocess.Popen(
+        client_cmd(binaries, "pgbench", rt, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=cwd,
+    )
+
+
+def finish_pgbench(bench: subprocess.Popen[str], timeout: float = 120) -> int:
+    """Wait for a start_pgbench run: no client transaction failed or was aborted; returns
+    how many it processed."""
+    out, _ = bench.communicate(timeout=timeout)
+    assert bench.returncode == 0, out
+    assert "number of failed transactions: 0" in out, out
+    assert "aborted" not in out, out
+    return int(out.split("number of transactions actually processed: ")[1].split()[0])
+
+
+def pair_configs(nodes: list[LocalNode], tmp_path: Path) -> tuple[Config, Config]:
+    """Two routers, each with its own state database, told of each other."""
+    a, b = free_port(), free_port()
+    return (
+        router_config(
+            nodes, name="a", listen_port=a, peers=(("127.0.0.1", b),), state_db=tmp_path / "a.db"
+        ),
+        router_config(
+            nodes, name="b", listen_port=b, peers=(("127.0.0.1", a),), state_db=tmp_path / "b.db"
+        ),
+    )
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        time.sleep(0.05)
+
+
+def state(rt: RouterThread, node: str) -> NodeState:
+    return rt.router.cluster.status[node].state

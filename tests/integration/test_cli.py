@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -18,24 +15,13 @@ from cli_harness import (
     port_open,
     run_cli,
     start,
+    start_up,
+    state_node_ports,
     write_router_config,
 )
 
 from pgquorum.local.binaries import PgBinaries
 from pgquorum.local.instance import LocalNode, free_port
-
-
-@pytest.fixture
-def cluster_dir(pg_binaries: PgBinaries) -> Iterator[Path]:
-    """A short, fresh directory for `pgquorum up`; anything left running is stopped at the end."""
-    d = Path(tempfile.mkdtemp(prefix="pgq-cli-"))
-    yield d
-    run_cli("down", "--dir", str(d), timeout=120)
-    for p in d.glob("node*"):
-        node = LocalNode(p.name, p, 0, pg_binaries)
-        if node.is_running():
-            node.kill()
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def node_dirs(d: Path) -> list[Path]:
@@ -46,12 +32,6 @@ def running_nodes(d: Path, binaries: PgBinaries) -> list[str]:
     return [p.name for p in node_dirs(d) if LocalNode(p.name, p, 0, binaries).is_running()]
 
 
-def state_node_ports(d: Path) -> list[int]:
-    """The node ports recorded in cluster.json by the running `pgquorum up`."""
-    state = json.loads((d / "cluster.json").read_text())
-    return [int(n["port"]) for n in state["nodes"]]
-
-
 # -- pgquorum up / status / down ---------------------------------------------------------------
 
 
@@ -59,10 +39,7 @@ def test_up_serves_status_and_sigterm_stops_everything_then_reuse(
     cluster_dir: Path, procs: list[CliProcess], tmp_path: Path, pg_binaries: PgBinaries
 ) -> None:
     port = free_port()
-    up = start(
-        procs, tmp_path, "up", "--nodes", "2", "--port", str(port), "--dir", str(cluster_dir)
-    )
-    up.wait_port(port)
+    up = start_up(procs, tmp_path, cluster_dir, 2, port)
     assert [p.name for p in node_dirs(cluster_dir)] == ["node1", "node2"]
     assert running_nodes(cluster_dir, pg_binaries) == ["node1", "node2"]
 
@@ -115,10 +92,7 @@ def test_up_serves_status_and_sigterm_stops_everything_then_reuse(
 
     # Second run on the same directory: the data directories are reused, not re-created.
     port2 = free_port()
-    up2 = start(
-        procs, tmp_path, "up", "--nodes", "2", "--port", str(port2), "--dir", str(cluster_dir)
-    )
-    up2.wait_port(port2)
+    up2 = start_up(procs, tmp_path, cluster_dir, 2, port2)
     with psycopg.connect(dsn(port2), autocommit=True) as conn:
         rows = conn.execute("SELECT id, v FROM cli_t ORDER BY id").fetchall()
         assert rows == [(1, "kept across restarts"), (2, "via psql")]
@@ -136,10 +110,7 @@ def test_down_stops_a_cluster_left_running(
     cluster_dir: Path, procs: list[CliProcess], tmp_path: Path, pg_binaries: PgBinaries
 ) -> None:
     port = free_port()
-    up = start(
-        procs, tmp_path, "up", "--nodes", "2", "--port", str(port), "--dir", str(cluster_dir)
-    )
-    up.wait_port(port)
+    up = start_up(procs, tmp_path, cluster_dir, 2, port)
     with psycopg.connect(dsn(port), autocommit=True) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
 

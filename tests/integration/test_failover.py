@@ -5,13 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import threading
 import time
 
 import psycopg
 import pytest
-from router_harness import RouterThread, client_cmd, router_config
+from router_harness import RouterThread, finish_pgbench, pgbench, router_config, start_pgbench
 
 from helpers import assert_nodes_identical, balanced
 from pgquorum.cluster.model import NodeState
@@ -31,29 +30,11 @@ def test_pgbench_tpcb_survives_a_killed_node(
     nodes = make_nodes(3)
     rt = RouterThread(router_config(nodes))
     try:
-        init = subprocess.run(
-            client_cmd(pg_binaries, "pgbench", rt, "-i", "-s", "1", "-q"),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert init.returncode == 0, init.stderr
-        bench = subprocess.Popen(
-            client_cmd(
-                pg_binaries, "pgbench", rt, "-M", mode, "-c", "8", "-j", "2", "-T", "8", "-n"
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        pgbench(pg_binaries, rt, "-i", "-s", "1", "-q")
+        bench = start_pgbench(pg_binaries, rt, "-M", mode, "-c", "8", "-j", "2", "-T", "8", "-n")
         time.sleep(3)
         nodes[victim].kill()
-        out, _ = bench.communicate(timeout=120)
-        assert bench.returncode == 0, out
-        assert "number of failed transactions: 0" in out, out
-        assert "aborted" not in out, out
-        processed = int(out.split("number of transactions actually processed: ")[1].split()[0])
-        assert processed > 50, out
+        assert finish_pgbench(bench) > 50
         status = rt.router.cluster.status
         victim_name = nodes[victim].name
         assert status[victim_name].state is NodeState.FAILED

@@ -3,42 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 import pytest
-from router_harness import RouterThread, router_config
+from router_harness import RouterThread, eventually, pair_configs, state
 
 from helpers import assert_nodes_identical
 from pgquorum.cluster.model import NodeState
-from pgquorum.config import Config
-from pgquorum.local.instance import LocalNode, free_port
-
-
-def pair_configs(nodes: list[LocalNode], tmp_path: Path) -> tuple[Config, Config]:
-    """Two routers, each with its own state database, told of each other."""
-    a, b = free_port(), free_port()
-    return (
-        router_config(
-            nodes, name="a", listen_port=a, peers=(("127.0.0.1", b),), state_db=tmp_path / "a.db"
-        ),
-        router_config(
-            nodes, name="b", listen_port=b, peers=(("127.0.0.1", a),), state_db=tmp_path / "b.db"
-        ),
-    )
-
-
-def eventually(check: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail("condition not reached in time")
-        time.sleep(0.05)
-
-
-def state(rt: RouterThread, node: str) -> NodeState:
-    return rt.router.cluster.status[node].state
 
 
 def test_a_failure_reaches_the_peer_and_survives_its_restart(make_nodes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from router_harness import RouterThread, client_cmd
+from router_harness import RouterThread, client_cmd, pgbench
 
 from pgquorum.local.binaries import PgBinaries
 from pgquorum.local.instance import LocalNode
@@ -50,26 +50,15 @@ def test_psql_error_has_sqlstate(pg_binaries: PgBinaries, router: RouterThread, 
     assert "42P01" in r.stderr
 
 
-def pgbench(binaries: PgBinaries, router: RouterThread, db: str, *args: str) -> str:
-    r = subprocess.run(
-        client_cmd(binaries, "pgbench", router, *args, db=db),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout + r.stderr
-
-
 @pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
 def test_pgbench_all_protocols(
     pg_binaries: PgBinaries, router: RouterThread, db: str, pg_nodes: list[LocalNode], mode: str
 ) -> None:
-    pgbench(pg_binaries, router, db, "-i", "-s", "1", "-q")
-    out = pgbench(pg_binaries, router, db, "-M", mode, "-S", "-c", "4", "-j", "2", "-t", "200")
+    pgbench(pg_binaries, router, "-i", "-s", "1", "-q", db=db)
+    out = pgbench(pg_binaries, router, "-M", mode, "-S", "-c", "4", "-j", "2", "-t", "200", db=db)
     assert "number of failed transactions: 0" in out
     # TPC-B-like last: pgbench truncates pgbench_history when it starts.
-    out = pgbench(pg_binaries, router, db, "-M", mode, "-c", "4", "-j", "2", "-t", "50")
+    out = pgbench(pg_binaries, router, "-M", mode, "-c", "4", "-j", "2", "-t", "50", db=db)
     assert "number of failed transactions: 0" in out
     for node in pg_nodes:
         # pgbench's own invariant: the balances moved exactly as the history says.

@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 
 import psycopg
-from cli_harness import CliProcess, dsn, run_cli, start
-from test_cli import cluster_dir, state_node_ports  # noqa: F401 (a fixture)
+from cli_harness import CliProcess, dsn, local_nodes, run_cli, start_up, state_node_ports
 
+from helpers import assert_nodes_identical
 from pgquorum.local.binaries import PgBinaries
-from pgquorum.local.instance import LocalNode, free_port
+from pgquorum.local.instance import free_port
 
 
 def node_rows(port: int) -> int:
@@ -28,23 +28,17 @@ def status_states(port: int) -> list[str]:
 
 
 def test_recover_starts_a_killed_local_node_and_up_grows_the_cluster(
-    cluster_dir: Path,  # noqa: F811
+    cluster_dir: Path,
     procs: list[CliProcess],
     tmp_path: Path,
     pg_binaries: PgBinaries,
 ) -> None:
     port = free_port()
-    up = start(
-        procs, tmp_path, "up", "--nodes", "2", "--port", str(port), "--dir", str(cluster_dir)
-    )
-    up.wait_port(port)
+    up = start_up(procs, tmp_path, cluster_dir, 2, port)
     with psycopg.connect(dsn(port), autocommit=True) as conn:
         conn.execute("CREATE TABLE r (id serial PRIMARY KEY, v text)")
         conn.execute("INSERT INTO r (v) VALUES ('a'), ('b')")
-        node2 = LocalNode(
-            "node2", cluster_dir / "node2", state_node_ports(cluster_dir)[1], pg_binaries
-        )
-        node2.kill()
+        local_nodes(cluster_dir, pg_binaries)[1].kill()
         conn.execute("INSERT INTO r (v) VALUES ('while node2 was down')")  # fails node2
     assert status_states(port) == ["ONLINE", "FAILED"]
     res = run_cli("recover", "node2", "--port", str(port), "--dir", str(cluster_dir), timeout=120)
@@ -55,13 +49,11 @@ def test_recover_starts_a_killed_local_node_and_up_grows_the_cluster(
         conn.execute("INSERT INTO r (v) VALUES ('after')")
     assert [node_rows(p) for p in state_node_ports(cluster_dir)] == [4, 4]
     assert run_cli("verify", "--port", str(port)).returncode == 0
+    assert_nodes_identical(local_nodes(cluster_dir, pg_binaries), "postgres")
     assert up.terminate() == 0, up.output()
 
     # A third node: created empty, it joins by recovery before it takes any traffic.
-    up3 = start(
-        procs, tmp_path, "up", "--nodes", "3", "--port", str(port), "--dir", str(cluster_dir)
-    )
-    up3.wait_port(port)
+    up3 = start_up(procs, tmp_path, cluster_dir, 3, port)
     deadline = time.monotonic() + 60
     while status_states(port) != ["ONLINE"] * 3:
         assert time.monotonic() < deadline, up3.output()
@@ -69,4 +61,5 @@ def test_recover_starts_a_killed_local_node_and_up_grows_the_cluster(
     assert "node3 is new: it joins the group by recovery" in up3.output()
     assert [node_rows(p) for p in state_node_ports(cluster_dir)] == [4, 4, 4]
     assert run_cli("verify", "--port", str(port)).returncode == 0
+    assert_nodes_identical(local_nodes(cluster_dir, pg_binaries), "postgres")
     assert up3.terminate() == 0, up3.output()

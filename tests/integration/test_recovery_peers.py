@@ -7,20 +7,17 @@ import time
 from pathlib import Path
 
 import psycopg
-from cli_harness import dsn, run_cli
-from router_harness import RouterThread
-from test_peers import eventually, pair_configs, state
-from test_recovery import fail_by_killing, recover, recover_held_open, wait_recovery
-from test_workers import start_workers, worker_dsn
+from cli_harness import dsn, run_cli, start_workers, worker_dsn
+from recovery_harness import fail_by_killing, recover, recover_held_open, wait_recovery
+from router_harness import RouterThread, eventually, pair_configs, state
 
 from helpers import Transfers, assert_nodes_identical
 from pgquorum.cluster.model import NodeState
 
 
 def setup_table(rt: RouterThread) -> None:
+    Transfers.create(rt.dsn(), 100)
     with psycopg.connect(rt.dsn(), autocommit=True) as conn:
-        conn.execute("CREATE TABLE acct (id int PRIMARY KEY, balance int NOT NULL)")
-        conn.execute("INSERT INTO acct SELECT g, 100 FROM generate_series(1, 100) g")
         conn.execute("CREATE TABLE h (v text)")
 
 
@@ -34,20 +31,22 @@ def test_commits_through_a_peer_reach_the_recovered_node(make_nodes, tmp_path: P
             Transfers(a.dsn(), clients=2, accounts=100) as load_a,
             Transfers(b.dsn(), clients=2, accounts=100) as load_b,
         ):
-            time.sleep(0.3)
+            load_a.wait_commits(20)
+            load_b.wait_commits(20)
             fail_by_killing(a, nodes[2])
             eventually(lambda: state(b, "node3") is NodeState.FAILED)
             recover(a, "node3")
             info = wait_recovery(a)
             assert info["phase"] == "done", info
             eventually(lambda: state(b, "node3") is NodeState.ONLINE)
-            time.sleep(0.3)  # both routers write to node3 again
+            load_a.wait_commits(20)  # both routers write to node3 again
+            load_b.wait_commits(20)
         assert not load_a.errors and not load_b.errors, (load_a.errors, load_b.errors)
         assert int(info["replayed"]) > 0
         with psycopg.connect(b.dsn(), autocommit=True) as conn:
             conn.execute("INSERT INTO h VALUES ('through b, after')")
         assert nodes[2].psql("SELECT count(*) FROM h") == "1"
-        assert nodes[2].psql("SELECT sum(balance) FROM acct") == "10000"
+        assert nodes[2].psql("SELECT sum(balance) FROM acct") == str(Transfers.total(100))
         assert_nodes_identical(nodes, "postgres")
     finally:
         a.stop()
@@ -94,37 +93,25 @@ def test_recovery_through_router_workers(make_nodes, procs, tmp_path: Path) -> N
     private socket."""
     nodes = make_nodes(3)
     router, port, _ = start_workers(procs, tmp_path, nodes)
-    with psycopg.connect(dsn(port), autocommit=True) as conn:
-        conn.execute("CREATE TABLE acct (id int PRIMARY KEY, balance int NOT NULL)")
-        conn.execute("INSERT INTO acct SELECT g, 100 FROM generate_series(1, 100) g")
+    Transfers.create(dsn(port), 100)
     with Transfers(dsn(port), clients=6, accounts=100) as load:  # spread over both workers
-        time.sleep(0.3)
+        load.wait_commits(20)
         nodes[2].kill()
         deadline = time.monotonic() + 30
         while "FAILED" not in run_cli("status", "--port", str(port)).stdout:
             assert time.monotonic() < deadline, router.output()
             time.sleep(0.2)
         nodes[2].start()
-        with psycopg.connect(worker_dsn(port, 1), autocommit=True) as admin:
-            admin.execute("RECOVER NODE node3")  # worker 1 coordinates
-        deadline = time.monotonic() + 60
-        while True:
-            with psycopg.connect(worker_dsn(port, 1), autocommit=True) as admin:
-                cur = admin.execute("SHOW RECOVERY")
-                cols = [d.name for d in cur.description or ()]
-                info = dict(zip(cols, cur.fetchall()[0], strict=True))
-            if info["phase"] in ("done", "failed"):
-                break
-            assert time.monotonic() < deadline, info
-            time.sleep(0.1)
+        recover(worker_dsn(port, 1), "node3")  # worker 1 coordinates
+        info = wait_recovery(worker_dsn(port, 1), timeout=60)
         assert info["phase"] == "done", info
-        time.sleep(0.5)  # both workers write to node3 again
+        load.wait_commits(50)  # both workers write to node3 again
     assert not load.errors, load.errors
     assert int(info["replayed"]) > 0
     for i in (0, 1):
         with psycopg.connect(worker_dsn(port, i), autocommit=True) as admin:
             states = [r[4] for r in admin.execute("SHOW NODES").fetchall()]
             assert states == ["ONLINE"] * 3, (i, states)
-    assert nodes[2].psql("SELECT sum(balance) FROM acct") == "10000"
+    assert nodes[2].psql("SELECT sum(balance) FROM acct") == str(Transfers.total(100))
     assert_nodes_identical(nodes, "postgres")
     assert router.terminate() == 0, router.output()

@@ -18,9 +18,8 @@ from pgquorum.local.instance import free_port
 def cluster(make_nodes):  # type: ignore[no-untyped-def]
     nodes = make_nodes(3)
     rt = RouterThread(router_config(nodes))
+    Transfers.create(rt.dsn(), 1000)
     with psycopg.connect(rt.dsn(), autocommit=True) as conn:
-        conn.execute("CREATE TABLE acct (id int PRIMARY KEY, balance int NOT NULL)")
-        conn.execute("INSERT INTO acct SELECT g, 100 FROM generate_series(1, 1000) g")
         conn.execute("CREATE TABLE log (msg text)")  # no primary key
         conn.execute("INSERT INTO log VALUES ('a'), ('b')")
     yield rt, nodes
@@ -34,9 +33,11 @@ def test_identical_under_load_then_a_row_changed_behind_the_routers_back(cluster
         psycopg.connect(rt.dsn("pgquorum"), autocommit=True) as admin,
     ):
         for _ in range(3):  # a consistent cut every time, though commits never stop
+            load.wait_commits(20)
             cur = admin.execute("VERIFY")
             assert cur.fetchall() == [] and cur.statusmessage == "VERIFY"
     assert not load.errors
+    assert_nodes_identical(nodes, "postgres")  # what VERIFY said, checked another way
     nodes[1].psql("UPDATE acct SET balance = 0 WHERE id = 777")  # behind the router's back
     nodes[2].psql("INSERT INTO log VALUES ('c')")
     res = run_cli("verify", "--port", str(rt.port))
@@ -95,7 +96,15 @@ def test_verify_refuses_without_every_peers_barrier(make_nodes) -> None:  # type
             admin.execute("HOLD COMMITS")
             admin.execute("HOLD COMMITS")  # twice in one session: still one hold
             admin.execute("RELEASE COMMITS")
-        with psycopg.connect(rt.dsn(), autocommit=True) as conn:
-            conn.execute("CREATE TABLE z (id int PRIMARY KEY)")  # commits flow again
+            done = threading.Event()
+
+            def create() -> None:
+                with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+                    conn.execute("CREATE TABLE z (id int PRIMARY KEY)")
+                done.set()
+
+            threading.Thread(target=create, daemon=True).start()
+            assert done.wait(10)  # commits flow again, with the admin session still open
+        assert_nodes_identical(nodes, "postgres")
     finally:
         rt.stop()

@@ -9,32 +9,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from cli_harness import CliProcess, dsn, start, write_router_config
+from cli_harness import CliProcess, dsn, start_workers, worker_dsn
 from psycopg import errors
 
-from helpers import Transfers
-from pgquorum.local.instance import LocalNode, free_port
-
-
-def worker_dsn(port: int, index: int) -> str:
-    return f"host=/tmp/pgquorum-{port}-w{index} port={port} dbname=pgquorum user=postgres"
-
-
-def start_workers(
-    procs: list[CliProcess], tmp_path: Path, nodes: list[LocalNode]
-) -> tuple[CliProcess, int, Path]:
-    """`pgquorum router` with two workers; returns once both listen."""
-    port = free_port()
-    cfg = write_router_config(
-        tmp_path / "router.toml", port, nodes, name="multi", workers=2, state_db="state.db"
-    )
-    router = start(procs, tmp_path, "router", "--config", str(cfg))
-    router.wait_port(port, timeout=30)
-    deadline = time.monotonic() + 20
-    while not Path(f"/tmp/pgquorum-{port}-w1/.s.PGSQL.{port}").exists():
-        assert time.monotonic() < deadline, router.output()
-        time.sleep(0.1)
-    return router, port, cfg
+from helpers import Transfers, assert_nodes_identical
+from pgquorum.local.instance import LocalNode
 
 
 @pytest.mark.slow
@@ -98,14 +77,14 @@ def test_verify_holds_every_workers_commits(
 ) -> None:
     nodes = make_nodes(3)
     router, port, _ = start_workers(procs, tmp_path, nodes)
-    with psycopg.connect(dsn(port), autocommit=True) as conn:
-        conn.execute("CREATE TABLE acct (id int PRIMARY KEY, balance int NOT NULL)")
-        conn.execute("INSERT INTO acct SELECT g, 100 FROM generate_series(1, 200) g")
+    Transfers.create(dsn(port), 200)
     with Transfers(dsn(port), clients=6, accounts=200) as load:  # spread over both workers
-        for i in (0, 1, 0):  # whichever worker runs it, the others hold their commits
+        for i in (0, 1, 0):
+            load.wait_commits(20)  # whichever worker runs it, the others hold their commits
             with psycopg.connect(worker_dsn(port, i), autocommit=True) as admin:
                 assert admin.execute("VERIFY").fetchall() == []
     assert not load.errors
+    assert_nodes_identical(nodes, "postgres")
     assert router.terminate() == 0, router.output()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import psycopg
 import pytest
@@ -108,3 +109,21 @@ def test_verify_refuses_without_every_peers_barrier(make_nodes) -> None:  # type
         assert_nodes_identical(nodes, "postgres")
     finally:
         rt.stop()
+
+
+def test_a_hold_that_lapses_ends_its_holders_connection(
+    cluster,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer that kept a hold too long must not go on as if it still held: its next
+    command fails, and commits flow again."""
+    rt, nodes = cluster
+    monkeypatch.setattr("pgquorum.router.admin.HOLD_MAX_S", 0.3)
+    with psycopg.connect(rt.dsn("pgquorum"), autocommit=True) as admin:
+        admin.execute("HOLD COMMITS")
+        time.sleep(1)
+        with pytest.raises(psycopg.OperationalError):
+            admin.execute("RELEASE COMMITS")
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = 1")
+    assert_nodes_identical(nodes, "postgres")

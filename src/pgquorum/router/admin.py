@@ -6,8 +6,8 @@ Commands are parsed with pglast (they are SHOW statements to the PostgreSQL gram
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import logging
 import re
 import time
 from collections.abc import Callable
@@ -34,6 +34,8 @@ from .verify import verify
 if TYPE_CHECKING:
     from .server import Router
     from .session import ClientSession
+
+log = logging.getLogger(__name__)
 
 Table = tuple[list[str], list[list[str | None]]]
 
@@ -177,8 +179,14 @@ class AdminConsole:
                     if what == "WRITES":
                         await router.flush_sink()  # every commit queued has reached the queue
                     drained.set_result(took)
-                    with contextlib.suppress(TimeoutError):
+                    try:
                         await asyncio.wait_for(release.wait(), HOLD_MAX_S)
+                    except TimeoutError:
+                        # The holder must not go on as if it still held: its connection
+                        # ends, so its next command (RECOVERY ONLINE, say) fails.
+                        log.warning("a peer held %s for over %.0fs: ended", what, HOLD_MAX_S)
+                        if session.transport is not None:
+                            session.transport.abort()
             except BaseException as e:
                 if not drained.done():
                     drained.set_exception(e)
@@ -187,7 +195,9 @@ class AdminConsole:
         task = asyncio.get_running_loop().create_task(hold())
         self._hold_tasks.add(task)  # (the loop keeps only a weak reference)
         task.add_done_callback(self._hold_tasks.discard)
-        task.add_done_callback(lambda _: self._holds.pop(key, None))
+        task.add_done_callback(
+            lambda _: self._holds.pop(key) if self._holds.get(key) is release else None
+        )
         try:
             took = await drained
         except TimeoutError:

@@ -184,6 +184,8 @@ def test_recover_refuses_what_it_cannot_do(three: tuple[RouterThread, list[Local
     with psycopg.connect(rt.dsn("pgquorum"), autocommit=True) as admin:
         with pytest.raises(psycopg.errors.UndefinedObject):
             admin.execute("RECOVER NODE nosuch")
+        with pytest.raises(psycopg.errors.UndefinedObject):  # as `pgquorum recover` quotes
+            admin.execute('RECOVER NODE "no such"')
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="ONLINE"):
             admin.execute("RECOVER NODE node2")
         with pytest.raises(psycopg.errors.DuplicateObject):

@@ -73,7 +73,7 @@ def test_hold_commits_holds_them_until_released(cluster) -> None:  # type: ignor
         committer = threading.Thread(target=lambda: (conn.commit(), done.set()))
         committer.start()
         assert not done.wait(0.7)  # held back by the barrier
-        admin.execute("RELEASE COMMITS")
+        assert admin.execute("RELEASE COMMITS").statusmessage == "RELEASE COMMITS"
         assert done.wait(10)
         committer.join()
     assert nodes[2].psql("SELECT balance FROM acct WHERE id = 1") == "101"

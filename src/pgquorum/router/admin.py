@@ -28,7 +28,7 @@ from pgquorum.protocol.errors import (
 )
 from pgquorum.recovery.queue import QueueUnavailable, RemoteQueue
 
-from .peers import no_quiet_point, parse_fail_node
+from .peers import NODE_NAME, no_quiet_point, node_name, parse_fail_node
 from .verify import verify
 
 if TYPE_CHECKING:
@@ -256,7 +256,7 @@ class AdminConsole:
     async def member_command(self, match: re.Match[str]) -> Table:
         """ADD NODE name 'host' port / REMOVE NODE name (FROM PEER: a peer passing it on)."""
         router = self.router
-        name = _unquote(match["node"])
+        name = node_name(match["node"])
         from_peer = match["peer"] is not None
         if match["verb"].upper() == "ADD":
             if match["host"] is None:
@@ -324,31 +324,34 @@ class AdminConsole:
             return ["node", "state"], [[sink.node, state]]
         raise PgError(SYNTAX_ERROR, f"invalid recovery command: {text[:80]}")
 
-    async def run(self, sql: str, session: ClientSession | None = None) -> list[Table]:
+    async def run(self, sql: str, session: ClientSession) -> list[tuple[str, Table]]:
+        """Each command's result with its command tag."""
         fail = parse_fail_node(sql)
         if fail is not None:
-            return [self.fail_node(*fail)]
-        words = sql.strip().rstrip(";").split()
+            return [("FAIL NODE", self.fail_node(*fail))]
+        text = sql.strip().rstrip(";").strip()
+        words = text.split()
         command = " ".join(w.upper() for w in words)
-        if command in _HOLDS and session is not None:
+        if command in _HOLDS:
             verb, what = words[0].upper(), words[1].upper()
             if verb == "HOLD":
-                return [await self.hold(session, what)]
-            return [self.release(session, what)]
+                return [(command, await self.hold(session, what))]
+            return [(command, self.release(session, what))]
         if command == "SHOW RECOVERY":
-            return [self.show_recovery()]
-        if len(words) == 3 and command.startswith("RECOVER NODE "):
-            return [self.recover_node(_unquote(words[2]))]
+            return [_shown(self.show_recovery())]
+        recover = _RECOVER.match(text)
+        if recover is not None:
+            return [("RECOVER NODE", self.recover_node(node_name(recover["node"])))]
         if words and words[0].upper() == "RECOVERY":
-            return [self.recovery_command(sql)]
-        member = _MEMBER.match(sql.strip().rstrip(";").strip())
+            return [(" ".join(command.split()[:2]), self.recovery_command(sql))]
+        member = _MEMBER.match(text)
         if member is not None:
-            return [await self.member_command(member)]
+            return [(f"{member['verb'].upper()} NODE", await self.member_command(member))]
         if words and words[0].upper() == "VERIFY":
             rest = [w.upper() for w in words[1:]]
             if rest not in ([], ["FAIL", "MINORITY"]):
                 raise PgError(SYNTAX_ERROR, "usage: VERIFY [FAIL MINORITY]")
-            return [await self.verify(bool(rest))]
+            return [("VERIFY", await self.verify(bool(rest)))]
         try:
             stmts = parse_sql(sql)
         except Exception as e:
@@ -357,7 +360,7 @@ class AdminConsole:
         for raw in stmts:
             stmt = raw.stmt
             if isinstance(stmt, VariableShowStmt) and stmt.name in self.commands:
-                tables.append(self.commands[stmt.name]())
+                tables.append(_shown(self.commands[stmt.name]()))
             else:
                 raise PgError(
                     FEATURE_NOT_SUPPORTED,
@@ -403,10 +406,9 @@ class AdminConsole:
             out: list[bytes] = []
             try:
                 sql = m.parse_query(payload)
-                for cols, rows in await self.run(sql, session):
+                for tag, (cols, rows) in await self.run(sql, session):
                     out.append(m.encode_row_description(cols))
                     out.extend(m.encode_data_row(r) for r in rows)
-                    tag = _TAGS.get(cols[0], f"SHOW {len(rows)}")
                     out.append(m.encode_command_complete(tag))
                 if not out:
                     out.append(m.frame(m.EMPTY_QUERY))
@@ -416,18 +418,17 @@ class AdminConsole:
             session.write(b"".join(out))
 
 
+def _shown(table: Table) -> tuple[str, Table]:
+    return f"SHOW {len(table[1])}", table
+
+
 def _hold_columns(what: str) -> list[str]:
     return ["held" if what == "COMMITS" else "writes_held", "drained_ms"]
 
 
-def _unquote(name: str) -> str:
-    if len(name) > 1 and name[0] == name[-1] and name[0] in "\"'":
-        return name[1:-1].replace(name[0] * 2, name[0])
-    return name
-
-
+_RECOVER = re.compile(rf"^RECOVER\s+NODE\s+{NODE_NAME}$", re.IGNORECASE)
 _MEMBER = re.compile(
-    r"""^(?P<verb>ADD|REMOVE)\s+NODE\s+(?P<node>"(?:[^"]|"")+"|[\w.-]+)"""
+    rf"""^(?P<verb>ADD|REMOVE)\s+NODE\s+{NODE_NAME}"""
     r"""(?:\s+'(?P<host>(?:[^']|'')*)'\s+(?P<port>\d{1,5}))?(?P<peer>\s+FROM\s+PEER)?$""",
     re.IGNORECASE,
 )
@@ -444,11 +445,4 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-_TAGS = {
-    "node": "FAIL NODE",
-    "database": "VERIFY",
-    "held": "HOLD COMMITS",
-    "writes_held": "HOLD WRITES",
-    "serial": "RECOVERY",
-}
 HOLD_MAX_S = 10.0  # a peer's hold never outlives this

@@ -35,12 +35,21 @@ RETRY_FIRST_S = 0.2
 RETRY_MAX_S = 10.0
 PULL_TIMEOUT_S = 3.0
 
-# FAIL NODE name [REASON 'text'] (the admin console's own syntax, not SQL)
+# The admin console's own syntax (not SQL): a node name as quote_ident writes it, or bare.
+NODE_NAME = r"""(?P<node>"(?:[^"]|"")+"|[\w.-]+)"""
+# FAIL NODE name [REASON 'text']
 FAIL_NODE = re.compile(
-    r"""^\s*FAIL\s+NODE\s+(?P<node>"(?:[^"]|"")+"|[\w.-]+)"""
+    rf"""^\s*FAIL\s+NODE\s+{NODE_NAME}"""
     r"""(?:\s+REASON\s+'(?P<reason>(?:[^']|'')*)')?\s*;?\s*$""",
     re.IGNORECASE | re.DOTALL,
 )
+
+
+def node_name(matched: str) -> str:
+    """The name NODE_NAME matched, unquoted."""
+    if matched.startswith('"'):
+        return matched[1:-1].replace('""', '"')
+    return matched
 
 
 def parse_fail_node(sql: str) -> tuple[str, str] | None:
@@ -48,10 +57,7 @@ def parse_fail_node(sql: str) -> tuple[str, str] | None:
     match = FAIL_NODE.match(sql)
     if match is None:
         return None
-    node = match["node"]
-    if node.startswith('"'):
-        node = node[1:-1].replace('""', '"')
-    return node, (match["reason"] or "").replace("''", "'")
+    return node_name(match["node"]), (match["reason"] or "").replace("''", "'")
 
 
 def fail_node_command(node: str, reason: str) -> str:

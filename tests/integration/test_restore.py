@@ -115,9 +115,12 @@ def test_target_becomes_the_source_as_of_the_snapshot(
     progress: dict[str, list[int]] = {}
 
     async def recover() -> dict[str, int]:
-        snaps = await SnapshotSet.export(source, CREDS)
+        snaps = await SnapshotSet.open(source, CREDS)  # before the (here imagined) pause
         try:
-            assert sorted(snaps.databases) == ["inventory", "postgres", "shop"]
+            # A database created between open and export is exported too.
+            await asyncio.to_thread(run_sql, src, "postgres", ["CREATE DATABASE late"])
+            await snaps.export()
+            assert sorted(snaps.databases) == ["inventory", "late", "postgres", "shop"]
             await asyncio.to_thread(
                 lambda: [run_sql(src, db, sql) for db, sql in AFTER_EXPORT.items()]
             )

@@ -117,14 +117,15 @@ class Recovery:
         target = st.node
 
         self.progress.phase = "snapshot"
-        async with hold_everywhere(router, "COMMITS") as held:
-            began = time.monotonic()
-            router.recovery_sink = self.queue
-            for link, host in held:
-                await link.query(self._start_command(host))
-            snapshots = await restore.SnapshotSet.export(source.node, creds)
-            self.progress.pauses_ms.append((time.monotonic() - began + held.drained) * 1000)
+        snapshots = await restore.SnapshotSet.open(source.node, creds)  # before the pause
         try:
+            async with hold_everywhere(router, "COMMITS") as held:
+                began = time.monotonic()
+                router.recovery_sink = self.queue
+                for link, host in held:
+                    await link.query(self._start_command(host))
+                await snapshots.export()
+                self.progress.pauses_ms.append((time.monotonic() - began + held.drained) * 1000)
             globals_sql = await restore.dump_globals(source.node, creds)
             self.progress.phase = "restore"
             self.progress.databases = len(snapshots.databases)

@@ -1,7 +1,8 @@
 """Building blocks for rebuilding a node from a consistent snapshot of a healthy one.
 
-The router holds its commit barrier just long enough for `SnapshotSet.export` to open one
-REPEATABLE READ transaction per database on the source and export its snapshot; then, with
+`SnapshotSet.open` connects to every database of the source; the router then holds its
+commit barrier just long enough for `SnapshotSet.export` to begin one REPEATABLE READ
+transaction per database and export its snapshot; then, with
 commits flowing again, `dump_globals`, `reset_node`, `restore_globals` and `copy_database`
 (pg_dump --snapshot, pg_restore --create) rebuild the target as of that snapshot.
 
@@ -63,43 +64,56 @@ class Credentials:
 class SnapshotSet:
     """One open REPEATABLE READ transaction per database of the source node, each with an
     exported snapshot, kept open until close() (pg_dump can only import a snapshot while the
-    transaction that exported it is still open)."""
+    transaction that exported it is still open).
 
-    def __init__(self, databases: dict[str, str], links: list[Link]) -> None:
-        self.databases = databases  # database name -> snapshot id
+    ``open`` connects to every database before the commit barrier; ``export``, under it,
+    only runs the exporting queries (and connects to a database created meanwhile)."""
+
+    def __init__(self, source: Node, creds: Credentials, links: dict[str, Link]) -> None:
+        self.source = source
+        self.creds = creds
         self._links = links
+        self.databases: dict[str, str] = {}  # database name -> snapshot id, once exported
 
     @classmethod
-    async def export(cls, source: Node, creds: Credentials) -> SnapshotSet:
-        """Export one snapshot per database that accepts connections (templates excluded).
+    async def open(cls, source: Node, creds: Credentials) -> SnapshotSet:
+        """SQL errors are raised as PgError, an unreachable source as NodeLost."""
+        snaps = cls(source, creds, {})
+        try:
+            await snaps._connect(await list_databases(source, creds))
+        except BaseException:
+            snaps.close()
+            raise
+        return snaps
 
-        Runs while the router holds client commits, so every database is opened at once.
-        SQL errors are raised as PgError, an unreachable source as NodeLost.
-        """
-        names = await list_databases(source, creds)
+    async def export(self) -> None:
+        """Under the commit barrier: a snapshot of every database there is now."""
+        links = self._links
+        if links:  # asked on a connection already open: no new one in the pause
+            names = [str(r[0]) for r in (await next(iter(links.values())).query(_DATABASES))[1]]
+        else:
+            names = await list_databases(self.source, self.creds)
+        for gone in set(links) - set(names):
+            links.pop(gone).close()
+        await self._connect([db for db in names if db not in links])
+        ids = await asyncio.gather(*(links[db].query(_EXPORT) for db in names))
+        self.databases = {db: str(r[1][0][0]) for db, r in zip(names, ids, strict=True)}
 
-        async def export_one(db: str) -> tuple[str, Link]:
-            db_link = await _open(source, creds, db)
-            try:
-                return str((await db_link.query(_EXPORT))[1][0][0]), db_link
-            except BaseException:
-                db_link.close()
-                raise
-
-        results = await asyncio.gather(*map(export_one, names), return_exceptions=True)
-        opened = [r[1] for r in results if isinstance(r, tuple)]
-        for r in results:
-            if isinstance(r, BaseException):
-                for link in opened:
-                    link.close()
-                raise r
-        snaps = {db: r[0] for db, r in zip(names, results, strict=True) if isinstance(r, tuple)}
-        return cls(snaps, opened)
+    async def _connect(self, names: list[str]) -> None:
+        opened = await asyncio.gather(
+            *(_open(self.source, self.creds, db) for db in names), return_exceptions=True
+        )
+        for db, link in zip(names, opened, strict=True):
+            if isinstance(link, Link):
+                self._links[db] = link
+        for link in opened:
+            if isinstance(link, BaseException):
+                raise link
 
     def close(self) -> None:
-        for link in self._links:
+        for link in self._links.values():
             link.close()
-        self._links = []
+        self._links = {}
 
 
 async def list_databases(node: Node, creds: Credentials) -> list[str]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pgquorum.cluster.model import Node, NodeState
+from pgquorum.local.binaries import find_binaries
 from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, PgError
 from pgquorum.router.client import query
 from pgquorum.router.commit import console_literal, quote_literal
@@ -117,7 +118,9 @@ class Recovery:
         target = st.node
 
         self.progress.phase = "snapshot"
-        snapshots = await restore.SnapshotSet.open(source.node, creds)  # before the pause
+        # Found once (each look runs `postgres --version`), and before the pause.
+        bins = await asyncio.to_thread(find_binaries)
+        snapshots = await restore.SnapshotSet.open(source.node, creds)
         try:
             async with hold_everywhere(router, "COMMITS") as held:
                 began = time.monotonic()
@@ -126,11 +129,11 @@ class Recovery:
                     await link.query(self._start_command(host))
                 await snapshots.export()
                 self.progress.pauses_ms.append((time.monotonic() - began + held.drained) * 1000)
-            globals_sql = await restore.dump_globals(source.node, creds)
+            globals_sql = await restore.dump_globals(source.node, creds, bins)
             self.progress.phase = "restore"
             self.progress.databases = len(snapshots.databases)
             await restore.reset_node(target, creds)
-            await restore.restore_globals(target, creds, globals_sql)
+            await restore.restore_globals(target, creds, globals_sql, bins)
             workdir = Path(tempfile.mkdtemp(prefix="pgquorum-recover-"))
             try:
                 done = 0
@@ -140,7 +143,14 @@ class Recovery:
                         self.progress.bytes = done + n
 
                     done += await restore.copy_database(
-                        source.node, target, creds, db, snapshot, workdir, progress=seen
+                        source.node,
+                        target,
+                        creds,
+                        db,
+                        snapshot,
+                        workdir,
+                        binaries=bins,
+                        progress=seen,
                     )
                     self.progress.databases_done += 1
                     self._check_alive()
@@ -210,7 +220,8 @@ class Recovery:
         if lead is None:
             return
         user, password = self.router.internal_credentials()
-        for db in await restore.list_databases(lead.node, restore.Credentials(user, password)):
+
+        async def follow(db: str) -> None:
             params = {"user": user, "database": db, "application_name": "pgquorum recovery"}
             _, rows = await query(lead.node, params, password, _SEQUENCES)
             if rows:
@@ -224,6 +235,10 @@ class Recovery:
                         for name, value in rows
                     ),
                 )
+
+        # Every database at once: this runs while every router holds its writes.
+        databases = await restore.list_databases(lead.node, restore.Credentials(user, password))
+        await asyncio.gather(*map(follow, databases))
 
     # -- helpers ------------------------------------------------------------------------------
 

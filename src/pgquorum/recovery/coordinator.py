@@ -258,7 +258,7 @@ class Recovery:
         st = self.router.cluster.status[self.node]
         if st.state is NodeState.FAILED:
             raise ReplayError(f"the node was failed during its recovery: {st.reason}")
-        if self.router.recovery_sink is not self.queue and self.progress.phase != "switch":
+        if self.router.recovery_sink is not self.queue:
             raise QueueUnavailable("queueing stopped")
 
     def _stop_queueing(self) -> None:

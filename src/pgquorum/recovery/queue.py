@@ -95,7 +95,13 @@ class LocalQueue:
         self.settle_now(serial, entry)
 
     def post(self, entry: Entry) -> None:
-        self.settle_now(self.reserve_now(), entry)
+        self.add(entry)
+
+    def add(self, entry: Entry) -> int:
+        """Reserve a place and fill it at once; its serial."""
+        serial = self.reserve_now()
+        self.settle_now(serial, entry)
+        return serial
 
     def settle_now(self, serial: int, entry: Entry | None) -> None:
         if self._entries.get(serial) is _PENDING:
@@ -103,16 +109,14 @@ class LocalQueue:
             self._wake()
 
     async def append(self, entry: Entry) -> int:
-        serial = self.reserve_now()
-        self.settle_now(serial, entry)
-        return serial
+        return self.add(entry)
 
     async def flush(self) -> None:
         pass
 
     def end_session(self, session: str, params: dict[str, str]) -> None:
         if not self.closed:
-            self.settle_now(self.reserve_now(), Entry(session, params, end=True))
+            self.add(Entry(session, params, end=True))
 
     def close(self) -> None:
         self.closed = True
@@ -154,9 +158,7 @@ class LocalQueue:
                 )
                 out.append(0)
             elif kind == "append":
-                serial = self.reserve_now()
-                self.settle_now(serial, Entry.from_json(op["entry"]))
-                out.append(serial)
+                out.append(self.add(Entry.from_json(op["entry"])))
             elif kind == "end":
                 self.end_session(str(op["session"]), dict(op["params"]))
                 out.append(0)

@@ -114,13 +114,13 @@ class Replayer:
         # No WAL flush per replayed commit (the replay is serial: one flush each would
         # bound it by the disk); flush() makes them durable before the node joins.
         params["options"] = (params.get("options", "") + " -c synchronous_commit=off").strip()
-        conn = await NodeConnection.open(self.node, params, password, discard)
+        conn = await NodeConnection.open(self.node, params, password, discard, self.timeout)
+        self.sessions[entry.session] = conn  # (closed with the others, whatever happens)
         for sql in entry.prelude or ():
             conn.send_unit(sql, [EXPECT_QUERY], relay=False)
-            res = await conn.wait()
+            res = await asyncio.wait_for(conn.wait(), self.timeout)  # as a unit: no hanging
             if res.error:
                 log.warning("a session setting failed on the recovering node: %s", res.error)
-        self.sessions[entry.session] = conn
         return conn
 
 

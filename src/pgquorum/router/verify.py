@@ -71,10 +71,17 @@ class Snapshots:
 
         async def open_one(node: Node, db: str) -> None:
             params = {"user": user, "database": db, "application_name": "pgquorum verify"}
-            link = await Link.open(node, params, password, QUERY_TIMEOUT_S)
+            link = await Link.open(node, params, password)
+            link.timeout = QUERY_TIMEOUT_S  # connecting is quick; a checksum may not be
             self.links[(node.name, db)] = link
 
-        await asyncio.gather(*(open_one(n, db) for n in nodes for db in databases))
+        # Every open ends before a failure is raised, so close() sees every link.
+        opened = await asyncio.gather(
+            *(open_one(n, db) for n in nodes for db in databases), return_exceptions=True
+        )
+        for result in opened:
+            if isinstance(result, BaseException):
+                raise result
         # Every router in front of the group holds its commits: peers first, then this one.
         async with hold_everywhere(router, "COMMITS") as held:
             await asyncio.gather(

@@ -41,7 +41,14 @@ def test_two_workers(pg_nodes: list[LocalNode], procs: list[CliProcess], tmp_pat
         threads = [threading.Thread(target=sleeper, args=(c,)) for c in clients[:6]]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        sleeping = (
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE query = 'SELECT pg_sleep(20)' AND state = 'active'"
+        )
+        deadline = time.monotonic() + 10  # a cancel before its sleep began would be lost
+        while sum(int(n.psql(sleeping)) for n in pg_nodes) < 6:
+            assert time.monotonic() < deadline, "the sleeps did not start"
+            time.sleep(0.05)
         began = time.monotonic()
         for c in clients[:6]:
             c.cancel_safe()

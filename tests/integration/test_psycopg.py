@@ -160,6 +160,23 @@ def test_reads_are_spread_over_nodes(
     assert ports == {n.port for n in pg_nodes}
 
 
+def test_a_sessions_reads_stay_on_its_home_node(
+    router: RouterThread, db: str, pg_nodes: list[LocalNode]
+) -> None:
+    """Balanced reads keep a session on one node while that node is not busier than the
+    others, so each session keeps one warm backend (and parses its statements once)."""
+    with (
+        psycopg.connect(router.dsn(db), autocommit=True) as simple,
+        psycopg.connect(router.dsn(db), autocommit=True, prepare_threshold=0) as prepared,
+    ):
+        for c in (simple, prepared):
+            ports = {
+                c.execute("SELECT current_setting('port')::int").fetchone()[0]  # type: ignore[index]
+                for _ in range(20)
+            }
+            assert len(ports) == 1 and ports <= {n.port for n in pg_nodes}
+
+
 def test_reads_in_a_transaction_follow_its_writes(router: RouterThread, db: str) -> None:
     with psycopg.connect(router.dsn(db)) as conn:
         conn.execute("CREATE TABLE rw (id int)")

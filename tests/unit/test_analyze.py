@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pglast import ast
 from pglast.parser import fingerprint, parse_sql
 
@@ -649,6 +651,8 @@ def test_fingerprint_cache_shares_analysis_between_constants() -> None:
         "text_entries": 2,
         "fingerprint_entries": 1,
         "fingerprint_hits": 1,
+        "shape_entries": 1,
+        "shape_hits": 0,
         "parses": 1,
     }
 
@@ -661,11 +665,86 @@ def test_fingerprint_cache_pgbench_statement() -> None:
     }
     assert len(results) == 1
     assert analyzer.stats()["parses"] == 1
-    assert analyzer.stats()["fingerprint_hits"] == 198
+    # The second text is a fingerprint hit that takes the shape; the rest fit the shape.
+    assert analyzer.stats()["fingerprint_hits"] == 1
+    assert analyzer.stats()["shape_hits"] == 197
     update = "UPDATE pgbench_accounts SET abalance = abalance + {} WHERE aid = {};"
     a = analyzer.analyze(update.format(-5, 7))
     assert analyzer.analyze(update.format(12, 99)) is a  # writes without constants share too
     assert a.route is WRITE
+
+
+def test_shape_cache_needs_the_same_text_around_the_integers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    analyzer = Analyzer()
+    # Shapes whose texts differ only in digits outside integer constants share a lookup
+    # key (the text without digits); the comparison keeps them apart.
+    for f in ("f1", "f2"):
+        analyzer.analyze(f"SELECT {f}(x) FROM t WHERE a = 5")
+        analyzer.analyze(f"SELECT {f}(x) FROM t WHERE a = 6")
+    assert analyzer.stats()["shape_entries"] == 1
+
+    def boom(sql: str) -> str:
+        raise AssertionError("fingerprint called for a text that fits a shape")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(analyze_mod, "fingerprint", boom)
+        assert analyzer.analyze("SELECT f1(x) FROM t WHERE a = 70").functions == {"f1"}
+        assert analyzer.analyze("SELECT f2(x) FROM t WHERE a = 123456789").functions == {"f2"}
+        assert analyzer.stats()["shape_hits"] == 2
+    # Not the shape: ten digits (maybe not an int4), a decimal, a parameter, more text.
+    for sql in (
+        "SELECT f1(x) FROM t WHERE a = 1234567890",
+        "SELECT f1(x) FROM t WHERE a = 5.5",
+        "SELECT f1(x) FROM t WHERE a = $1",
+        "SELECT f1(x) FROM t WHERE a = 5 OR a = 6",
+        "SELECT f1(x) FROM t WHERE a = 5 ",
+        "SELECT f3(x) FROM t WHERE a = 5",
+    ):
+        assert analyzer.analyze(sql) == Analyzer().analyze(sql), sql
+    assert analyzer.stats()["shape_hits"] == 2
+
+
+def test_shape_cache_with_text_beyond_ascii() -> None:
+    analyzer = Analyzer()
+    analyzer.analyze("SELECT 'é😀', lower(x) FROM t WHERE a = 1")
+    analyzer.analyze("SELECT 'é😀', lower(x) FROM t WHERE a = 2")
+    assert analyzer.analyze("SELECT 'é😀', lower(x) FROM t WHERE a = 33").functions == {"lower"}
+    assert analyzer.stats()["shape_hits"] == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    template=st.sampled_from(
+        [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = {};",
+            "SELECT a[{}:{}] FROM t LIMIT 1",
+            "UPDATE t SET v = v + {} WHERE id = {} RETURNING lower(s)",
+            "SELECT {}..{}",
+            "SELECT x FROM t WHERE a IN ({}, {}) AND b = 'x{}'",
+            "SELECT {}e FROM t",
+            "SELECT nextval('s{}'), {}",
+        ]
+    ),
+    values=st.lists(
+        st.one_of(st.integers(0, 10**12), st.sampled_from(["0x1F", "1_000", "007", "1.5"])),
+        min_size=6,
+        max_size=6,
+    ),
+)
+def test_shape_cache_answers_as_a_parse_would(template: str, values: list[object]) -> None:
+    """Whatever is put where the integers were, the cached answer is the one a fresh parse
+    gives."""
+    analyzer = Analyzer()
+    n = template.count("{}")
+    for seed in ("1", "2"):  # a parse, then a fingerprint hit that takes the shape
+        analyzer.analyze(template.format(*[seed] * n))
+    sql = template.format(*values[:n])
+    assert analyzer.analyze(sql) == Analyzer().analyze(sql)
+    plain = all(isinstance(v, int) and 2 < v < 10**9 for v in values[:n])  # not a seed
+    if plain and "pgbench" in template:
+        assert analyzer.stats()["shape_hits"] == 1  # the shape answered
 
 
 def test_fingerprint_cache_keeps_functions_apart() -> None:

@@ -12,12 +12,12 @@ import enum
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pglast import Error as PglastError
 from pglast import ast
 from pglast.enums import ObjectType, SQLValueFunctionOp, TransactionStmtKind, VariableSetKind
-from pglast.parser import fingerprint, parse_sql
+from pglast.parser import fingerprint, parse_sql, scan
 
 
 class Route(enum.Enum):
@@ -32,6 +32,7 @@ class CopyDirection(enum.Enum):
 
 
 _EMPTY: frozenset[str] = frozenset()
+_V = TypeVar("_V")
 
 
 @dataclass(frozen=True, slots=True)
@@ -754,25 +755,97 @@ def _parse(sql: str) -> tuple[Analysis, bool]:
     return _combine([_classify(raw.stmt, _STMT_DEPTH) for raw in stmts])
 
 
-class Analyzer:
-    """Classifies SQL strings, with two bounded caches.
+# -- the shape cache ---------------------------------------------------------------------
+#
+# A program sends the same statement again and again with other integers in it (pgbench -S:
+# ``... WHERE aid = 123456``). Each new text misses the text cache and costs a fingerprint.
+# A *shape* is a text cut at its integer constants, as PostgreSQL's own scanner finds them
+# (ICONST tokens). A text that is the shape with other digits in its holes scans to the
+# same tokens but for those constants' values, so it has the shape's fingerprint and may
+# share its analysis; checking that costs a fraction of a fingerprint. Holes take at most
+# nine digits, so every value is still an int4 constant, and a hole is never followed by a
+# digit (the text around it is the shape's own). Texts are looked up by their letters and
+# signs without the digits; the comparison with the shape decides.
 
-    By exact text first (a dict lookup), then by pglast fingerprint (~5us, much cheaper
-    than a full parse) so that statements differing only in constants share one analysis;
-    see the fingerprint-safety notes above for what may be shared.  Each cache holds at
-    most `max_entries`; when full, the oldest eighth is dropped.  Texts longer than
-    `max_text_len` are not kept by text (they would pin a lot of memory) but still use the
-    fingerprint cache.  Not thread-safe; fine for one asyncio loop (no awaits inside).
+_DIGITS = re.compile(r"[0-9]+")
+_HOLE = re.compile(r"[0-9]{1,9}(?![0-9])")
+_SHAPES_PER_KEY = 4  # shapes that differ only in the digits of identifiers or strings
+
+
+def _shape(sql: str) -> tuple[str, ...] | None:
+    """`sql` cut at its integer constants; None without any, or with a long one."""
+    try:
+        tokens = scan(sql)
+    except PglastError:
+        return None
+    parts: list[str] = []
+    pos = 0
+    for t in tokens:
+        if t.name == "ICONST":
+            digits = sql[t.start : t.end + 1]
+            if len(digits) > 9 or not (digits.isascii() and digits.isdigit()):
+                return None  # hex, underscores, maybe not an int4: not worth a shape
+            parts.append(sql[pos : t.start])
+            pos = t.end + 1
+    if not parts:
+        return None
+    parts.append(sql[pos:])
+    return tuple(parts)
+
+
+def _fits(sql: str, shape: tuple[str, ...]) -> bool:
+    """Whether `sql` is `shape` with 1-9 digits in every hole."""
+    first = shape[0]
+    if not sql.startswith(first):
+        return False
+    pos = len(first)
+    hole = _HOLE.match
+    for part in shape[1:]:
+        found = hole(sql, pos)
+        if found is None:
+            return False
+        pos = found.end()
+        if not sql.startswith(part, pos):
+            return False
+        pos += len(part)
+    return pos == len(sql)
+
+
+class Analyzer:
+    """Classifies SQL strings, with bounded caches.
+
+    By exact text first (a dict lookup), then by shape (the text with other integer
+    constants, see above), then by pglast fingerprint (~7us, much cheaper than a full
+    parse) so that statements differing only in constants share one analysis; see the
+    fingerprint-safety notes above for what may be shared.  Each cache holds at most
+    `max_entries`; when full, the oldest eighth is dropped.  Texts longer than
+    `max_text_len` are not kept by text or shape (they would pin a lot of memory) but still
+    use the fingerprint cache.  Not thread-safe; fine for one asyncio loop (no awaits
+    inside).
     """
 
-    __slots__ = ("_by_fp", "_by_text", "_max_entries", "_max_text_len", "fp_hits", "parses")
+    __slots__ = (
+        "_by_fp",
+        "_by_shape",
+        "_by_text",
+        "_max_entries",
+        "_max_text_len",
+        "_shaped",
+        "fp_hits",
+        "parses",
+        "shape_hits",
+    )
 
     def __init__(self, max_entries: int = 10_000, max_text_len: int = 16_384) -> None:
         self._by_text: dict[str, Analysis] = {}
         self._by_fp: dict[str, Analysis] = {}
+        # text without digits -> (shape, analysis), the newest last
+        self._by_shape: dict[str, tuple[tuple[tuple[str, ...], Analysis], ...]] = {}
+        self._shaped: dict[str, bool] = {}  # fingerprints whose shape was already taken
         self._max_entries = max(1, max_entries)
         self._max_text_len = max_text_len
         self.fp_hits = 0  # text misses answered by the fingerprint cache
+        self.shape_hits = 0  # text misses answered by the shape cache
         self.parses = 0  # full parses (text and fingerprint misses)
 
     def analyze(self, sql: str) -> Analysis:
@@ -782,46 +855,64 @@ class Analyzer:
         return self._analyze_miss(sql)
 
     def _analyze_miss(self, sql: str) -> Analysis:
+        short = len(sql) <= self._max_text_len
+        key = _DIGITS.sub("", sql) if short else ""
+        for shape, known in self._by_shape.get(key, ()):
+            if _fits(sql, shape):
+                self.shape_hits += 1
+                self._store(self._by_text, sql, known)
+                return known
         if "\x00" in sql:
             # The parser would stop at the NUL and classify only a prefix.
             analysis = Analysis(Route.WRITE, _EMPTY, error="query string contains a NUL byte")
         else:
             text = parsable_text(sql)
             try:
-                key = fingerprint(text)
+                fp = fingerprint(text)
             except PglastError as exc:
                 analysis = Analysis(Route.WRITE, _EMPTY, error=str(exc))
             else:
-                cached = self._by_fp.get(key)
+                cached = self._by_fp.get(fp)
                 if cached is not None:
                     self.fp_hits += 1
                     analysis = cached
+                    # Seen twice: worth a shape (taken once per fingerprint).
+                    if short and text is sql and fp not in self._shaped:
+                        self._store(self._shaped, fp, True)
+                        cut = _shape(sql)
+                        if cut is not None:
+                            kept = self._by_shape.get(key, ())[-(_SHAPES_PER_KEY - 1) :]
+                            self._store(self._by_shape, key, (*kept, (cut, analysis)))
                 else:
                     self.parses += 1
                     analysis, fp_safe = _parse(text)
                     if fp_safe:
-                        self._store(self._by_fp, key, analysis)
-        if len(sql) <= self._max_text_len:
+                        self._store(self._by_fp, fp, analysis)
+        if short:
             self._store(self._by_text, sql, analysis)
         return analysis
 
-    def _store(self, cache: dict[str, Analysis], key: str, analysis: Analysis) -> None:
+    def _store(self, cache: dict[str, _V], key: str, value: _V) -> None:
         if len(cache) >= self._max_entries:
             # Dicts keep insertion order, so the first keys are the oldest.  Evicting in
             # batches keeps this O(1) amortized: deleting one key at a time from the front
             # makes each next(iter(cache)) skip an ever longer run of dead slots.
             for old in list(itertools.islice(cache, max(1, len(cache) // 8))):
                 del cache[old]
-        cache[key] = analysis
+        cache[key] = value
 
     def stats(self) -> dict[str, int]:
         return {
             "text_entries": len(self._by_text),
             "fingerprint_entries": len(self._by_fp),
             "fingerprint_hits": self.fp_hits,
+            "shape_entries": len(self._by_shape),
+            "shape_hits": self.shape_hits,
             "parses": self.parses,
         }
 
     def clear(self) -> None:
         self._by_text.clear()
         self._by_fp.clear()
+        self._by_shape.clear()
+        self._shaped.clear()

@@ -706,6 +706,17 @@ def test_shape_cache_needs_the_same_text_around_the_integers(
     assert analyzer.stats()["shape_hits"] == 2
 
 
+def test_shape_cache_takes_a_shape_per_sign() -> None:
+    """`v + 5` and `v + -5` share a fingerprint but not a shape: each gets its own."""
+    analyzer = Analyzer()
+    update = "UPDATE t SET v = v + {} WHERE id = {}"
+    for i in range(1, 50):
+        analyzer.analyze(update.format(i if i % 2 else -i, i))
+    assert analyzer.stats()["parses"] == 1
+    assert analyzer.stats()["fingerprint_hits"] == 2
+    assert analyzer.stats()["shape_hits"] == 46
+
+
 def test_shape_cache_with_text_beyond_ascii() -> None:
     analyzer = Analyzer()
     analyzer.analyze("SELECT 'é😀', lower(x) FROM t WHERE a = 1")

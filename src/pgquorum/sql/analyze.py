@@ -841,7 +841,7 @@ class Analyzer:
         self._by_fp: dict[str, Analysis] = {}
         # text without digits -> (shape, analysis), the newest last
         self._by_shape: dict[str, tuple[tuple[tuple[str, ...], Analysis], ...]] = {}
-        self._shaped: dict[str, bool] = {}  # fingerprints whose shape was already taken
+        self._shaped: dict[str, bool] = {}  # fingerprint + key: the shape was already taken
         self._max_entries = max(1, max_entries)
         self._max_text_len = max_text_len
         self.fp_hits = 0  # text misses answered by the fingerprint cache
@@ -876,9 +876,11 @@ class Analyzer:
                 if cached is not None:
                     self.fp_hits += 1
                     analysis = cached
-                    # Seen twice: worth a shape (taken once per fingerprint).
-                    if short and text is sql and fp not in self._shaped:
-                        self._store(self._shaped, fp, True)
+                    # Seen twice: worth a shape, taken once per fingerprint and lookup key
+                    # (`x + 5` and `x + -5` have one fingerprint but two shapes).
+                    tried = fp + key
+                    if short and text is sql and tried not in self._shaped:
+                        self._store(self._shaped, tried, True)
                         cut = _shape(sql)
                         if cut is not None:
                             kept = self._by_shape.get(key, ())[-(_SHAPES_PER_KEY - 1) :]

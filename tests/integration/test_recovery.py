@@ -198,22 +198,35 @@ def test_settings_from_before_the_recovery_and_copy_during_it_replay(
 ) -> None:
     rt, nodes = three
     with psycopg.connect(rt.dsn(), autocommit=True) as conn:
-        conn.execute("CREATE SCHEMA s1")
-        conn.execute("CREATE TABLE s1.t (id int PRIMARY KEY, v text)")
-        conn.execute("CREATE TABLE public.t (id int PRIMARY KEY, v text)")
+        conn.execute("CREATE SCHEMA s1; CREATE SCHEMA s2")
+        for table in ("s1.t", "s2.t", "public.t"):
+            conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, v text)")
         conn.execute("CREATE TABLE h (v text)")
     fail_by_killing(rt, nodes[2])
-    # A session that changed a setting long before the recovery, and writes during it.
+    # Sessions that changed a setting long before the recovery, and write during it: one
+    # through the extended protocol (as JDBC and asyncpg send everything), one in a string
+    # of several statements.
     worker = psycopg.connect(rt.dsn(), autocommit=True)
-    worker.execute("SET search_path = s1, public")
+    worker.execute("SET search_path = s1, public", prepare=True)
     for i in range(150):  # a pool setting a timeout per use: the search_path must stay
         worker.execute(f"SET statement_timeout = {60_000 + i}")
     with worker.transaction():  # undone with the block: never for the recovered node
         worker.execute("SET search_path = public")
+        worker.execute("SET search_path = public", prepare=True)
         worker.execute("SET LOCAL search_path = public")
         raise psycopg.Rollback()
+    with worker.transaction():  # a rollback to a savepoint undoes a SET, a release keeps it
+        worker.execute("SAVEPOINT keep; SET search_path = public")
+        worker.execute("ROLLBACK TO SAVEPOINT keep", prepare=True)
+        worker.execute("SAVEPOINT gone")
+        worker.execute("SET statement_timeout = 70000", prepare=True)
+        worker.execute("RELEASE gone")
+    assert worker.execute("SHOW statement_timeout").fetchone() == ("70s",)
+    other = psycopg.connect(rt.dsn(), autocommit=True)
+    other.execute("SET search_path = public; SELECT 1; SET search_path = s2, public")
     holder = recover_held_open(rt)
     worker.execute("INSERT INTO t VALUES (1, 'goes to s1')")
+    other.execute("INSERT INTO t VALUES (1, 'goes to s2')")
     with worker.cursor().copy("COPY t (id, v) FROM STDIN") as copy:
         for i in range(2, 200):
             copy.write_row((i, f"copied {i}"))
@@ -221,7 +234,12 @@ def test_settings_from_before_the_recovery_and_copy_during_it_replay(
     holder.close()
     info = wait_recovery(rt)
     assert info["phase"] == "done", info
+    # The sessions go on, now on the recovered node too, with their settings.
+    worker.execute("INSERT INTO t VALUES (200, 'after')")
+    other.execute("INSERT INTO t VALUES (2, 'after')")
     worker.close()
-    assert nodes[2].psql("SELECT count(*) FROM s1.t") == "199"
+    other.close()
+    assert nodes[2].psql("SELECT count(*) FROM s1.t") == "200"
+    assert nodes[2].psql("SELECT count(*) FROM s2.t") == "2"
     assert nodes[2].psql("SELECT count(*) FROM public.t") == "0"
     assert_nodes_identical(nodes, "postgres")

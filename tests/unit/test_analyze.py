@@ -1222,21 +1222,34 @@ def test_notify_anywhere_is_flagged(sql: str) -> None:
 @pytest.mark.parametrize(
     ("sql", "setting"),
     [
-        ("SET search_path = public", ("search_path", False)),
-        ("SET SESSION Statement_Timeout TO 5", ("statement_timeout", False)),
-        ("SET TIME ZONE 'UTC'", ("timezone", False)),
-        ("RESET work_mem", ("work_mem", True)),
-        ("RESET ALL", ("", True)),
+        ("SET search_path = public", ("set", "search_path")),
+        ("SET SESSION Statement_Timeout TO 5", ("set", "statement_timeout")),
+        ("SET TIME ZONE 'UTC'", ("set", "timezone")),
+        ("RESET work_mem", ("reset", "work_mem")),
+        ("RESET ALL", ("reset", "")),
         (
             "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
-            ("session characteristics", False),
+            ("set", "session characteristics"),
         ),
+        ("SAVEPOINT a", ("savepoint", "a")),
+        ('RELEASE SAVEPOINT "B"', ("release", "B")),
+        ("ROLLBACK TO a", ("rollback to", "a")),
         # Only the transaction: nothing for a node connected later.
         ("SET LOCAL statement_timeout = 0", None),
         ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
-        ("SET a = 1; SET b = 2", None),  # several: not one setting (not logged)
         ("SELECT 1", None),
     ],
 )
-def test_session_setting(sql: str, setting: tuple[str, bool] | None) -> None:
-    assert Analyzer().analyze(sql).setting == setting
+def test_session_setting(sql: str, setting: tuple[str, str] | None) -> None:
+    expected = () if setting is None else ((*setting, 0, len(sql)),)
+    assert Analyzer().analyze(sql).settings == expected
+
+
+def test_session_settings_of_several_statements() -> None:
+    sql = "SET a.x = 'é😀' ; SELECT 1; SAVEPOINT s; SET LOCAL b.y = 2; RESET c.z"
+    settings = Analyzer().analyze(sql).settings
+    assert [(kind, name, sql[start:end]) for kind, name, start, end in settings] == [
+        ("set", "a.x", "SET a.x = 'é😀' "),
+        ("savepoint", "s", "SAVEPOINT s"),
+        ("reset", "c.z", "RESET c.z"),
+    ]

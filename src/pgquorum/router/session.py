@@ -161,7 +161,8 @@ class ClientSession(asyncio.Protocol):
         # The session's settings by name (the SET as sent), and those a transaction block
         # made, which count only if it commits.
         self.settings: dict[str, bytes] = {}
-        self._txn_settings: list[tuple[tuple[str, bool], bytes]] = []
+        self._txn_settings: list[tuple[bool, str, bytes]] = []  # (reset, name, statement)
+        self._savepoints: list[tuple[str, int]] = []  # see _note_settings
         self.writing = False  # in a write unit outside a transaction that wrote (WriteGate)
         self.txn_count = 0  # transactions ended (WriteGate)
         self._begin_data: bytes | None = None  # the client's deferred BEGIN
@@ -774,9 +775,8 @@ class ClientSession(asyncio.Protocol):
                     )
             else:
                 res = await self._write_unit(build, single=a.statements == 1, lock_free=a.lock_free)
-            if a.setting is not None and not res.error:
-                # A node the session connects to later gets it first.
-                self._txn_settings.append((a.setting, data))
+            if a.settings and not res.error:
+                self._note_settings(a, sql)
             self._reply(res)
         else:
             conn = self._lead() if route is Route.LEAD else self._pick_read()
@@ -1011,6 +1011,8 @@ class ClientSession(asyncio.Protocol):
                 if not res.error and res.tags[-1:] != ["ROLLBACK"]:  # they hold
                     self._keep_settings()
                 self._txn_settings = []
+            if self._savepoints:
+                self._savepoints = []
             self.txn_count += 1
             self._begin_data = None
             self.txn_time = None
@@ -1020,9 +1022,31 @@ class ClientSession(asyncio.Protocol):
             self.txn_node = None
             self.portals.clear()
 
+    def _note_settings(self, a: Analysis, sql: str) -> None:
+        """The session SETs and RESETs of a statement that ran: a node the session connects
+        to later (or a replay of the session on a recovering node) gets them first, once
+        the transaction that made them commits. A rollback to a savepoint undoes those
+        made since."""
+        pending = self._txn_settings
+        marks = self._savepoints  # each with how many of the pending came before it
+        for kind, name, start, end in a.settings:
+            if kind == "set" or kind == "reset":
+                pending.append((kind == "reset", name, m.encode_query(sql[start:end])))
+            elif kind == "savepoint":
+                marks.append((name, len(pending)))
+            else:
+                for i in range(len(marks) - 1, -1, -1):
+                    if marks[i][0] == name:
+                        if kind == "rollback to":  # the savepoint stays
+                            del pending[marks[i][1] :]
+                            del marks[i + 1 :]
+                        else:  # release: it and those after it are gone
+                            del marks[i:]
+                        break
+
     def _keep_settings(self) -> None:
         settings = self.settings
-        for (name, reset), data in self._txn_settings:
+        for reset, name, data in self._txn_settings:
             if not name:  # RESET ALL
                 settings.clear()
             elif reset:
@@ -1694,6 +1718,7 @@ class ClientSession(asyncio.Protocol):
         closes: list[str] = []
         executes = 0
         executed: list[Analysis] = []
+        settings: list[Statement] = []  # executed statements that SET, RESET or SAVEPOINT
         statements = self.statements
         # Where each portal was bound, and the last Execute: a statement rewritten for an
         # execution (its own sequence values) changes only the messages since that Execute.
@@ -1719,6 +1744,8 @@ class ClientSession(asyncio.Protocol):
                     stmt = bound[portal]
                     if stmt is not None:
                         executed.append(stmt.analysis)
+                        if stmt.analysis.settings:
+                            settings.append(stmt)
                         self._note_unpreparable(stmt.analysis)
                         r = await self._resolve(stmt.analysis)
                         try:
@@ -1790,6 +1817,9 @@ class ClientSession(asyncio.Protocol):
                 else:
                     res = await self._write_unit(locked, single=executes == 1)
                 targets = tuple(self._online_conns())
+            if settings and not res.error:
+                for stmt in settings:
+                    self._note_settings(stmt.analysis, stmt.parse.query)
             self._reply(res)
         else:
             conn = self._lead() if route is Route.LEAD else self._pick_read()

@@ -8,6 +8,7 @@ volatile is a catalog question (see :mod:`pgquorum.sql.catalog`).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import re
@@ -69,9 +70,13 @@ class Analysis:
     # May pick rows arbitrarily or use system columns (see _PICKS): a write that does is
     # checked by determinism.check_and_rewrite.
     arbitrary: bool = False
-    # One SET or RESET of the session (not SET LOCAL, not SET TRANSACTION): the setting's
-    # name ("" for RESET ALL) and whether it resets. A node connected later needs it.
-    setting: tuple[str, bool] | None = None
+    # What changes the session's settings, in order: each SET or RESET of the session (not
+    # SET LOCAL, not SET TRANSACTION) as ("set" | "reset", the setting's name: "" for RESET
+    # ALL), and each SAVEPOINT, RELEASE or ROLLBACK TO as ("savepoint" | "release" |
+    # "rollback to", its name), since a rollback to a savepoint undoes the SETs made after
+    # it; with where the statement is in the text (start, end). A node connected later needs
+    # the settings. Never fingerprint-cached, so the places are this text's own.
+    settings: tuple[tuple[str, str, int, int], ...] = ()
     # Tables inserted into (relation names without schema: the fingerprint ignores schemas),
     # and the table of COPY FROM: their column defaults may need the router's values.
     inserts: frozenset[str] = _EMPTY
@@ -354,7 +359,7 @@ class _Part:
         inserts: frozenset[str] = _EMPTY,
         copy_into: str | None = None,
         ddl: bool = False,
-        setting: tuple[str, bool] | None = None,
+        setting: tuple[str, str] | None = None,
     ) -> None:
         self.setting = setting
         self.arbitrary = arbitrary
@@ -377,6 +382,12 @@ class _Part:
         self.catalog = catalog
         self.fp_safe = fp_safe
 
+
+_SAVEPOINT_KINDS = {
+    TransactionStmtKind.TRANS_STMT_SAVEPOINT: "savepoint",
+    TransactionStmtKind.TRANS_STMT_RELEASE: "release",
+    TransactionStmtKind.TRANS_STMT_ROLLBACK_TO: "rollback to",
+}
 
 _LEAD_STMTS: frozenset[type] = frozenset(
     {
@@ -448,14 +459,14 @@ def _options_strict(options: tuple[Any, ...] | None) -> bool:
     return False
 
 
-def _session_setting(stmt: Any) -> tuple[str, bool] | None:
+def _session_setting(stmt: Any) -> tuple[str, str] | None:
     """What a SET/RESET changes for the rest of the session, None if only the transaction."""
     name = (stmt.name or "").lower()
     if stmt.is_local or (stmt.kind is VariableSetKind.VAR_SET_MULTI and name == "transaction"):
         return None
     if stmt.kind is VariableSetKind.VAR_RESET_ALL:
-        return ("", True)
-    return (name, stmt.kind is VariableSetKind.VAR_RESET)
+        return ("reset", "")
+    return ("reset" if stmt.kind is VariableSetKind.VAR_RESET else "set", name)
 
 
 def _variable_set_strict(stmt: Any) -> bool:
@@ -601,6 +612,9 @@ def _classify(stmt: Any, depth: int) -> _Part:
             txn_control=True,
             # COMMIT PREPARED / ROLLBACK PREPARED refuse to run inside a block.
             no_block=stmt.kind in _NO_BLOCK_KINDS,
+            setting=(_SAVEPOINT_KINDS[stmt.kind], stmt.savepoint_name)
+            if stmt.kind in _SAVEPOINT_KINDS
+            else None,
         )
     return _walked_part(
         stmt,
@@ -716,7 +730,6 @@ def _combine(parts: list[_Part]) -> tuple[Analysis, bool]:
         inserts=frozenset().union(*(part.inserts for part in parts)),
         copy_into=next((part.copy_into for part in parts if part.copy_into), None),
         ddl=any(part.ddl for part in parts),
-        setting=parts[0].setting if len(parts) == 1 else None,
     )
     return analysis, all(part.fp_safe for part in parts)
 
@@ -752,7 +765,17 @@ def _parse(sql: str) -> tuple[Analysis, bool]:
         return Analysis(Route.WRITE, _EMPTY), False
     if not stmts:
         return _NO_STATEMENTS, True
-    return _combine([_classify(raw.stmt, _STMT_DEPTH) for raw in stmts])
+    parts = [_classify(raw.stmt, _STMT_DEPTH) for raw in stmts]
+    analysis, fp_safe = _combine(parts)
+    settings = []
+    for part, raw in zip(parts, stmts, strict=True):
+        if part.setting is not None:
+            start = raw.stmt_location or 0
+            end = start + raw.stmt_len if raw.stmt_len else len(sql)  # 0: to the end
+            settings.append((*part.setting, start, end))
+    if settings:
+        analysis = dataclasses.replace(analysis, settings=tuple(settings))
+    return analysis, fp_safe
 
 
 # -- the shape cache ---------------------------------------------------------------------

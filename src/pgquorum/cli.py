@@ -65,9 +65,14 @@ def main() -> None:
 @click.option("--worker", type=int, default=None, hidden=True)
 def router(config_path: Path, verbose: bool, worker: int | None) -> None:
     """Run a router in front of existing PostgreSQL servers."""
+    from pgquorum.router.workers import Supervisor, worker_config
+
     parent = os.getppid()  # a worker's first process (see _wait_for_signal)
     try:
         config = load_config(config_path)
+        workers = config.router.workers
+        if workers > 1:
+            config = worker_config(config, worker or 0)
     except ConfigError as e:
         console.print(f"{config_path}: invalid configuration", style="red", markup=False)
         for p in e.problems:
@@ -77,14 +82,12 @@ def router(config_path: Path, verbose: bool, worker: int | None) -> None:
 
     async def serve() -> None:
         from pgquorum.router.server import Router
-        from pgquorum.router.workers import Supervisor, worker_config
 
-        workers = config.router.workers
         supervisor = None
         if workers > 1:
             # This process is worker 0 and starts the others (router/workers.py).
             supervisor = Supervisor(config_path, workers, verbose) if worker is None else None
-        r = Router(worker_config(config, worker or 0) if workers > 1 else config)
+        r = Router(config)
         await r.start()
         if supervisor is not None:
             supervisor.start()

@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import stat
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from pgquorum.config import Config
+from pgquorum.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +34,38 @@ def private_dir(config: Config, index: int) -> Path:
     return Path(tempfile.gettempdir()) / f"pgquorum-{port}-w{index}"
 
 
+def own_dir(path: Path) -> None:
+    """Make ``path`` a directory of this user alone, or check that it already is one.
+
+    The private directories have known names in the shared temporary directory: one that
+    another user made first could hold a socket listening in a worker's place (and take
+    the credentials a sibling logs in with), or let that user reach a worker's socket.
+    """
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise ConfigError(
+            [
+                f"router.workers: {path} must be a directory of this user (uid "
+                f"{os.geteuid()}) that no one else may use (mode 0700); it is "
+                f"{'a directory' if stat.S_ISDIR(st.st_mode) else 'not a directory'} of uid "
+                f"{st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}. Remove it, or stop "
+                "whoever made it."
+            ]
+        )
+
+
 def worker_config(config: Config, index: int) -> Config:
-    """The configuration of worker ``index`` of ``config.router.workers``."""
+    """The configuration of worker ``index`` of ``config.router.workers``; raises
+    ConfigError when a private directory of the workers is not this user's alone."""
     settings = config.router
     count = settings.workers
-    siblings = tuple((str(private_dir(config, i)), settings.listen_port) for i in range(count))
-    mine = private_dir(config, index)
-    mine.mkdir(mode=0o700, exist_ok=True)
+    dirs = [private_dir(config, i) for i in range(count)]
+    for path in dirs:  # a sibling's too: this worker connects to its socket
+        own_dir(path)
+    siblings = tuple((str(path), settings.listen_port) for path in dirs)
+    mine = dirs[index]
     return dataclasses.replace(
         config,
         router=dataclasses.replace(

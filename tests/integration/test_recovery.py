@@ -243,3 +243,29 @@ def test_settings_from_before_the_recovery_and_copy_during_it_replay(
     assert nodes[2].psql("SELECT count(*) FROM s2.t") == "2"
     assert nodes[2].psql("SELECT count(*) FROM public.t") == "0"
     assert_nodes_identical(nodes, "postgres")
+
+
+def test_reads_spread_again_over_a_recovered_node(
+    three: tuple[RouterThread, list[LocalNode]],
+) -> None:
+    """Sessions keep their reads on a home node; when a node comes back, those that connect
+    to it (they do before they write) choose their home again, and it gets its share."""
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE marks (id int)")
+    fail_by_killing(rt, nodes[2])
+    sessions = [psycopg.connect(rt.dsn(), autocommit=True) for _ in range(6)]
+    port = "SELECT current_setting('port')::int"
+    try:
+        homes = {c.execute(port).fetchone()[0] for c in sessions}  # type: ignore[index]
+        assert homes == {nodes[0].port, nodes[1].port}
+        recover(rt, "node3")
+        assert wait_recovery(rt)["phase"] == "done"
+        for c in sessions:
+            c.execute("INSERT INTO marks VALUES (1)")
+        homes = {c.execute(port).fetchone()[0] for c in sessions}  # type: ignore[index]
+        assert homes == {n.port for n in nodes}
+    finally:
+        for c in sessions:
+            c.close()
+    assert_nodes_identical(nodes, "postgres")

@@ -414,6 +414,9 @@ class ClientSession(asyncio.Protocol):
             )
         self._online = list(conns.values())
         self._online_generation = cluster.generation
+        # Nodes failed, or came back: the session's reads find their home again, so that a
+        # recovered node takes its share.
+        self.read_home = None
         return self._online
 
     def _all_writes(self) -> bool:

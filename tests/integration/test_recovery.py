@@ -248,8 +248,8 @@ def test_settings_from_before_the_recovery_and_copy_during_it_replay(
 def test_reads_spread_again_over_a_recovered_node(
     three: tuple[RouterThread, list[LocalNode]],
 ) -> None:
-    """Sessions keep their reads on a home node; when a node comes back, those that connect
-    to it (they do before they write) choose their home again, and it gets its share."""
+    """Sessions keep their reads on a home node; when a node comes back, they connect to it
+    (sessions that only read too) and choose their home again, and it gets its share."""
     rt, nodes = three
     with psycopg.connect(rt.dsn(), autocommit=True) as conn:
         conn.execute("CREATE TABLE marks (id int)")
@@ -261,10 +261,16 @@ def test_reads_spread_again_over_a_recovered_node(
         assert homes == {nodes[0].port, nodes[1].port}
         recover(rt, "node3")
         assert wait_recovery(rt)["phase"] == "done"
-        for c in sessions:
+        for c in sessions[:2]:
             c.execute("INSERT INTO marks VALUES (1)")
         homes = {c.execute(port).fetchone()[0] for c in sessions}  # type: ignore[index]
         assert homes == {n.port for n in nodes}
+        # The sessions that only read use it too (the extended protocol here).
+        readers = {
+            c.execute(port, prepare=True).fetchone()[0]  # type: ignore[index]
+            for c in sessions[2:]
+        }
+        assert nodes[2].port in readers
     finally:
         for c in sessions:
             c.close()

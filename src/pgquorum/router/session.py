@@ -556,6 +556,11 @@ class ClientSession(asyncio.Protocol):
         if not self._fast_ready:
             self._wakeup()  # the task has a message and waits for the unit in flight
 
+    def _nodes_changed(self) -> bool:
+        """The ONLINE nodes changed since the session last connected to the new ones: the
+        task does that (an await) before the next unit."""
+        return self._adopted_generation != self.router.cluster.generation
+
     def _known_read(self, a: Analysis) -> bool:
         """A READ whose functions (if any) the catalog already knows to be non-volatile."""
         if a.route is not Route.READ:
@@ -581,7 +586,7 @@ class ClientSession(asyncio.Protocol):
         return True
 
     def _fast_query(self, payload: bytes) -> bool:
-        if self.txn_status != IDLE or self._all_writes():
+        if self.txn_status != IDLE or self._all_writes() or self._nodes_changed():
             return False
         try:
             a = self.router.analyzer.analyze(m.parse_query(payload))
@@ -599,7 +604,7 @@ class ClientSession(asyncio.Protocol):
     def _fast_extended(self, msgs: list[tuple[int, bytes]]) -> bool:
         """A batch of Parse/Bind/Describe/Execute ending in Sync whose every Execute is a
         provable read of a statement parsed in the batch or before."""
-        if self.txn_status != IDLE or self._all_writes():
+        if self.txn_status != IDLE or self._all_writes() or self._nodes_changed():
             return False
         statements = self.statements
         parsed: dict[str, Statement] = {}
@@ -692,6 +697,8 @@ class ClientSession(asyncio.Protocol):
                 mtype, payload = await self.next_message()
             self.state = "active"
             self.cancel_requested = False
+            if not batch and self.txn_status == IDLE and self._nodes_changed():
+                await self._adopt_nodes()  # reads too may use a node that came ONLINE
             if self._skip_to_sync:
                 if mtype == m.SYNC:
                     self._skip_to_sync = False

@@ -115,3 +115,39 @@ def test_recovery_through_router_workers(make_nodes, procs, tmp_path: Path) -> N
     assert nodes[2].psql("SELECT sum(balance) FROM acct") == str(Transfers.total(100))
     assert_nodes_identical(nodes, "postgres")
     assert router.terminate() == 0, router.output()
+
+
+def test_a_node_a_peer_refuses_is_not_half_added(make_nodes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """ADD NODE needs every router (each must queue for the node while it fills): when a
+    peer cannot take it, the node leaves the group again, here and at the peers that did."""
+    nodes = make_nodes(4)
+    config_a, config_b = pair_configs(nodes[:3], tmp_path)
+    a = RouterThread(config_a)
+    empty = nodes[3]
+    try:
+        setup_table(a)
+        add = f"ADD NODE node4 '{empty.router_host}' {empty.port}"
+        # b is down: a cannot tell it.
+        with psycopg.connect(a.dsn("pgquorum"), autocommit=True) as admin:
+            try:
+                admin.execute(add)
+            except psycopg.errors.ObjectNotInPrerequisiteState as e:
+                assert 'did not take ADD NODE "node4"' in str(e)
+            else:
+                raise AssertionError("ADD NODE succeeded without its peer")
+        assert [n.name for n in a.router.cluster.group.nodes] == ["node1", "node2", "node3"]
+        # Once the peer is back, the node joins everywhere.
+        b = RouterThread(config_b)
+        try:
+            assert "node4" not in [n.name for n in b.router.cluster.group.nodes]
+            with psycopg.connect(a.dsn("pgquorum"), autocommit=True) as admin:
+                admin.execute(add)
+            assert wait_recovery(a)["phase"] == "done"
+            eventually(lambda: state(b, "node4") is NodeState.ONLINE)
+            with psycopg.connect(b.dsn(), autocommit=True) as conn:
+                conn.execute("INSERT INTO h VALUES ('through b, on four nodes')")
+        finally:
+            b.stop()
+        assert_nodes_identical(nodes, "postgres")
+    finally:
+        a.stop()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from pgquorum.cluster.model import NodeState
 from pgquorum.cluster.state import NodeStatus
-from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, PgError
+from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, UNDEFINED_OBJECT, PgError
 from pgquorum.recovery.gate import StillOpen
 from pgquorum.recovery.queue import RemoteQueue
 
@@ -180,7 +180,12 @@ class Peers:
                 await admin_query(host, port, user, password, command, timeout=5)
                 self.sent += 1
                 return
-            except (NodeLost, PgError, OSError, TimeoutError) as e:
+            except PgError as e:
+                if e.sqlstate == UNDEFINED_OBJECT:  # a node it never had: nothing to fail
+                    log.info("peer %s:%d has no such node: %s", host, port, e.message)
+                    return
+                log.warning("peer %s:%d not told yet (%s); retrying in %.1fs", host, port, e, delay)
+            except (NodeLost, OSError, TimeoutError) as e:
                 log.warning("peer %s:%d not told yet (%s); retrying in %.1fs", host, port, e, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)
@@ -197,7 +202,7 @@ class Peers:
                     raise PgError(
                         OBJECT_NOT_IN_PREREQUISITE_STATE,
                         f"peer router {host}:{port} did not take "
-                        f"{command.split(' FROM')[0]!r}: {e}",
+                        f"{command.removesuffix(' FROM PEER')}: {e}",
                     ) from None
                 log.warning("peer %s:%d did not take %r: %s", host, port, command, e)
 

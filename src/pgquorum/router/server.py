@@ -145,9 +145,17 @@ class Router:
         cluster.add_node(node, "new node: joins the group by recovery")
         if from_peer:
             return
-        await self.peers.tell(
-            f"ADD NODE {quote_ident(node.name)} {console_literal(node.host)} {node.port} FROM PEER"
-        )
+        try:
+            await self.peers.tell(
+                f"ADD NODE {quote_ident(node.name)} {console_literal(node.host)} {node.port} "
+                "FROM PEER"
+            )
+        except PgError:
+            # Nothing half done: the node leaves the group again, here and at the peers
+            # that took it (a recovery needs every router to queue for it anyway).
+            cluster.remove_node(node.name)
+            await self.peers.tell(f"REMOVE NODE {quote_ident(node.name)} FROM PEER", strict=False)
+            raise
         self.start_recovery(node.name)
 
     async def remove_node(self, name: str, *, from_peer: bool = False) -> None:

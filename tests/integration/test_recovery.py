@@ -224,9 +224,11 @@ def test_settings_from_before_the_recovery_and_copy_during_it_replay(
     assert worker.execute("SHOW statement_timeout").fetchone() == ("70s",)
     other = psycopg.connect(rt.dsn(), autocommit=True)
     other.execute("SET search_path = public; SELECT 1; SET search_path = s2, public")
+    # A setting made with set_config() and a bound value, as row level security does.
+    other.execute("SELECT set_config('app.tenant', %s, false)", ("acme's",))
     holder = recover_held_open(rt)
     worker.execute("INSERT INTO t VALUES (1, 'goes to s1')")
-    other.execute("INSERT INTO t VALUES (1, 'goes to s2')")
+    other.execute("INSERT INTO t VALUES (1, current_setting('app.tenant'))")
     with worker.cursor().copy("COPY t (id, v) FROM STDIN") as copy:
         for i in range(2, 200):
             copy.write_row((i, f"copied {i}"))
@@ -241,6 +243,7 @@ def test_settings_from_before_the_recovery_and_copy_during_it_replay(
     other.close()
     assert nodes[2].psql("SELECT count(*) FROM s1.t") == "200"
     assert nodes[2].psql("SELECT count(*) FROM s2.t") == "2"
+    assert nodes[2].psql("SELECT v FROM s2.t WHERE id = 1") == "acme's"
     assert nodes[2].psql("SELECT count(*) FROM public.t") == "0"
     assert_nodes_identical(nodes, "postgres")
 

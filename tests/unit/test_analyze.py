@@ -1245,6 +1245,26 @@ def test_session_setting(sql: str, setting: tuple[str, str] | None) -> None:
     assert Analyzer().analyze(sql).settings == expected
 
 
+@pytest.mark.parametrize(
+    ("sql", "name"),
+    [
+        ("SELECT set_config('App.Tenant', $1, false)", "app.tenant"),
+        ("select pg_catalog.set_config('x.y', 'v', 'off')", "x.y"),
+        ("SELECT set_config('x.y', NULL, 'F')", "x.y"),
+        # Only the transaction, or maybe not run at all: nothing for a later connection.
+        ("SELECT set_config('x.y', 'v', true)", None),
+        ("SELECT set_config('x.y', 'v', $3)", None),
+        ("SELECT set_config('x.y', 'v', false) LIMIT 0", None),
+        ("SELECT set_config('x.y', 'v', false) FROM t WHERE false", None),
+        ("SELECT set_config('x.y', 'v', false), 1", None),
+        ("SELECT set_config($1, 'v', false)", None),
+    ],
+)
+def test_session_setting_made_by_set_config(sql: str, name: str | None) -> None:
+    expected = () if name is None else (("set", name, 0, len(sql)),)
+    assert Analyzer().analyze(sql).settings == expected
+
+
 def test_session_settings_of_several_statements() -> None:
     sql = "SET a.x = 'é😀' ; SELECT 1; SAVEPOINT s; SET LOCAL b.y = 2; RESET c.z"
     settings = Analyzer().analyze(sql).settings

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from pgquorum.protocol import messages as m
 from pgquorum.protocol.errors import PgError, ProtocolViolation
 from pgquorum.protocol.framing import DEFAULT_MAX_MESSAGE_SIZE, MAX_STARTUP_SIZE, Framer
 from pgquorum.protocol.messages import (
@@ -673,3 +674,20 @@ def test_take_run_returns_whole_messages_of_one_type() -> None:
     assert f.next_message() == (ord("c"), b"")
     f.feed(frame(ord("d"), b"x")[:4])
     assert f.take_run(ord("d")) == b""  # a partial message stays buffered
+
+
+def test_bind_text_params() -> None:
+    def bind(formats: list[int], values: list[bytes | None]) -> bytes:
+        out = b"portal\0stmt\0" + struct.pack("!h", len(formats))
+        out += b"".join(struct.pack("!h", f) for f in formats)
+        out += struct.pack("!h", len(values))
+        for v in values:
+            out += struct.pack("!i", -1) if v is None else struct.pack("!i", len(v)) + v
+        return out + struct.pack("!h", 0)
+
+    for payload in (bind([], [b"a'b", None]), bind([0], [b"a'b", None])):
+        m.parse_bind(payload)  # well formed
+        assert m.bind_text_params(payload) == ["a'b", None]
+    assert m.bind_text_params(bind([0, 1], [b"x", b"\0\0\0\1"])) is None
+    assert m.bind_text_params(bind([1], [b"\0\0\0\1"])) is None
+    assert m.bind_text_params(bind([], [b"\xff"])) == ["\udcff"]  # kept as its bytes

@@ -324,6 +324,30 @@ def parse_bind(payload: bytes) -> Bind:
     return Bind(portal, stmt)
 
 
+def bind_text_params(payload: bytes) -> list[str | None] | None:
+    """The parameter values of a Bind already checked by parse_bind, as text (None for
+    NULL); None if any is in binary format."""
+    pos = payload.find(b"\0", payload.find(b"\0") + 1) + 1
+    (nfmt,) = _I16.unpack_from(payload, pos)
+    formats = [_I16.unpack_from(payload, pos + 2 + 2 * i)[0] for i in range(nfmt)]
+    pos += 2 + 2 * nfmt
+    (nparams,) = _I16.unpack_from(payload, pos)
+    pos += 2
+    values: list[str | None] = []
+    for i in range(nparams):
+        fmt = formats[0] if nfmt == 1 else formats[i] if nfmt else 0
+        if fmt != 0:
+            return None
+        (length,) = _I32.unpack_from(payload, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(payload[pos : pos + length].decode("utf-8", "surrogateescape"))
+            pos += length
+    return values
+
+
 def _kind_and_name(payload: bytes, what: str) -> tuple[str, str]:
     # Slicing, not a Cursor: one Describe per prepared execution is on the hot path.
     if not payload:

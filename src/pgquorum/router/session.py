@@ -22,6 +22,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from pglast import Error as PglastError
+from pglast.parser import scan
+
 from pgquorum import failpoints
 from pgquorum.cluster.state import NodeStatus
 from pgquorum.protocol import messages as m
@@ -1032,16 +1035,25 @@ class ClientSession(asyncio.Protocol):
             self.txn_node = None
             self.portals.clear()
 
-    def _note_settings(self, a: Analysis, sql: str) -> None:
+    def _note_settings(self, a: Analysis, sql: str, params: list[str | None] | None = None) -> None:
         """The session SETs and RESETs of a statement that ran: a node the session connects
         to later (or a replay of the session on a recovering node) gets them first, once
         the transaction that made them commits. A rollback to a savepoint undoes those
-        made since."""
+        made since. ``params``: the values bound to an extended-protocol statement."""
         pending = self._txn_settings
         marks = self._savepoints  # each with how many of the pending came before it
         for kind, name, start, end in a.settings:
             if kind == "set" or kind == "reset":
-                pending.append((kind == "reset", name, m.encode_query(sql[start:end])))
+                text = _with_values(sql[start:end], params)
+                if text is None:
+                    log.warning(
+                        "session %s: %s is kept for later connections without its binary "
+                        "parameters",
+                        self.id,
+                        name,
+                    )
+                    continue
+                pending.append((kind == "reset", name, m.encode_query(text)))
             elif kind == "savepoint":
                 marks.append((name, len(pending)))
             else:
@@ -1728,7 +1740,9 @@ class ClientSession(asyncio.Protocol):
         closes: list[str] = []
         executes = 0
         executed: list[Analysis] = []
-        settings: list[Statement] = []  # executed statements that SET, RESET or SAVEPOINT
+        # Executed statements that SET, RESET or SAVEPOINT, with their portal's Bind.
+        settings: list[tuple[Statement, bytes | None]] = []
+        binds: dict[str, bytes] = {}
         statements = self.statements
         # Where each portal was bound, and the last Execute: a statement rewritten for an
         # execution (its own sequence values) changes only the messages since that Execute.
@@ -1747,6 +1761,7 @@ class ClientSession(asyncio.Protocol):
                 b = m.parse_bind(payload)
                 info = bound[b.portal] = statements.get(b.statement)
                 bound_at[b.portal] = i
+                binds[b.portal] = payload
             elif mtype == m.EXECUTE:
                 executes += 1
                 portal = m.parse_execute(payload).portal
@@ -1755,7 +1770,7 @@ class ClientSession(asyncio.Protocol):
                     if stmt is not None:
                         executed.append(stmt.analysis)
                         if stmt.analysis.settings:
-                            settings.append(stmt)
+                            settings.append((stmt, binds.get(portal)))
                         self._note_unpreparable(stmt.analysis)
                         r = await self._resolve(stmt.analysis)
                         try:
@@ -1828,8 +1843,9 @@ class ClientSession(asyncio.Protocol):
                     res = await self._write_unit(locked, single=executes == 1)
                 targets = tuple(self._online_conns())
             if settings and not res.error:
-                for stmt in settings:
-                    self._note_settings(stmt.analysis, stmt.parse.query)
+                for stmt, bind in settings:
+                    params = m.bind_text_params(bind) if bind is not None else None
+                    self._note_settings(stmt.analysis, stmt.parse.query, params)
             self._reply(res)
         else:
             conn = self._lead() if route is Route.LEAD else self._pick_read()
@@ -1844,6 +1860,28 @@ class ClientSession(asyncio.Protocol):
         self._after_unit(res, route, strict, catalog_change)
         for a in executed:
             self._after_catalog_work(a)
+
+
+def _with_values(text: str, params: list[str | None] | None) -> str | None:
+    """``text`` with its parameters ($1...) written as literals of the bound values; None if
+    a value is missing (bound in binary, or not at all)."""
+    if "$" not in text:
+        return text
+    try:
+        tokens = [t for t in scan(text) if t.name == "PARAM"]
+    except PglastError:
+        return None
+    out = []
+    pos = 0
+    for t in tokens:
+        n = int(text[t.start + 1 : t.end + 1])
+        if params is None or not 0 < n <= len(params):
+            return None
+        value = params[n - 1]
+        out += [text[pos : t.start], "NULL" if value is None else quote_literal(value)]
+        pos = t.end + 1
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def _repoint(

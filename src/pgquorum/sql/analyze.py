@@ -17,7 +17,13 @@ from typing import Any, TypeVar
 
 from pglast import Error as PglastError
 from pglast import ast
-from pglast.enums import ObjectType, SQLValueFunctionOp, TransactionStmtKind, VariableSetKind
+from pglast.enums import (
+    ObjectType,
+    SetOperation,
+    SQLValueFunctionOp,
+    TransactionStmtKind,
+    VariableSetKind,
+)
 from pglast.parser import fingerprint, parse_sql, scan
 
 
@@ -469,6 +475,55 @@ def _session_setting(stmt: Any) -> tuple[str, str] | None:
     return ("reset" if stmt.kind is VariableSetKind.VAR_RESET else "set", name)
 
 
+_FALSE = frozenset({"false", "off", "f", "no", "n", "0", "of", "fa", "fal", "fals"})
+
+
+def _set_config(stmt: Any) -> tuple[str, str] | None:
+    """``SELECT set_config('name', value, false)`` and nothing else: a session setting made
+    with a function (applications that keep, say, the tenant of row level security in a
+    setting do this), as ("set", name). The value may be a parameter; is_local must be a
+    constant."""
+    if (
+        stmt.fromClause
+        or stmt.whereClause
+        or stmt.withClause
+        or stmt.groupClause
+        or stmt.havingClause
+        or stmt.valuesLists
+        or stmt.op != SetOperation.SETOP_NONE
+        or stmt.intoClause
+        or stmt.limitCount
+        or stmt.limitOffset
+        or stmt.sortClause
+        or stmt.distinctClause
+        or stmt.lockingClause
+        or stmt.windowClause
+        or not stmt.targetList
+        or len(stmt.targetList) != 1
+    ):
+        return None
+    call: Any = stmt.targetList[0].val
+    if type(call) is not ast.FuncCall or call.over or call.agg_filter or call.agg_star:
+        return None
+    if [n.sval for n in call.funcname or ()] not in (["set_config"], ["pg_catalog", "set_config"]):
+        return None
+    if not call.args or len(call.args) != 3:
+        return None
+    name, _, local = call.args
+    if type(name) is not ast.A_Const or type(name.val) is not ast.String or not name.val.sval:
+        return None
+    if type(local) is not ast.A_Const:
+        return None
+    value: Any = local.val
+    if type(value) is ast.Boolean:
+        is_local = value.boolval
+    elif type(value) is ast.String and (value.sval or "").strip().lower() in _FALSE:
+        is_local = False
+    else:
+        return None  # true, or something PostgreSQL may refuse: not worth keeping
+    return None if is_local else ("set", name.val.sval.lower())
+
+
 def _variable_set_strict(stmt: Any) -> bool:
     name = (stmt.name or "").lower()  # GUC names are case-insensitive
     if stmt.kind is VariableSetKind.VAR_SET_VALUE and name in _ISOLATION_GUCS:
@@ -769,10 +824,13 @@ def _parse(sql: str) -> tuple[Analysis, bool]:
     analysis, fp_safe = _combine(parts)
     settings = []
     for part, raw in zip(parts, stmts, strict=True):
-        if part.setting is not None:
+        setting = part.setting
+        if setting is None and type(raw.stmt) is ast.SelectStmt:
+            setting = _set_config(raw.stmt)
+        if setting is not None:
             start = raw.stmt_location or 0
             end = start + raw.stmt_len if raw.stmt_len else len(sql)  # 0: to the end
-            settings.append((*part.setting, start, end))
+            settings.append((*setting, start, end))
     if settings:
         analysis = dataclasses.replace(analysis, settings=tuple(settings))
     return analysis, fp_safe

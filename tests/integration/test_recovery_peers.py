@@ -7,12 +7,14 @@ import time
 from pathlib import Path
 
 import psycopg
+import pytest
 from cli_harness import dsn, run_cli, start_workers, worker_dsn
 from recovery_harness import fail_by_killing, recover, recover_held_open, wait_recovery
 from router_harness import RouterThread, eventually, pair_configs, state
 
 from helpers import Transfers, assert_nodes_identical
 from pgquorum.cluster.model import NodeState
+from pgquorum.router.peers import RETRY_MAX_S
 
 
 def setup_table(rt: RouterThread) -> None:
@@ -151,3 +153,32 @@ def test_a_node_a_peer_refuses_is_not_half_added(make_nodes, tmp_path: Path) -> 
         assert_nodes_identical(nodes, "postgres")
     finally:
         a.stop()
+
+
+@pytest.mark.slow
+def test_a_late_failure_notice_does_not_fail_the_recovered_node(make_nodes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A router tells a peer that was down of a failure with retries further and further
+    apart. The recovery's start reaches that peer first (it must), and supersedes it: the
+    notice, still on its way, must not fail the node again once it is recovered."""
+    nodes = make_nodes(3)
+    config_a, config_b = pair_configs(nodes, tmp_path)
+    a = RouterThread(config_a)
+    b = None
+    try:
+        setup_table(a)
+        fail_by_killing(a, nodes[2])  # b is down: a keeps trying to tell it
+        time.sleep(4)  # the retries are seconds apart now
+        b = RouterThread(config_b)
+        recover(a, "node3")
+        assert wait_recovery(a)["phase"] == "done"
+        eventually(lambda: state(b, "node3") is NodeState.ONLINE)  # type: ignore[arg-type]
+        time.sleep(RETRY_MAX_S)  # the notice's next try has come and gone
+        assert state(a, "node3") is NodeState.ONLINE
+        assert state(b, "node3") is NodeState.ONLINE
+        with psycopg.connect(b.dsn(), autocommit=True) as conn:
+            conn.execute("INSERT INTO h VALUES ('through b, on three nodes')")
+        assert_nodes_identical(nodes, "postgres")
+    finally:
+        a.stop()
+        if b is not None:
+            b.stop()

@@ -1,7 +1,8 @@
 """Peer routers in front of the same group: failures are told to every peer at once.
 
 A router that fails a node sends ``FAIL NODE name REASON '...'`` to the admin console of
-every peer, retrying with backoff until the peer acknowledges; the peer fails the node before
+every peer, retrying with backoff until the peer acknowledges (or a recovery of the node
+begins, which reaches every peer and supersedes the notice); the peer fails the node before
 its sessions' next statement (and tells its own peers, which already know: a no-op). At
 start-up a router asks its peers for their node states and takes over every FAILED node, so a
 restarted router never resurrects a node another one failed.
@@ -75,6 +76,7 @@ class Peers:
         self.router = router
         self.addresses = router.settings.peers
         self._tasks: set[asyncio.Task[None]] = set()
+        self._failing: dict[str, set[asyncio.Task[None]]] = {}  # FAIL NODE notices by node
         self.sent = 0  # acknowledged notifications, for tests and SHOW
 
     async def start(self) -> None:
@@ -163,14 +165,22 @@ class Peers:
                     )
 
     def _changed(self, st: NodeStatus) -> None:
+        name = st.node.name
         if st.state is not NodeState.FAILED:
+            # A recovery began (it reached every peer first) or ended: a failure notice
+            # still retrying is out of date, and arriving late it would fail the node again.
+            for task in self._failing.pop(name, ()):
+                task.cancel()
             return
-        command = fail_node_command(st.node.name, st.reason)
+        command = fail_node_command(name, st.reason)
         loop = asyncio.get_running_loop()
+        pending = self._failing.setdefault(name, set())
         for host, port in self.addresses:
             task = loop.create_task(self._notify(host, port, command))
             self._tasks.add(task)
+            pending.add(task)
             task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(pending.discard)
 
     async def _notify(self, host: str, port: int, command: str) -> None:
         delay = RETRY_FIRST_S

@@ -717,6 +717,15 @@ def test_shape_cache_takes_a_shape_per_sign() -> None:
     assert analyzer.stats()["shape_hits"] == 46
 
 
+def test_long_texts_get_no_shape() -> None:
+    analyzer = Analyzer()
+    values = ", ".join(f"({i}, {i})" for i in range(400))
+    for i in range(3):
+        analyzer.analyze(f"INSERT INTO t VALUES {values}, ({i}, {i})")
+    assert analyzer.stats()["shape_entries"] == 0
+    assert analyzer.stats()["fingerprint_hits"] == 2
+
+
 def test_shape_cache_with_text_beyond_ascii() -> None:
     analyzer = Analyzer()
     analyzer.analyze("SELECT 'é😀', lower(x) FROM t WHERE a = 1")

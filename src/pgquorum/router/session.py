@@ -1047,8 +1047,8 @@ class ClientSession(asyncio.Protocol):
                 text = _with_values(sql[start:end], params)
                 if text is None:
                     log.warning(
-                        "session %s: %s is kept for later connections without its binary "
-                        "parameters",
+                        "session %s: setting %s is not kept for nodes connected later: its "
+                        "value was bound in binary format",
                         self.id,
                         name,
                     )

@@ -851,6 +851,7 @@ def _parse(sql: str) -> tuple[Analysis, bool]:
 _DIGITS = re.compile(r"[0-9]+")
 _HOLE = re.compile(r"[0-9]{1,9}(?![0-9])")
 _SHAPES_PER_KEY = 4  # shapes that differ only in the digits of identifiers or strings
+_SHAPE_MAX_TEXT = 2048  # longer texts go by fingerprint
 
 
 def _shape(sql: str) -> tuple[str, ...] | None:
@@ -900,9 +901,9 @@ class Analyzer:
     parse) so that statements differing only in constants share one analysis; see the
     fingerprint-safety notes above for what may be shared.  Each cache holds at most
     `max_entries`; when full, the oldest eighth is dropped.  Texts longer than
-    `max_text_len` are not kept by text or shape (they would pin a lot of memory) but still
-    use the fingerprint cache.  Not thread-safe; fine for one asyncio loop (no awaits
-    inside).
+    `max_text_len` are not kept by text, nor those over 2048 characters by shape (they
+    would pin a lot of memory), but they still use the fingerprint cache.  Not thread-safe;
+    fine for one asyncio loop (no awaits inside).
     """
 
     __slots__ = (
@@ -937,7 +938,8 @@ class Analyzer:
 
     def _analyze_miss(self, sql: str) -> Analysis:
         short = len(sql) <= self._max_text_len
-        key = _DIGITS.sub("", sql) if short else ""
+        shaped = len(sql) <= _SHAPE_MAX_TEXT  # shapes of long texts would pin much memory
+        key = _DIGITS.sub("", sql) if shaped else ""
         for shape, known in self._by_shape.get(key, ()):
             if _fits(sql, shape):
                 self.shape_hits += 1
@@ -960,7 +962,7 @@ class Analyzer:
                     # Seen twice: worth a shape, taken once per fingerprint and lookup key
                     # (`x + 5` and `x + -5` have one fingerprint but two shapes).
                     tried = fp + key
-                    if short and text is sql and tried not in self._shaped:
+                    if shaped and text is sql and tried not in self._shaped:
                         self._store(self._shaped, tried, True)
                         cut = _shape(sql)
                         if cut is not None:

@@ -169,6 +169,9 @@ def test_a_late_failure_notice_does_not_fail_the_recovered_node(make_nodes, tmp_
         fail_by_killing(a, nodes[2])  # b is down: a keeps trying to tell it
         time.sleep(4)  # the retries are seconds apart now
         b = RouterThread(config_b)
+        # b tells a of the failure it took over at start-up; arriving during the recovery,
+        # that (current) notice would end it.
+        eventually(lambda: b is not None and b.router.peers.sent >= 1)
         recover(a, "node3")
         assert wait_recovery(a)["phase"] == "done"
         eventually(lambda: state(b, "node3") is NodeState.ONLINE)  # type: ignore[arg-type]

@@ -298,7 +298,7 @@ def recover(
     """Bring a FAILED node back while clients go on: rebuilt from a snapshot of a healthy
     node, then the transactions committed meanwhile replayed. Exit 1 if it fails."""
     from pgquorum.local.cluster import start_if_down
-    from pgquorum.router.commit import quote_ident
+    from pgquorum.sql.quoting import quote_ident
 
     if start_if_down(directory, node):
         console.print(f"started the server of {node}")
@@ -317,7 +317,8 @@ def add_node(
     node_host, _, node_port = address.rpartition(":")
     if not node_host or not node_port.isdigit():
         raise click.BadParameter("expected HOST:PORT", param_hint="ADDRESS")
-    from pgquorum.router.commit import console_literal, quote_ident
+    from pgquorum.router.commit import console_literal
+    from pgquorum.sql.quoting import quote_ident
 
     command = f"ADD NODE {quote_ident(node)} {console_literal(node_host)} {int(node_port)}"
     _recover((host, port, user, password), node, command)
@@ -329,7 +330,7 @@ def add_node(
 def remove_node(node: str, host: str, port: int, user: str, password: str | None) -> None:
     """Take NODE out of the group for good (on every peer router too)."""
     from pgquorum.router.client import admin_query
-    from pgquorum.router.commit import quote_ident
+    from pgquorum.sql.quoting import quote_ident
 
     command = f"REMOVE NODE {quote_ident(node)}"
     try:

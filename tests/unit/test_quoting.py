@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from pgquorum.router.commit import console_literal, quote_literal
+from pgquorum.router.commit import console_literal
 from pgquorum.router.peers import fail_node_command, parse_fail_node
+from pgquorum.sql.quoting import quote_literal
 
 
 def test_sql_literal_holds_under_either_standard_conforming_strings() -> None:

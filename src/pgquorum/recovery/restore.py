@@ -27,7 +27,7 @@ from pgquorum.cluster.model import Node
 from pgquorum.local.binaries import PgBinaries, find_binaries
 from pgquorum.local.instance import conninfo_quote
 from pgquorum.router.client import Link
-from pgquorum.router.commit import quote_ident, quote_literal
+from pgquorum.sql.quoting import quote_ident, quote_literal
 
 APPLICATION_NAME = "pgquorum recovery"
 PROGRESS_INTERVAL_S = 0.2

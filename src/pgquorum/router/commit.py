@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from pgquorum.cluster.model import Node
 from pgquorum.cluster.store import DecisionLog
 from pgquorum.protocol import messages as m
+from pgquorum.sql.quoting import quote_literal
 
 from .backend import NodeLost
 from .client import Link, query
@@ -35,21 +36,9 @@ GID_PREFIX = "pgq/"
 RESOLVE_INTERVAL_S = 30.0
 
 
-def quote_literal(text: str) -> str:
-    """A string literal for PostgreSQL, read the same whatever standard_conforming_strings
-    says (E'' where there are backslashes)."""
-    if "\\" in text:
-        return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
-    return "'" + text.replace("'", "''") + "'"
-
-
 def console_literal(text: str) -> str:
     """A string in the admin console's own commands: '' doubles a quote, nothing else."""
     return "'" + text.replace("'", "''") + "'"
-
-
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 class CommitCoordinator:

@@ -22,10 +22,11 @@ from pgquorum.cluster.state import NodeStatus
 from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, UNDEFINED_OBJECT, PgError
 from pgquorum.recovery.gate import StillOpen
 from pgquorum.recovery.queue import RemoteQueue
+from pgquorum.sql.quoting import quote_ident
 
 from .backend import NodeLost
 from .client import Link, admin_link, admin_query
-from .commit import console_literal, quote_ident
+from .commit import console_literal
 
 if TYPE_CHECKING:
     from .server import Router

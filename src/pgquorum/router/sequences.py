@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 from pgquorum.cluster.model import Node
 from pgquorum.protocol.errors import FEATURE_NOT_SUPPORTED, PgError
+from pgquorum.sql.quoting import quote_literal
 
 from .backend import NodeLost
 from .client import query
-from .commit import quote_literal
 
 if TYPE_CHECKING:
     from .server import Router

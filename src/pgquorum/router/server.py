@@ -26,10 +26,11 @@ from pgquorum.recovery.gate import WriteGate
 from pgquorum.recovery.queue import QueueUnavailable, Sink
 from pgquorum.sql.analyze import Analyzer
 from pgquorum.sql.catalog import FunctionCatalog, TableCatalog
+from pgquorum.sql.quoting import quote_ident
 
 from .admin import AdminConsole
 from .backend import open_transport
-from .commit import CommitCoordinator, console_literal, quote_ident
+from .commit import CommitCoordinator, console_literal
 from .peers import Peers
 from .sequences import SequenceAllocator
 from .session import ClientSession

@@ -50,6 +50,7 @@ from pgquorum.sql.determinism import (
     TIME_FUNCTIONS,
     check_and_rewrite,
 )
+from pgquorum.sql.quoting import quote_literal
 
 from .backend import (
     EXPECT_QUERY,
@@ -60,7 +61,6 @@ from .backend import (
     NodeLost,
     UnitResult,
 )
-from .commit import quote_literal
 from .sequences import lock_sql
 
 if TYPE_CHECKING:

@@ -31,6 +31,7 @@ from pglast.stream import RawStream
 from pgquorum.protocol.errors import FEATURE_NOT_SUPPORTED, PgError
 
 from .analyze import _child_attrs, _func_name
+from .quoting import quote_ident
 
 NEXTVAL = frozenset({"nextval", "pg_catalog.nextval"})
 CURRVAL = frozenset({"currval", "pg_catalog.currval"})
@@ -134,16 +135,12 @@ def _drawn_by_nodes(columns: list[Column], where: str, remedy: str) -> set[str]:
 
 def _table_name(rel: Any) -> str:
     if rel.schemaname:
-        return f"{_ident(rel.schemaname)}.{_ident(rel.relname)}"
-    return _ident(rel.relname)
+        return f"{quote_ident(rel.schemaname)}.{quote_ident(rel.relname)}"
+    return quote_ident(rel.relname)
 
 
 def _any(obj: object) -> Any:
     return obj
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _default_expr(col: Column) -> Any:

@@ -7,10 +7,9 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 import uvloop
@@ -19,6 +18,11 @@ from rich.live import Live
 from rich.table import Table
 
 from pgquorum.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from pgquorum.router.client import Link
 
 console = Console()
 T = TypeVar("T")
@@ -343,12 +347,9 @@ def remove_node(node: str, host: str, port: int, user: str, password: str | None
 
 def _recover(router: tuple[str, int, str, str | None], node: str, command: str) -> None:
     """Start a recovery with ``command`` and follow it to its end."""
-    from pgquorum.router.client import admin_query
-
     host, port, user, password = router
     try:
-        _run_value(admin_query(host, port, user, password, command))
-        info = _follow_recovery(host, port, user, password)
+        info = _run_value(_start_and_follow(host, port, user, password, command))
     except Exception as e:
         console.print(f"recovery of {node} failed: {e}", style="red", markup=False)
         sys.exit(1)
@@ -362,11 +363,14 @@ def _recover(router: tuple[str, int, str, str | None], node: str, command: str) 
     )
 
 
-def _follow_recovery(host: str, port: int, user: str, password: str | None) -> dict[str, str]:
-    """Poll SHOW RECOVERY, drawing a progress bar, until the recovery ends."""
+async def _start_and_follow(
+    host: str, port: int, user: str, password: str | None, command: str
+) -> dict[str, str]:
+    """Start a recovery with ``command``, then poll SHOW RECOVERY on the same admin
+    connection, drawing a progress bar, until the recovery ends."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 
-    from pgquorum.router.client import admin_query
+    from pgquorum.router.client import admin_link
 
     columns = (
         SpinnerColumn(),
@@ -376,23 +380,32 @@ def _follow_recovery(host: str, port: int, user: str, password: str | None) -> d
         TextColumn("{task.fields[size]}"),
         TextColumn("queue {task.fields[depth]}"),
     )
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("recovery", total=1, phase="starting", size="", depth="0")
-        while True:
-            cols, rows = _run_value(admin_query(host, port, user, password, "SHOW RECOVERY"))
-            info = {c: v or "" for c, v in zip(cols, rows[0], strict=True)} if rows else {}
-            done_dbs, _, dbs = info.get("databases", "0/0").partition("/")
-            bar.update(
-                task,
-                total=max(int(dbs or 0), 1),
-                completed=int(done_dbs or 0),
-                phase=info.get("phase", ""),
-                size=f"{int(info.get('bytes') or 0) / 1e6:.1f} MB",
-                depth=info.get("queue_depth", "0"),
-            )
-            if info.get("phase") in ("done", "failed"):
-                return info
-            time.sleep(0.2)
+    link = await admin_link(host, port, user, password)
+    try:
+        await link.query(command)
+        with Progress(*columns, console=console, transient=True) as bar:
+            return await _follow(link, bar)
+    finally:
+        link.close()
+
+
+async def _follow(link: Link, bar: Progress) -> dict[str, str]:
+    task = bar.add_task("recovery", total=1, phase="starting", size="", depth="0")
+    while True:
+        cols, rows = await link.query("SHOW RECOVERY")
+        info = {c: v or "" for c, v in zip(cols, rows[0], strict=True)} if rows else {}
+        done_dbs, _, dbs = info.get("databases", "0/0").partition("/")
+        bar.update(
+            task,
+            total=max(int(dbs or 0), 1),
+            completed=int(done_dbs or 0),
+            phase=info.get("phase", ""),
+            size=f"{int(info.get('bytes') or 0) / 1e6:.1f} MB",
+            depth=info.get("queue_depth", "0"),
+        )
+        if info.get("phase") in ("done", "failed"):
+            return info
+        await asyncio.sleep(0.2)
 
 
 def _print_table(cols: list[str], rows: list[list[str | None]], title: str | None = None) -> None:

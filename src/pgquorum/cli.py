@@ -390,6 +390,7 @@ async def _start_and_follow(
 
 
 async def _follow(link: Link, bar: Progress) -> dict[str, str]:
+    """SHOW RECOVERY five times a second, drawn on ``bar``, until the recovery ends."""
     task = bar.add_task("recovery", total=1, phase="starting", size="", depth="0")
     while True:
         cols, rows = await link.query("SHOW RECOVERY")

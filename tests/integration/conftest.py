@@ -53,9 +53,11 @@ def cluster_dir(pg_binaries: PgBinaries) -> Iterator[Path]:
     """A short, fresh directory for `pgquorum up`; anything left running is stopped at the end."""
     d = Path(tempfile.mkdtemp(prefix="pgq-cli-"))
     yield d
-    run_cli("down", "--dir", str(d), timeout=120)
-    for p in d.glob("node*"):
-        node = LocalNode(p.name, p, 0, pg_binaries)
-        if node.is_running():
-            node.kill()
-    shutil.rmtree(d, ignore_errors=True)
+    try:
+        run_cli("down", "--dir", str(d), timeout=120)
+    finally:
+        for p in d.glob("node*"):
+            node = LocalNode(p.name, p, 0, pg_binaries)
+            if node.is_running():
+                node.kill()
+        shutil.rmtree(d, ignore_errors=True)

@@ -1381,9 +1381,7 @@ class ClientSession(asyncio.Protocol):
         """Before a write that is not part of a transaction that wrote: True (and the
         session marked writing) if nothing is in the way, else _before_write must run.
         The common case costs no coroutine on the per-statement path."""
-        if self.router.write_gate.held or (
-            self._adopted_generation != self.router.cluster.generation
-        ):
+        if self.router.write_gate.held or self._nodes_changed():
             return False
         self.writing = True
         return True
@@ -1741,8 +1739,7 @@ class ClientSession(asyncio.Protocol):
         executes = 0
         executed: list[Analysis] = []
         # Executed statements that SET, RESET or SAVEPOINT, with their portal's Bind.
-        settings: list[tuple[Statement, bytes | None]] = []
-        binds: dict[str, bytes] = {}
+        settings: list[tuple[Statement, bytes]] = []
         statements = self.statements
         # Where each portal was bound, and the last Execute: a statement rewritten for an
         # execution (its own sequence values) changes only the messages since that Execute.
@@ -1761,7 +1758,6 @@ class ClientSession(asyncio.Protocol):
                 b = m.parse_bind(payload)
                 info = bound[b.portal] = statements.get(b.statement)
                 bound_at[b.portal] = i
-                binds[b.portal] = payload
             elif mtype == m.EXECUTE:
                 executes += 1
                 portal = m.parse_execute(payload).portal
@@ -1769,14 +1765,14 @@ class ClientSession(asyncio.Protocol):
                     stmt = bound[portal]
                     if stmt is not None:
                         executed.append(stmt.analysis)
-                        if stmt.analysis.settings:
-                            settings.append((stmt, binds.get(portal)))
+                        # A portal's first Execute since its Bind runs the statement;
+                        # another one only fetches more of its rows.
+                        at = bound_at.pop(portal, None)
+                        if at is not None and stmt.analysis.settings:
+                            settings.append((stmt, batch[at][1]))  # with its Bind
                         self._note_unpreparable(stmt.analysis)
                         r = await self._resolve(stmt.analysis)
                         try:
-                            # A portal's first Execute since its Bind runs the statement;
-                            # another one only fetches more of its rows.
-                            at = bound_at.pop(portal, None)
                             if at is not None and _may_need_fixing(stmt.analysis):
                                 fixed = await self._fix_statement(stmt, r)
                                 if fixed is not stmt:
@@ -1844,7 +1840,7 @@ class ClientSession(asyncio.Protocol):
                 targets = tuple(self._online_conns())
             if settings and not res.error:
                 for stmt, bind in settings:
-                    params = m.bind_text_params(bind) if bind is not None else None
+                    params = m.bind_text_params(bind)
                     self._note_settings(stmt.analysis, stmt.parse.query, params)
             self._reply(res)
         else:

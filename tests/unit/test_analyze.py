@@ -1238,8 +1238,15 @@ def test_notify_anywhere_is_flagged(sql: str) -> None:
         ("RESET ALL", ("reset", "")),
         (
             "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
-            ("set", "session characteristics"),
+            ("set", "default_transaction_read_only"),
         ),
+        (
+            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            ("set", "default_transaction_isolation"),
+        ),
+        ("DISCARD ALL", ("reset", "")),  # as poolers reset a connection
+        ("DISCARD PLANS", None),
+        ("SET TRANSACTION SNAPSHOT '00000003-0000001B-1'", None),
         ("SAVEPOINT a", ("savepoint", "a")),
         ('RELEASE SAVEPOINT "B"', ("release", "B")),
         ("ROLLBACK TO a", ("rollback to", "a")),
@@ -1259,6 +1266,7 @@ def test_session_setting(sql: str, setting: tuple[str, str] | None) -> None:
     [
         ("SELECT set_config('App.Tenant', $1, false)", "app.tenant"),
         ("select pg_catalog.set_config('x.y', 'v', 'off')", "x.y"),
+        ("SELECT set_config('x.y'::text, 'v', false)", "x.y"),
         ("SELECT set_config('x.y', NULL, 'F')", "x.y"),
         # Only the transaction, or maybe not run at all: nothing for a later connection.
         ("SELECT set_config('x.y', 'v', true)", None),

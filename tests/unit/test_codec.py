@@ -690,4 +690,5 @@ def test_bind_text_params() -> None:
         assert m.bind_text_params(payload) == ["a'b", None]
     assert m.bind_text_params(bind([0, 1], [b"x", b"\0\0\0\1"])) is None
     assert m.bind_text_params(bind([1], [b"\0\0\0\1"])) is None
+    assert m.bind_text_params(bind([0, 0], [b"x", b"y", b"z"])) is None  # 2 formats, 3 values
     assert m.bind_text_params(bind([], [b"\xff"])) == ["\udcff"]  # kept as its bytes

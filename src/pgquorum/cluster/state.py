@@ -66,7 +66,8 @@ class ClusterView:
                 continue
             st.state = rec.state
             st.reason = rec.reason
-            st.last_error = rec.reason
+            if rec.state is NodeState.FAILED:
+                st.last_error = rec.reason
             st.since = rec.since
             self.generation += 1
             log.warning("node %s is %s in the state database: %s", name, rec.state, rec.reason)
@@ -126,7 +127,8 @@ class ClusterView:
         st = self.status[name]
         st.state = state
         st.reason = reason
-        st.last_error = reason
+        if state is NodeState.FAILED:  # SHOW NODES keeps it for an ONLINE node
+            st.last_error = reason
         try:
             st.since = self.store.set_state(self.group.name, name, state, reason, self.router)
         except Exception:  # the new state holds in memory all the same

@@ -333,6 +333,8 @@ def bind_text_params(payload: bytes) -> list[str | None] | None:
     pos += 2 + 2 * nfmt
     (nparams,) = _I16.unpack_from(payload, pos)
     pos += 2
+    if nfmt not in (0, 1, nparams):
+        return None  # the server refuses it
     values: list[str | None] = []
     for i in range(nparams):
         fmt = formats[0] if nfmt == 1 else formats[i] if nfmt else 0

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from pglast import Error as PglastError
 from pglast import ast
 from pglast.enums import (
+    DiscardMode,
     ObjectType,
     SetOperation,
     SQLValueFunctionOp,
@@ -468,10 +469,15 @@ def _options_strict(options: tuple[Any, ...] | None) -> bool:
 def _session_setting(stmt: Any) -> tuple[str, str] | None:
     """What a SET/RESET changes for the rest of the session, None if only the transaction."""
     name = (stmt.name or "").lower()
-    if stmt.is_local or (stmt.kind is VariableSetKind.VAR_SET_MULTI and name == "transaction"):
+    multi = stmt.kind is VariableSetKind.VAR_SET_MULTI
+    if stmt.is_local or (multi and name.startswith("transaction")):  # ..., SNAPSHOT too
         return None
     if stmt.kind is VariableSetKind.VAR_RESET_ALL:
         return ("reset", "")
+    if multi and name == "session characteristics":
+        # Kept under the settings it changes, so that a later SET or RESET of one of them
+        # replaces it.
+        name = ",".join(f"default_{o.defname}" for o in stmt.args or () if type(o) is ast.DefElem)
     return ("reset" if stmt.kind is VariableSetKind.VAR_RESET else "set", name)
 
 
@@ -505,12 +511,13 @@ def _set_config(stmt: Any) -> tuple[str, str] | None:
     call: Any = stmt.targetList[0].val
     if type(call) is not ast.FuncCall or call.over or call.agg_filter or call.agg_star:
         return None
-    if [n.sval for n in call.funcname or ()] not in (["set_config"], ["pg_catalog", "set_config"]):
+    if _func_name(call.funcname or ()) not in _SET_CONFIG:
         return None
     if not call.args or len(call.args) != 3:
         return None
-    name, _, local = call.args
-    if type(name) is not ast.A_Const or type(name.val) is not ast.String or not name.val.sval:
+    name = _const_str(call.args[0])
+    local = call.args[2]
+    if not name:
         return None
     if type(local) is not ast.A_Const:
         return None
@@ -521,7 +528,7 @@ def _set_config(stmt: Any) -> tuple[str, str] | None:
         is_local = False
     else:
         return None  # true, or something PostgreSQL may refuse: not worth keeping
-    return None if is_local else ("set", name.val.sval.lower())
+    return None if is_local else ("set", name.lower())
 
 
 def _variable_set_strict(stmt: Any) -> bool:
@@ -827,12 +834,15 @@ def _parse(sql: str) -> tuple[Analysis, bool]:
         setting = part.setting
         if setting is None and type(raw.stmt) is ast.SelectStmt:
             setting = _set_config(raw.stmt)
+        elif type(raw.stmt) is ast.DiscardStmt and raw.stmt.target == DiscardMode.DISCARD_ALL:
+            setting = ("reset", "")  # as a pooler resets a connection
         if setting is not None:
             start = raw.stmt_location or 0
             end = start + raw.stmt_len if raw.stmt_len else len(sql)  # 0: to the end
             settings.append((*setting, start, end))
-    if settings:
+    if settings:  # their places belong to this text: never shared
         analysis = dataclasses.replace(analysis, settings=tuple(settings))
+        fp_safe = False
     return analysis, fp_safe
 
 
@@ -943,7 +953,8 @@ class Analyzer:
         for shape, known in self._by_shape.get(key, ()):
             if _fits(sql, shape):
                 self.shape_hits += 1
-                self._store(self._by_text, sql, known)
+                if short:
+                    self._store(self._by_text, sql, known)
                 return known
         if "\x00" in sql:
             # The parser would stop at the NUL and classify only a prefix.

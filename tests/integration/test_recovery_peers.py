@@ -3,6 +3,7 @@ routers that restart during a recovery rejoin it."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from router_harness import RouterThread, eventually, pair_configs, state
 
 from helpers import Transfers, assert_nodes_identical
 from pgquorum.cluster.model import NodeState
+from pgquorum.protocol.errors import PgError
 from pgquorum.router import peers
+from pgquorum.router.peers import hold_everywhere
 
 
 def setup_table(rt: RouterThread) -> None:
@@ -197,3 +200,28 @@ def test_a_late_failure_notice_does_not_fail_the_recovered_node(  # type: ignore
         a.stop()
         if b is not None:
             b.stop()
+
+
+def test_a_peer_hold_that_lapses_fails_what_ran_under_it(  # type: ignore[no-untyped-def]
+    make_nodes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer lets its commits go after HOLD_MAX_S; the holder must not take what it did
+    meanwhile (a snapshot, VERIFY's cut) for a quiet point."""
+    monkeypatch.setattr("pgquorum.router.admin.HOLD_MAX_S", 0.3)
+    nodes = make_nodes(3)
+    config_a, config_b = pair_configs(nodes, tmp_path)
+    a, b = RouterThread(config_a), RouterThread(config_b)
+    try:
+
+        async def hold(seconds: float) -> None:
+            async with hold_everywhere(a.router, "COMMITS"):
+                await asyncio.sleep(seconds)
+
+        a.call(hold(0))  # within the time: fine
+        with pytest.raises(PgError, match="were let go before the end of the hold"):
+            a.call(hold(1))
+        setup_table(b)  # b commits again
+        assert_nodes_identical(nodes, "postgres")
+    finally:
+        a.stop()
+        b.stop()

@@ -109,17 +109,20 @@ class Router:
         self.write_gate = WriteGate(lambda: self.sessions.values())
         self.recovery: Recovery | None = None
 
+    def _no_recovery_running(self) -> None:
+        if self.recovery is not None and self.recovery.running:
+            raise PgError(
+                OBJECT_NOT_IN_PREREQUISITE_STATE,
+                f"node {self.recovery.node} is being recovered; one recovery at a time",
+            )
+
     def start_recovery(self, node: str, *, again: bool = False) -> Recovery:
         """RECOVER NODE: rebuild a FAILED node while clients go on (recovery/coordinator).
         ``again``: a recovery this router ran before it restarted, begun anew."""
         cluster = self.cluster
         if node not in cluster.status:
             raise PgError(UNDEFINED_OBJECT, f"no node {node!r} in group {cluster.group.name!r}")
-        if self.recovery is not None and self.recovery.running:
-            raise PgError(
-                OBJECT_NOT_IN_PREREQUISITE_STATE,
-                f"node {self.recovery.node} is being recovered; one recovery at a time",
-            )
+        self._no_recovery_running()
         cluster.refresh()
         state = cluster.status[node].state
         if state is not NodeState.FAILED and not (again and state is NodeState.RECOVERING):
@@ -143,6 +146,8 @@ class Router:
             if from_peer and known == node:
                 return
             raise PgError(DUPLICATE_OBJECT, f"node {node.name!r} is already in the group")
+        if not from_peer:  # checked before the node is added, not by start_recovery after
+            self._no_recovery_running()
         cluster.add_node(node, "new node: joins the group by recovery")
         if from_peer:
             return

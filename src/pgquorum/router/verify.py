@@ -71,9 +71,7 @@ class Snapshots:
 
         async def open_one(node: Node, db: str) -> None:
             params = {"user": user, "database": db, "application_name": "pgquorum verify"}
-            link = await Link.open(node, params, password)
-            link.timeout = QUERY_TIMEOUT_S  # connecting is quick; a checksum may not be
-            self.links[(node.name, db)] = link
+            self.links[(node.name, db)] = await Link.open(node, params, password)
 
         # Every open ends before a failure is raised, so close() sees every link.
         opened = await asyncio.gather(
@@ -90,6 +88,10 @@ class Snapshots:
                     for link in self.links.values()
                 )
             )
+        for link in self.links.values():
+            # Beginning under the hold keeps the default timeout, since every router's
+            # commits wait on it; a checksum may read a whole table.
+            link.timeout = QUERY_TIMEOUT_S
         return held.drained
 
     async def query(self, node: str, db: str, sql: str) -> Table:

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,8 +168,13 @@ def local_nodes(cluster_dir: Path, binaries: PgBinaries) -> list[LocalNode]:
     ]
 
 
+def worker_dir(port: int, index: int) -> Path:
+    """Where worker ``index`` keeps its private socket (as workers.private_dir says)."""
+    return Path(tempfile.gettempdir()) / f"pgquorum-{port}-w{index}"
+
+
 def worker_dsn(port: int, index: int) -> str:
-    return f"host=/tmp/pgquorum-{port}-w{index} port={port} dbname=pgquorum user=postgres"
+    return f"host={worker_dir(port, index)} port={port} dbname=pgquorum user=postgres"
 
 
 def start_workers(
@@ -182,7 +188,7 @@ def start_workers(
     router = start(procs, tmp_path, "router", "--config", str(cfg))
     router.wait_port(port, timeout=30)
     deadline = time.monotonic() + 20
-    while not Path(f"/tmp/pgquorum-{port}-w1/.s.PGSQL.{port}").exists():
+    while not (worker_dir(port, 1) / f".s.PGSQL.{port}").exists():
         assert time.monotonic() < deadline, router.output()
         time.sleep(0.1)
     return router, port, cfg

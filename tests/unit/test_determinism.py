@@ -1148,14 +1148,15 @@ def test_statement_and_transaction_times_keep_their_places(
         f'SELECT {TS} AS "now", 1, {STMT_TS} AS s'
     )
     _no_parse(monkeypatch)
-    got = check_and_rewrite(
+    got = check_and_rewrite(  # the next statement of the transaction: a later time
         "SELECT now(), 22, statement_timestamp() AS s",
         txn_time=TXN,
-        stmt_time=STMT,
+        stmt_time=datetime(2026, 11, 21, 10, 0, 3, 5, tzinfo=UTC),
         is_volatile=lambda n: True,
         deterministic=frozenset(),
     )
-    assert got == f'SELECT {TS} AS "now", 22, {STMT_TS} AS s'
+    later = "CAST('2026-11-21 10:00:03.000005+00:00' AS timestamp with time zone)"
+    assert got == f'SELECT {TS} AS "now", 22, {later} AS s'
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 CATCH_UP_DEPTH = 20  # entries left in the queue when the final switch is tried
 SWITCH_HOLD_S = 1.0  # how long the write gate waits for open transactions that wrote
+FOLLOW_AT_ONCE = 8  # databases whose sequences are moved at the same time, in the switch
 SWITCH_PATIENCE_S = 600.0  # how long long transactions may keep the node from joining
 
 
@@ -222,22 +223,26 @@ class Recovery:
             return
         user, password = self.router.internal_credentials()
 
+        # A few databases at once (this runs while every router holds its writes), not all:
+        # each takes a connection on two nodes.
+        room = asyncio.Semaphore(FOLLOW_AT_ONCE)
+
         async def follow(db: str) -> None:
             params = {"user": user, "database": db, "application_name": "pgquorum recovery"}
-            _, rows = await query(lead.node, params, password, _SEQUENCES)
-            if rows:
-                await query(
-                    target,
-                    params,
-                    password,
-                    "; ".join(
-                        f"SELECT pg_catalog.setval({quote_literal(str(name))}, "
-                        f"greatest({int(str(value))}, last_value)) FROM {name}"
-                        for name, value in rows
-                    ),
-                )
+            async with room:
+                _, rows = await query(lead.node, params, password, _SEQUENCES)
+                if rows:
+                    await query(
+                        target,
+                        params,
+                        password,
+                        "; ".join(
+                            f"SELECT pg_catalog.setval({quote_literal(str(name))}, "
+                            f"greatest({int(str(value))}, last_value)) FROM {name}"
+                            for name, value in rows
+                        ),
+                    )
 
-        # Every database at once: this runs while every router holds its writes.
         databases = await restore.list_databases(lead.node, restore.Credentials(user, password))
         await asyncio.gather(*map(follow, databases))
 

@@ -227,7 +227,7 @@ class RemoteQueue:
         for _, fut in self._inflight + self._waiting:
             if fut is not None and not fut.done():
                 fut.set_exception(QueueUnavailable("the recovery ended"))
-        self._inflight = self._waiting = []
+        self._inflight, self._waiting = [], []
         self._idle.set()
 
     async def _call(self, op: dict[str, Any]) -> int:
@@ -259,7 +259,7 @@ class RemoteQueue:
                 for _, fut in batch + self._waiting:
                     if fut is not None and not fut.done():
                         fut.set_exception(QueueUnavailable(str(e)))
-                self._inflight = self._waiting = []
+                self._inflight, self._waiting = [], []
                 break
             self._inflight = []
             for (_, fut), serial in zip(batch, serials, strict=True):

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from pgquorum.protocol.errors import PgError
 
+from .quoting import quote_literal
 from .sequences import TABLES_SQL, Column, columns_sql
 
 _KNOWN = frozenset({"i", "s", "v"})
@@ -108,17 +109,12 @@ class FunctionCatalog:
 
 
 def _literal(value: str | None) -> str:
-    """A text literal that means `value` whatever standard_conforming_strings is.
-
-    An E'' string has fixed escaping rules, unlike '' whose backslashes become escapes
-    when standard_conforming_strings is off (a name ending in a backslash would then eat
-    the closing quote).  Doubling both backslashes and quotes leaves nothing to interpret.
-    """
+    """A text literal that means `value` whatever standard_conforming_strings is."""
     if value is None:
         return "NULL::text"
     if "\x00" in value:
         raise ValueError("function name contains a NUL character")
-    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'::text"
+    return quote_literal(value) + "::text"
 
 
 # Runs one query of the router's own where the session's statements run (the session's lead

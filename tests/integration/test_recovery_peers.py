@@ -4,17 +4,35 @@ routers that restart during a recovery rejoin it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import time
 from pathlib import Path
 
 import psycopg
 import pytest
-from cli_harness import dsn, run_cli, start_workers, worker_dsn
-from recovery_harness import fail_by_killing, recover, recover_held_open, wait_recovery
-from router_harness import RouterThread, eventually, pair_configs, state
+from cli_harness import (
+    dsn,
+    run_cli,
+    start,
+    start_workers,
+    worker_dir,
+    worker_dsn,
+    write_router_config,
+)
+from recovery_harness import (
+    fail_by_killing,
+    recover,
+    recover_held_open,
+    recovery,
+    wait_recovery,
+)
+from router_harness import RouterThread, eventually, pair_configs, router_config, state
 
 from helpers import Transfers, assert_nodes_identical
 from pgquorum.cluster.model import NodeState
+from pgquorum.local.instance import free_port
 from pgquorum.protocol.errors import PgError
 from pgquorum.router import peers
 from pgquorum.router.peers import hold_everywhere
@@ -126,6 +144,133 @@ def test_recovery_through_router_workers(make_nodes, procs, tmp_path: Path) -> N
     assert nodes[2].psql("SELECT sum(balance) FROM acct") == str(Transfers.total(100))
     assert_nodes_identical(nodes, "postgres")
     assert router.terminate() == 0, router.output()
+
+
+def worker_pid(router_pid: int, index: int) -> int:
+    """The process of worker ``index`` (a child of worker 0's process)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if (
+            parent == router_pid
+            and b"--worker" in argv
+            and argv[argv.index(b"--worker") + 1] == (str(index).encode())
+        ):
+            return int(proc.name)
+    raise AssertionError(f"no worker {index} under process {router_pid}")
+
+
+def test_a_coordinator_killed_mid_recovery_begins_it_again_under_load(  # type: ignore[no-untyped-def]
+    make_nodes, procs, tmp_path: Path
+) -> None:
+    """kill -9 of the router that runs a recovery, while its peer commits all the time: the
+    peer's commits wait for the coordinator instead of failing the node, the coordinator
+    comes back (worker 0 restarts it) and begins the recovery again, and it ends ONLINE."""
+    nodes = make_nodes(3)
+    router, port, _ = start_workers(procs, tmp_path, nodes)
+    Transfers.create(dsn(port), 100)
+    with psycopg.connect(dsn(port), autocommit=True) as conn:
+        conn.execute("CREATE TABLE h (v text)")
+    peer = f"host={worker_dir(port, 0)} port={port} dbname=postgres user=postgres"
+    coordinator = worker_dsn(port, 1)
+    with Transfers(peer, clients=4, accounts=100) as load:
+        load.wait_commits(20)
+        nodes[2].kill()
+        deadline = time.monotonic() + 30
+        while "FAILED" not in run_cli("status", "--port", str(port)).stdout:
+            assert time.monotonic() < deadline, router.output()
+            time.sleep(0.2)
+        nodes[2].start()
+        # A transaction that wrote, open at the peer, keeps each recovery from switching.
+        holder = psycopg.connect(peer)
+        holder.execute("INSERT INTO h VALUES ('held')")
+        recover(coordinator, "node3")
+        eventually(lambda: recovery(coordinator)["phase"] == "replay", timeout=60)
+        first = recovery(coordinator)["recovery"]
+        load.wait_commits(20)  # queued into the first recovery through the peer
+        os.kill(worker_pid(router.proc.pid, 1), signal.SIGKILL)
+
+        def begun_again() -> bool:
+            with contextlib.suppress(psycopg.OperationalError):
+                info = recovery(coordinator)
+                return info.get("recovery") != first and info.get("phase") == "replay"
+            return False
+
+        eventually(begun_again, timeout=60)
+        load.wait_commits(20)  # the peer commits into the new recovery
+        holder.commit()
+        holder.close()
+        info = wait_recovery(coordinator, timeout=60)
+        assert info["phase"] == "done", info
+
+        def online_at_worker0() -> bool:
+            with psycopg.connect(worker_dsn(port, 0), autocommit=True) as admin:
+                return [r[4] for r in admin.execute("SHOW NODES").fetchall()] == ["ONLINE"] * 3
+
+        eventually(online_at_worker0)
+        load.wait_commits(20)
+    assert not load.errors, load.errors
+    with psycopg.connect(worker_dsn(port, 0), autocommit=True) as admin:
+        events = [(e[2], e[3]) for e in admin.execute("SHOW EVENTS").fetchall()]
+    assert events.count(("node3", "FAILED")) == 1, events  # the kill only, never the restart
+    assert nodes[2].psql("SELECT v FROM h") == "held"
+    assert nodes[2].psql("SELECT sum(balance) FROM acct") == str(Transfers.total(100))
+    assert_nodes_identical(nodes, "postgres")
+    assert router.terminate() == 0, router.output()
+
+
+def test_a_peer_that_crashes_in_a_commit_during_a_recovery_fails_it(  # type: ignore[no-untyped-def]
+    make_nodes, procs, tmp_path: Path
+) -> None:
+    """A peer dies after its commit decision, before the transaction reached the queue; when
+    it restarts, its resolver commits the transaction on the ONLINE nodes, after the
+    recovery's snapshot and outside its queue. The recovery must fail (the node would miss
+    the transaction), never end ONLINE."""
+    nodes = make_nodes(3)
+    a_port, b_port = free_port(), free_port()
+    a = RouterThread(
+        router_config(
+            nodes,
+            name="a",
+            listen_port=a_port,
+            peers=(("127.0.0.1", b_port),),
+            state_db=tmp_path / "a.db",
+        )
+    )
+    cfg = write_router_config(tmp_path / "b.toml", b_port, nodes, name="b", state_db="b.db")
+    cfg.write_text(cfg.read_text().replace("[group]", f'peers = ["127.0.0.1:{a_port}"]\n\n[group]'))
+    b = start(procs, tmp_path, "router", "--config", str(cfg), PGQUORUM_FAILPOINTS="after-decision")
+    b.wait_port(b_port, timeout=30)
+    try:
+        setup_table(a)
+        fail_by_killing(a, nodes[2])
+        holder = recover_held_open(a)
+        with psycopg.connect(dsn(b_port)) as conn, pytest.raises(psycopg.OperationalError):
+            conn.execute("UPDATE acct SET balance = balance + 10 WHERE id = 1")
+            conn.commit()
+        assert b.proc.wait(10) == 70, b.output()
+        b = start(procs, tmp_path, "router", "--config", str(cfg))
+        b.wait_port(b_port, timeout=30)
+        # The restarted peer's resolver commits the transaction, and fails the node
+        # everywhere; then the recovery may end (it would switch, were the node not FAILED).
+        eventually(lambda: nodes[0].psql("SELECT balance FROM acct WHERE id = 1") == "110", 30)
+        eventually(lambda: state(a, "node3") is NodeState.FAILED)
+        holder.commit()
+        holder.close()
+        info = wait_recovery(a)
+        assert info["phase"] == "failed", info
+        assert "in-doubt transaction" in info["error"], info
+        assert state(a, "node3") is NodeState.FAILED
+        assert nodes[0].psql("SELECT balance FROM acct WHERE id = 1") == "110"
+        assert_nodes_identical(nodes[:2], "postgres")
+    finally:
+        a.stop()
 
 
 def test_a_node_a_peer_refuses_is_not_half_added(make_nodes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -6,11 +6,14 @@ import asyncio
 
 import pytest
 
+from pgquorum.cluster.model import Node
 from pgquorum.protocol import messages as m
+from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, PgError
 from pgquorum.recovery import journal as j
+from pgquorum.recovery import queue as queue_module
 from pgquorum.recovery.journal import Entry, Journal, Unit
-from pgquorum.recovery.queue import LocalQueue, QueueUnavailable, RemoteQueue
-from pgquorum.router.backend import EXPECT_QUERY, Expectation, UnitResult
+from pgquorum.recovery.queue import LocalQueue, QueueGone, QueueUnavailable, RemoteQueue
+from pgquorum.router.backend import EXPECT_QUERY, Expectation, NodeLost, UnitResult
 from pgquorum.router.session import Statement, _build_batch
 
 
@@ -170,5 +173,72 @@ def test_closing_a_remote_queue_ends_the_batch_in_flight() -> None:
         # Nothing more is sent once it is closed (a late settle would open a new link).
         with pytest.raises(QueueUnavailable):
             queue.settle(1, None)
+
+    asyncio.run(run())
+
+
+LOST = NodeLost(Node("router", "/tmp", 1), "connection reset")
+
+
+def _remote(answers: list[object], monkeypatch: pytest.MonkeyPatch) -> RemoteQueue:
+    """A RemoteQueue whose coordinator gives ``answers`` in turn (an exception is raised)."""
+    monkeypatch.setattr(queue_module, "RECONNECT_PAUSE_S", 0.01)
+    monkeypatch.setattr(queue_module, "RECONNECT_S", 0.5)
+    queue = RemoteQueue("r/1", "node3", ("127.0.0.1", 1), ("postgres", None))
+    sent: list[list[object]] = []
+
+    async def exchange(ops: list[object]) -> list[int]:
+        sent.append(ops)
+        answer = answers.pop(0) if answers else OSError("connection refused")
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer  # type: ignore[return-value]
+
+    queue._exchange = exchange  # type: ignore[method-assign]
+    queue.sent = sent  # type: ignore[attr-defined]
+    return queue
+
+
+def test_a_peer_waits_for_a_restarted_coordinator_and_lets_the_lost_recovery_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The coordinator dies with a batch on its way and comes back without the recovery:
+    the batch's senders learn that it is gone (nothing to fail), not that it broke."""
+    gone = PgError(OBJECT_NOT_IN_PREREQUISITE_STATE, "no recovery 'r/1' is queueing")
+
+    async def run() -> None:
+        queue = _remote([LOST, OSError("refused"), gone], monkeypatch)
+        with pytest.raises(QueueGone):
+            await queue.reserve()
+        assert queue.sent == [[{"op": "reserve"}], [], []]  # probes carry no operation
+        with pytest.raises(QueueGone):
+            queue.settle(1, None)
+
+    asyncio.run(run())
+
+
+def test_a_peer_cannot_go_on_when_the_coordinator_it_lost_still_runs_the_recovery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Whether the batch on its way arrived is unknown: that recovery cannot go on."""
+
+    async def run() -> None:
+        queue = _remote([LOST, []], monkeypatch)
+        with pytest.raises(QueueUnavailable, match="cannot tell whether") as e:
+            await queue.append(Entry("a/1", {}))
+        assert not isinstance(e.value, QueueGone)
+
+    asyncio.run(run())
+
+
+def test_a_coordinator_that_stays_away_ends_the_recovery(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def run() -> None:
+        # Reset, then refused for ever.
+        queue = _remote([LOST], monkeypatch)
+        with pytest.raises(QueueUnavailable, match="did not come back") as e:
+            await queue.reserve()
+        assert not isinstance(e.value, QueueGone)
+        with pytest.raises(QueueUnavailable):
+            await queue.flush()
 
     asyncio.run(run())

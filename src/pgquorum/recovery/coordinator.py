@@ -110,6 +110,9 @@ class Recovery:
     async def _run(self) -> None:
         router = self.router
         cluster = router.cluster
+        # A restarted router first finishes what it left in doubt: committed after the
+        # snapshot, such a transaction would be in neither the snapshot nor the queue.
+        await router.commits.resolved_once.wait()
         st = cluster.status[self.node]
         source = cluster.lead()
         if source is None:
@@ -173,6 +176,7 @@ class Recovery:
                 return
             # Let the long transactions finish with the gate open, replaying meanwhile.
             while time.monotonic() < give_up and not await still_open.ended(0.2):
+                self._check_alive()  # (a peer may fail the node while nothing replays)
                 await self._replay_until(CATCH_UP_DEPTH)
             if time.monotonic() >= give_up:
                 raise PgError(

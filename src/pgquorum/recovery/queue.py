@@ -22,7 +22,7 @@ import json
 import logging
 from typing import Any, Protocol
 
-from pgquorum.protocol.errors import PgError
+from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, PgError
 from pgquorum.router.backend import NodeLost
 from pgquorum.router.client import Link, admin_link
 
@@ -32,11 +32,22 @@ log = logging.getLogger(__name__)
 
 COMMAND = "RECOVERY QUEUE "  # the admin console command that carries a batch of operations
 SEND_TIMEOUT_S = 10.0
+# How long a peer keeps its sessions' commits waiting for a coordinator it lost (one that
+# restarts comes back within this) before it gives the recovery up.
+RECONNECT_S = 30.0
+RECONNECT_PAUSE_S = 0.25
 MAX_DEPTH = 1_000_000  # entries the coordinator keeps (in memory) before the recovery fails
 
 
 class QueueUnavailable(Exception):
     """The coordinator's queue cannot take an entry: the recovery cannot go on."""
+
+
+class QueueGone(QueueUnavailable):
+    """The coordinator no longer runs the recovery (it ended, or the coordinator restarted
+    and lost it): no replay will miss what was not queued, so nothing needs to fail. The
+    node stays RECOVERING until the coordinator says what became of it (a recovery begun
+    again, ONLINE, or FAILED)."""
 
 
 class Sink(Protocol):
@@ -188,7 +199,7 @@ class RemoteQueue:
         self._sender: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
-        self.error: Exception | None = None
+        self.error: QueueUnavailable | None = None
         self.closed = False
 
     async def reserve(self) -> int:
@@ -214,15 +225,13 @@ class RemoteQueue:
         """Until every operation made so far has reached the coordinator."""
         await self._idle.wait()
         if self.error is not None:
-            raise QueueUnavailable(str(self.error))
+            raise type(self.error)(str(self.error))
 
     def close(self) -> None:
         self.closed = True
         if self._sender is not None:
             self._sender.cancel()
-        if self._link is not None:
-            self._link.close()
-            self._link = None
+        self._drop_link()
         # The batch being sent too: its senders would otherwise wait for ever.
         for _, fut in self._inflight + self._waiting:
             if fut is not None and not fut.done():
@@ -239,7 +248,7 @@ class RemoteQueue:
         if self.closed:
             raise QueueUnavailable(f"the recovery {self.rid} of node {self.node} ended")
         if self.error is not None:
-            raise QueueUnavailable(str(self.error))
+            raise type(self.error)(str(self.error))
         self._waiting.append((op, fut))
         self._idle.clear()
         if self._sender is None or self._sender.done():
@@ -250,15 +259,13 @@ class RemoteQueue:
             batch = self._inflight = self._waiting
             self._waiting = []
             try:
-                serials = await asyncio.wait_for(
-                    self._exchange([op for op, _ in batch]), SEND_TIMEOUT_S
-                )
-            except (NodeLost, PgError, OSError, TimeoutError, ValueError) as e:
+                serials = await self._deliver([op for op, _ in batch])
+            except QueueUnavailable as e:
                 self.error = e
-                log.error("cannot reach the recovery queue at %s:%d: %s", *self.coordinator, e)
+                log.error("the recovery queue at %s:%d: %s", *self.coordinator, e)
                 for _, fut in batch + self._waiting:
                     if fut is not None and not fut.done():
-                        fut.set_exception(QueueUnavailable(str(e)))
+                        fut.set_exception(type(e)(str(e)))
                 self._inflight, self._waiting = [], []
                 break
             self._inflight = []
@@ -266,6 +273,49 @@ class RemoteQueue:
                 if fut is not None and not fut.done():
                     fut.set_result(serial)
         self._idle.set()
+
+    async def _deliver(self, ops: list[dict[str, Any]]) -> list[int]:
+        """The serials the coordinator gave ``ops``. A lost coordinator is waited for (the
+        sessions' commits wait meanwhile): one that restarted has lost the recovery, and says
+        so (QueueGone); one that still runs it may or may not have taken the batch that was
+        on its way, so the recovery cannot go on (QueueUnavailable)."""
+        try:
+            return await asyncio.wait_for(self._exchange(ops), SEND_TIMEOUT_S)
+        except PgError as e:
+            raise _refused(e) from None
+        except ValueError as e:
+            raise QueueUnavailable(str(e)) from None
+        except (NodeLost, OSError, TimeoutError) as e:
+            lost: Exception = e
+        log.warning(
+            "lost the recovery queue at %s:%d (%s); waiting up to %.0fs for it",
+            *self.coordinator,
+            lost,
+            RECONNECT_S,
+        )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RECONNECT_S
+        while loop.time() < deadline:
+            self._drop_link()
+            await asyncio.sleep(RECONNECT_PAUSE_S)
+            try:
+                await asyncio.wait_for(self._exchange([]), SEND_TIMEOUT_S)
+            except PgError as e:
+                raise _refused(e) from None
+            except (NodeLost, OSError, TimeoutError, ValueError) as e:
+                lost = e
+                continue
+            raise QueueUnavailable(
+                f"the link to the coordinator broke with {len(ops)} queue operations on "
+                f"their way ({lost}); it still runs recovery {self.rid}, which cannot tell "
+                "whether they arrived"
+            )
+        raise QueueUnavailable(f"the coordinator did not come back in {RECONNECT_S:.0f}s: {lost}")
+
+    def _drop_link(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
 
     async def _exchange(self, ops: list[dict[str, Any]]) -> list[int]:
         if self._link is None:
@@ -276,3 +326,10 @@ class RemoteQueue:
         if len(serials) != len(ops):
             raise ValueError("the coordinator answered a different number of operations")
         return serials
+
+
+def _refused(e: PgError) -> QueueUnavailable:
+    """The coordinator's answer to a batch it would not take."""
+    if e.sqlstate == OBJECT_NOT_IN_PREREQUISITE_STATE:  # no such recovery queues there
+        return QueueGone(e.message)
+    return QueueUnavailable(e.message)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from pgquorum.cluster.model import Node
 from pgquorum.cluster.store import DecisionLog
 from pgquorum.protocol import messages as m
+from pgquorum.recovery.queue import QueueUnavailable
 from pgquorum.sql.quoting import quote_literal
 
 from .backend import NodeLost
@@ -53,6 +54,9 @@ class CommitCoordinator:
         self._seq = itertools.count(1)
         self._owner = f"{GID_PREFIX}{self.name}/"
         self._task: asyncio.Task[None] | None = None
+        # Set once the resolver has looked at the nodes after start-up: a recovery's
+        # snapshot must come after the transactions an earlier run left in doubt.
+        self.resolved_once = asyncio.Event()
         self._active = 0  # sessions inside a commit slot
         self._barrier: asyncio.Event | None = None  # set when the barrier is released
         self._drained: asyncio.Event | None = None
@@ -132,6 +136,7 @@ class CommitCoordinator:
                 await self.resolve_in_doubt()
             except Exception:
                 log.exception("resolving in-doubt transactions failed; retrying later")
+            self.resolved_once.set()
             await asyncio.sleep(RESOLVE_INTERVAL_S)
 
     async def resolve_in_doubt(self) -> int:
@@ -171,25 +176,46 @@ class CommitCoordinator:
             params = {"user": user, "database": database, "application_name": "pgquorum"}
             link = await Link.open(node, params, password)
             try:
-                for gid in gids:
-                    verb = "COMMIT" if gid in decided else "ROLLBACK"
-                    log.warning(
-                        "in-doubt transaction %s on node %s (database %s): %s PREPARED (%s)",
-                        gid,
-                        node.name,
-                        database,
-                        verb,
-                        "decision recorded" if gid in decided else "no decision",
-                    )
-                    try:  # one per query: COMMIT PREPARED refuses multi-statement strings
-                        await link.query(f"{verb} PREPARED {quote_literal(gid)}")
-                    except m.PgError as e:
-                        if e.sqlstate != "42704":  # already finished by someone else
-                            raise
-                        continue
-                    done += 1
+                async with self.commit_slot():
+                    done += await self._finish(link, node, database, gids, decided)
             finally:
                 link.close()
+        return done
+
+    async def _finish(
+        self, link: Link, node: Node, database: str, gids: list[str], decided: set[str]
+    ) -> int:
+        """Commit or roll back in-doubt ``gids`` (inside a commit slot, so a recovery's
+        snapshot is taken before or after, never during)."""
+        done = 0
+        for gid in gids:
+            verb = "COMMIT" if gid in decided else "ROLLBACK"
+            log.warning(
+                "in-doubt transaction %s on node %s (database %s): %s PREPARED (%s)",
+                gid,
+                node.name,
+                database,
+                verb,
+                "decision recorded" if gid in decided else "no decision",
+            )
+            try:  # one per query: COMMIT PREPARED refuses multi-statement strings
+                await link.query(f"{verb} PREPARED {quote_literal(gid)}")
+            except m.PgError as e:
+                if e.sqlstate != "42704":  # already finished by someone else
+                    raise
+                continue
+            done += 1
+            sink = self.router.recovery_sink
+            if verb == "COMMIT" and sink is not None:
+                # Committed after the recovery's snapshot, and not in its queue (its
+                # session is gone): the recovered node would miss it.
+                self.router.queue_lost(
+                    sink,
+                    QueueUnavailable(
+                        f"in-doubt transaction {gid} was committed after the recovery's "
+                        "snapshot, outside its queue"
+                    ),
+                )
         return done
 
     async def _query(self, node: Node, database: str, sql: str) -> list[list[str | None]]:

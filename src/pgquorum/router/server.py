@@ -23,7 +23,7 @@ from pgquorum.protocol.errors import (
 )
 from pgquorum.recovery.coordinator import Recovery
 from pgquorum.recovery.gate import WriteGate
-from pgquorum.recovery.queue import QueueUnavailable, Sink
+from pgquorum.recovery.queue import QueueGone, QueueUnavailable, Sink
 from pgquorum.sql.analyze import Analyzer
 from pgquorum.sql.catalog import FunctionCatalog, TableCatalog
 from pgquorum.sql.quoting import quote_ident
@@ -185,11 +185,16 @@ class Router:
             await self.peers.tell(f"REMOVE NODE {quote_ident(name)} FROM PEER")
 
     def queue_lost(self, sink: Sink, error: Exception) -> None:
-        """The recovery queue cannot take a commit: that recovery cannot succeed any more."""
+        """The recovery queue cannot take a commit: that recovery cannot succeed any more.
+        If it no longer runs at all (QueueGone), nothing it replays misses the commit: the
+        node stays RECOVERING, for the coordinator to begin again or settle."""
         if self.recovery_sink is sink:
             self.recovery_sink = None
             sink.close()
-            self.cluster.mark_failed(sink.node, f"the recovery queue was lost: {error}")
+            if isinstance(error, QueueGone):
+                log.warning("node %s: recovery %s no longer queues: %s", sink.node, sink.rid, error)
+            else:
+                self.cluster.mark_failed(sink.node, f"the recovery queue was lost: {error}")
 
     async def flush_sink(self) -> None:
         sink = self.recovery_sink

@@ -18,6 +18,7 @@ from helpers import Transfers, assert_nodes_identical, balanced
 from pgquorum.cluster.model import NodeState
 from pgquorum.local.binaries import PgBinaries
 from pgquorum.local.instance import LocalNode
+from pgquorum.router import session as session_module
 
 
 @pytest.fixture
@@ -278,3 +279,28 @@ def test_reads_spread_again_over_a_recovered_node(
         for c in sessions:
             c.close()
     assert_nodes_identical(nodes, "postgres")
+
+
+def test_a_copy_too_big_to_keep_fails_the_recovery_not_the_load(
+    three: tuple[RouterThread, list[LocalNode]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk load during a recovery would be kept in memory for the replay: past the limit
+    the recovery fails at once (the node stays FAILED, to recover again) and the COPY goes on."""
+    rt, nodes = three
+    monkeypatch.setattr(session_module, "MAX_KEPT_COPY_BYTES", 64 * 1024)
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE h (v text)")
+    fail_by_killing(rt, nodes[2])
+    holder = recover_held_open(rt)
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        with conn.cursor().copy("COPY t (id, v) FROM STDIN") as copy:
+            for i in range(5000):
+                copy.write_row((i, "x" * 100))
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (5000,)
+    holder.commit()
+    holder.close()
+    info = wait_recovery(rt)
+    assert info["phase"] == "failed", info
+    assert "COPY FROM STDIN sent more than 0.0625 MiB" in info["error"], info
+    assert rt.router.cluster.status["node3"].state is NodeState.FAILED
+    assert_nodes_identical(nodes[:2], "postgres")

@@ -75,6 +75,8 @@ _BEGIN = m.encode_query("BEGIN")
 _ROLLBACK = m.encode_query("ROLLBACK")
 ADMIN_DATABASE = "pgquorum"
 _READ_PAUSE_BYTES = 4 * 1024 * 1024
+# COPY data a session keeps for a recovering node's replay, at most (per COPY).
+MAX_KEPT_COPY_BYTES = 256 * 1024 * 1024
 # How many more statements in flight a session's home node may have than the least loaded
 # node before the session's reads move (see ClientSession._home).
 HOME_SLACK = 2
@@ -1300,12 +1302,29 @@ class ClientSession(asyncio.Protocol):
         lead_res.chunks = []
         # A recovering node replays the COPY with its data (only what streams while it
         # recovers can be kept: see Journal).
-        capture: list[bytes] | None = [] if self.router.recovery_sink is not None else None
+        sink = self.router.recovery_sink
+        capture: list[bytes] | None = [] if sink is not None else None
+        kept = 0
         while True:
             run = self.framer.take_run(m.COPY_DATA)
             if run:
                 if capture is not None:
                     capture.append(run)
+                    kept += len(run)
+                    if kept > MAX_KEPT_COPY_BYTES:
+                        # Memory is worth more than this recovery: it fails now (safely),
+                        # rather than the router holding a bulk load for its replay.
+                        assert sink is not None
+                        capture = None
+                        self.router.queue_lost(
+                            sink,
+                            QueueUnavailable(
+                                "a COPY FROM STDIN sent more than "
+                                f"{MAX_KEPT_COPY_BYTES / 2**20:g} MiB while the node "
+                                "recovered, more than the queue keeps; recover it again "
+                                "after the load"
+                            ),
+                        )
                 await self._copy_to(receivers, run)
                 continue
             mtype, payload = await self.next_message()

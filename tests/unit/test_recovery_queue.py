@@ -151,6 +151,26 @@ def test_the_queue_gives_up_rather_than_grow_without_end(monkeypatch: pytest.Mon
     asyncio.run(main())
 
 
+def test_the_queue_gives_up_rather_than_hold_too_many_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(queue_module, "MAX_BYTES", 10_000)
+    big = Entry("a/1", {}, [Unit(b"x" * 4000, [], [], copy=b"y" * 2000)])
+
+    async def main() -> None:
+        q = LocalQueue("rid", "node3")
+        assert await q.append(big) == 1
+        assert await q.take(1, timeout=1) == big and q.bytes == 0  # replayed: freed
+        await q.append(big)
+        with pytest.raises(QueueUnavailable, match="took more than"):
+            await q.append(big)
+        # The replay stops at once, not after the backlog it could no longer keep.
+        with pytest.raises(QueueUnavailable, match="took more than"):
+            await q.take(2, timeout=1)
+
+    asyncio.run(main())
+
+
 def test_closing_a_remote_queue_ends_the_batch_in_flight() -> None:
     """A session waiting for its place in a batch being sent when the recovery ends gets
     QueueUnavailable, not a wait without end (it holds a commit slot meanwhile)."""

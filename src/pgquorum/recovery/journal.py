@@ -83,6 +83,11 @@ class Entry:
     prelude: list[bytes] | None = None  # session settings made before the recovery began
     end: bool = False  # the session is gone: close its replay connection
 
+    @property
+    def size(self) -> int:
+        """Bytes held (roughly): the units' messages and COPY data."""
+        return sum(len(u.data) + len(u.copy) for u in self.units) + 64
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "session": self.session,

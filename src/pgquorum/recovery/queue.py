@@ -36,7 +36,10 @@ SEND_TIMEOUT_S = 10.0
 # restarts comes back within this) before it gives the recovery up.
 RECONNECT_S = 30.0
 RECONNECT_PAUSE_S = 0.25
-MAX_DEPTH = 1_000_000  # entries the coordinator keeps (in memory) before the recovery fails
+# What the coordinator keeps (in memory) for the replay before the recovery fails: entries,
+# and the bytes of their units and COPY data.
+MAX_DEPTH = 1_000_000
+MAX_BYTES = 1024 * 1024 * 1024
 
 
 class QueueUnavailable(Exception):
@@ -78,7 +81,9 @@ class LocalQueue:
         self._entries: dict[int, object] = {}
         self._changed = asyncio.Event()
         self.applied = 0  # serials below this were replayed (set by the replay)
+        self.bytes = 0  # held by the entries not yet replayed
         self.closed = False
+        self.error = ""  # why it closed, when it gave up by itself
 
     @property
     def depth(self) -> int:
@@ -90,13 +95,14 @@ class LocalQueue:
 
     def reserve_now(self) -> int:
         if self.closed:
-            raise QueueUnavailable(f"the recovery {self.rid} of node {self.node} ended")
-        if self.depth >= MAX_DEPTH:  # the queue is in memory: the recovery gives up first
-            self.closed = True
-            self._wake()
             raise QueueUnavailable(
+                self.error or f"the recovery {self.rid} of node {self.node} ended"
+            )
+        if self.depth >= MAX_DEPTH:  # the queue is in memory: the recovery gives up first
+            self._give_up(
                 f"more than {MAX_DEPTH} transactions waited for the replay on node {self.node}"
             )
+            raise QueueUnavailable(self.error)
         serial = self._next
         self._next += 1
         self._entries[serial] = _PENDING
@@ -117,7 +123,20 @@ class LocalQueue:
     def settle_now(self, serial: int, entry: Entry | None) -> None:
         if self._entries.get(serial) is _PENDING:
             self._entries[serial] = entry
+            if entry is not None:
+                self.bytes += entry.size
+                if self.bytes > MAX_BYTES:  # the replay cannot keep up: give up first
+                    self._give_up(
+                        f"the transactions waiting for the replay on node {self.node} "
+                        f"took more than {MAX_BYTES / 2**20:g} MiB"
+                    )
+                    raise QueueUnavailable(self.error)
             self._wake()
+
+    def _give_up(self, why: str) -> None:
+        self.closed = True
+        self.error = why
+        self._wake()
 
     async def append(self, entry: Entry) -> int:
         return self.add(entry)
@@ -143,12 +162,16 @@ class LocalQueue:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
+            if self.error:  # gave up: the rest is not worth replaying
+                raise QueueUnavailable(self.error)
             got = self._entries.get(serial, _PENDING)
             if got is not _PENDING:
                 del self._entries[serial]
+                if got is not None:
+                    self.bytes -= got.size  # type: ignore[attr-defined]
                 return got  # type: ignore[return-value]
             if self.closed:
-                raise QueueUnavailable("the queue was closed")
+                raise QueueUnavailable(self.error or "the queue was closed")
             left = deadline - loop.time()
             if left <= 0:
                 raise TimeoutError

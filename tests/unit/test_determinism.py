@@ -1219,3 +1219,18 @@ def test_an_identifier_spelled_like_a_token_kind_is_not_a_constant() -> None:
     assert warm("INSERT INTO t VALUES (now(), 1)") is not None
     assert warm("INSERT INTO t VALUES (now(), ICONST)", volatile=frozenset()) is not None
     assert len(determinism._PLANS._plans) == 2
+
+
+def test_a_full_plan_cache_forgets_its_oldest_plans_not_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    determinism._PLANS.clear()
+    monkeypatch.setattr(determinism._Plans, "max_entries", 16)
+    for i in range(16):
+        warm(f"INSERT INTO t{i} VALUES (now())")
+    warm("INSERT INTO newest VALUES (now())")
+    assert len(determinism._PLANS._plans) == 15  # the oldest two (an eighth) made room
+    _no_parse(monkeypatch)  # the newer plans are all still there
+    for i in range(2, 16):
+        assert warm(f"INSERT INTO t{i} VALUES (now())") is not None
+    assert warm("INSERT INTO newest VALUES (now())") is not None

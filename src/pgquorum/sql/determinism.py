@@ -829,7 +829,10 @@ class _Plans:
     def put(self, key: object, edits: _Edits, asked: tuple[tuple[str, bool], ...]) -> None:
         plans = self._plans
         if len(plans) >= self.max_entries:
-            plans.clear()
+            # The oldest eighth (dicts keep insertion order), not all: an application with
+            # more shapes than this would otherwise lose its common ones every time.
+            for old in list(itertools.islice(plans, len(plans) // 8 or 1)):
+                del plans[old]
         plans[key] = (edits, asked)
 
     def clear(self) -> None:

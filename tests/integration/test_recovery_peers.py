@@ -13,6 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from cli_harness import (
+    CliProcess,
     dsn,
     run_cli,
     start,
@@ -32,7 +33,7 @@ from router_harness import RouterThread, eventually, pair_configs, router_config
 
 from helpers import Transfers, assert_nodes_identical
 from pgquorum.cluster.model import NodeState
-from pgquorum.local.instance import free_port
+from pgquorum.local.instance import LocalNode, free_port
 from pgquorum.protocol.errors import PgError
 from pgquorum.router import peers
 from pgquorum.router.peers import hold_everywhere
@@ -111,6 +112,16 @@ def test_routers_that_restart_during_a_recovery_rejoin_it(make_nodes, tmp_path: 
         b.stop()
 
 
+def fail_under_workers(router: CliProcess, port: int, node: LocalNode) -> None:
+    """Kill ``node``'s server, wait until the workers' load made them fail it, restart it."""
+    node.kill()
+    deadline = time.monotonic() + 30
+    while "FAILED" not in run_cli("status", "--port", str(port)).stdout:
+        assert time.monotonic() < deadline, router.output()
+        time.sleep(0.2)
+    node.start()
+
+
 def test_recovery_through_router_workers(make_nodes, procs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Two worker processes on one port: the sibling queues into the coordinator over its
     private socket."""
@@ -119,12 +130,7 @@ def test_recovery_through_router_workers(make_nodes, procs, tmp_path: Path) -> N
     Transfers.create(dsn(port), 100)
     with Transfers(dsn(port), clients=6, accounts=100) as load:  # spread over both workers
         load.wait_commits(20)
-        nodes[2].kill()
-        deadline = time.monotonic() + 30
-        while "FAILED" not in run_cli("status", "--port", str(port)).stdout:
-            assert time.monotonic() < deadline, router.output()
-            time.sleep(0.2)
-        nodes[2].start()
+        fail_under_workers(router, port, nodes[2])
         recover(worker_dsn(port, 1), "node3")  # worker 1 coordinates
         info = wait_recovery(worker_dsn(port, 1), timeout=60)
         assert info["phase"] == "done", info
@@ -181,12 +187,7 @@ def test_a_coordinator_killed_mid_recovery_begins_it_again_under_load(  # type: 
     coordinator = worker_dsn(port, 1)
     with Transfers(peer, clients=4, accounts=100) as load:
         load.wait_commits(20)
-        nodes[2].kill()
-        deadline = time.monotonic() + 30
-        while "FAILED" not in run_cli("status", "--port", str(port)).stdout:
-            assert time.monotonic() < deadline, router.output()
-            time.sleep(0.2)
-        nodes[2].start()
+        fail_under_workers(router, port, nodes[2])
         # A transaction that wrote, open at the peer, keeps each recovery from switching.
         holder = psycopg.connect(peer)
         holder.execute("INSERT INTO h VALUES ('held')")

@@ -315,9 +315,15 @@ class AdminConsole:
         if len(words) == 3 and words[1].upper() in ("ONLINE", "STOP"):
             sink = router.recovery_sink
             if sink is None or sink.rid != words[2]:
-                return ["node", "state"], []
-            router.recovery_sink = None
-            sink.close()
+                # Or the one this router let go when the coordinator stopped queueing (a
+                # batch it sent in the switch, after the queue closed): it ended all the same.
+                sink = router.let_go
+                if sink is None or sink.rid != words[2]:
+                    return ["node", "state"], []
+            else:
+                router.recovery_sink = None
+                sink.close()
+            router.let_go = None
             if words[1].upper() == "ONLINE":
                 router.cluster.mark_online(sink.node, f"recovered ({sink.rid})")
             state = router.cluster.status[sink.node].state.value

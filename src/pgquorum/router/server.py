@@ -106,6 +106,7 @@ class Router:
         # Online recovery (pgquorum.recovery): where commits are queued while a node
         # recovers, the pause in which it joins, and the recovery this router runs.
         self.recovery_sink: Sink | None = None
+        self.let_go: Sink | None = None  # a sink dropped by QueueGone, for RECOVERY ONLINE
         self.write_gate = WriteGate(lambda: self.sessions.values())
         self.recovery: Recovery | None = None
 
@@ -193,6 +194,7 @@ class Router:
             sink.close()
             if isinstance(error, QueueGone):
                 log.warning("node %s: recovery %s no longer queues: %s", sink.node, sink.rid, error)
+                self.let_go = sink
             else:
                 self.cluster.mark_failed(sink.node, f"the recovery queue was lost: {error}")
 

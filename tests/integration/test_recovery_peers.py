@@ -359,13 +359,16 @@ def test_a_peer_hold_that_lapses_fails_what_ran_under_it(  # type: ignore[no-unt
     a, b = RouterThread(config_a), RouterThread(config_b)
     try:
 
-        async def hold(seconds: float) -> None:
-            async with hold_everywhere(a.router, "COMMITS"):
+        async def hold(seconds: float, what: str = "COMMITS") -> None:
+            async with hold_everywhere(a.router, what):
                 await asyncio.sleep(seconds)
 
         a.call(hold(0))  # within the time: fine
         with pytest.raises(PgError, match="were let go before the end of the hold"):
             a.call(hold(1))
+        # A write hold's every step talks to the peers (the first after a lapse fails): one
+        # that lapses after the last step, as after a node joined, changes nothing.
+        a.call(hold(1, "WRITES"))
         setup_table(b)  # b commits again
         assert_nodes_identical(nodes, "postgres")
     finally:

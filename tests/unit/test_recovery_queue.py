@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
 from pgquorum.cluster.model import Node
 from pgquorum.protocol import messages as m
-from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, PgError
+from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, UNDEFINED_OBJECT, PgError
 from pgquorum.recovery import journal as j
 from pgquorum.recovery import queue as queue_module
 from pgquorum.recovery.journal import Entry, Journal, Unit
@@ -197,19 +198,23 @@ def test_closing_a_remote_queue_ends_the_batch_in_flight() -> None:
     asyncio.run(run())
 
 
-LOST = NodeLost(Node("router", "/tmp", 1), "connection reset")
+LOST = NodeLost(Node("router", "/tmp", 1), "connection reset")  # after the batch left
+REFUSED = OSError("connection refused")  # before it left
 
 
 def _remote(answers: list[object], monkeypatch: pytest.MonkeyPatch) -> RemoteQueue:
-    """A RemoteQueue whose coordinator gives ``answers`` in turn (an exception is raised)."""
+    """A RemoteQueue whose coordinator gives ``answers`` in turn (an exception is raised;
+    LOST as if the batch had reached the link, then refused for ever)."""
     monkeypatch.setattr(queue_module, "RECONNECT_PAUSE_S", 0.01)
     monkeypatch.setattr(queue_module, "RECONNECT_S", 0.5)
     queue = RemoteQueue("r/1", "node3", ("127.0.0.1", 1), ("postgres", None))
-    sent: list[list[object]] = []
+    sent: list[list[str]] = []
 
-    async def exchange(ops: list[object]) -> list[int]:
+    async def exchange(ops: list[str]) -> list[int]:
         sent.append(ops)
-        answer = answers.pop(0) if answers else OSError("connection refused")
+        answer = answers.pop(0) if answers else REFUSED
+        if answer is LOST:
+            queue._sent = True
         if isinstance(answer, BaseException):
             raise answer
         return answer  # type: ignore[return-value]
@@ -219,20 +224,32 @@ def _remote(answers: list[object], monkeypatch: pytest.MonkeyPatch) -> RemoteQue
     return queue
 
 
+RESERVE = '{"op":"reserve"}'
+
+
 def test_a_peer_waits_for_a_restarted_coordinator_and_lets_the_lost_recovery_go(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The coordinator dies with a batch on its way and comes back without the recovery:
     the batch's senders learn that it is gone (nothing to fail), not that it broke."""
-    gone = PgError(OBJECT_NOT_IN_PREREQUISITE_STATE, "no recovery 'r/1' is queueing")
+    gone = PgError(UNDEFINED_OBJECT, "no recovery 'r/1' is queueing")
 
     async def run() -> None:
-        queue = _remote([LOST, OSError("refused"), gone], monkeypatch)
+        queue = _remote([LOST, REFUSED, gone], monkeypatch)
         with pytest.raises(QueueGone):
             await queue.reserve()
-        assert queue.sent == [[{"op": "reserve"}], [], []]  # probes carry no operation
+        assert queue.sent == [[RESERVE], [], []]  # then it only asks: the batch may be there
         with pytest.raises(QueueGone):
             queue.settle(1, None)
+
+    asyncio.run(run())
+
+
+def test_a_batch_that_never_left_is_sent_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def run() -> None:
+        queue = _remote([REFUSED, REFUSED, [7]], monkeypatch)
+        assert await queue.reserve() == 7
+        assert queue.sent == [[RESERVE]] * 3
 
     asyncio.run(run())
 
@@ -251,14 +268,47 @@ def test_a_peer_cannot_go_on_when_the_coordinator_it_lost_still_runs_the_recover
     asyncio.run(run())
 
 
+def test_a_queue_that_gave_up_is_not_taken_for_one_that_is_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gave_up = PgError(OBJECT_NOT_IN_PREREQUISITE_STATE, "more than 1000000 transactions")
+
+    async def run() -> None:
+        queue = _remote([gave_up], monkeypatch)
+        with pytest.raises(QueueUnavailable, match="more than") as e:
+            await queue.reserve()
+        assert not isinstance(e.value, QueueGone)
+
+    asyncio.run(run())
+
+
 def test_a_coordinator_that_stays_away_ends_the_recovery(monkeypatch: pytest.MonkeyPatch) -> None:
     async def run() -> None:
-        # Reset, then refused for ever.
         queue = _remote([LOST], monkeypatch)
         with pytest.raises(QueueUnavailable, match="did not come back") as e:
             await queue.reserve()
         assert not isinstance(e.value, QueueGone)
         with pytest.raises(QueueUnavailable):
             await queue.flush()
+
+    asyncio.run(run())
+
+
+def test_batches_fit_the_coordinators_message_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each batch is one admin console query: cut by size, and an operation too big for one
+    is refused at once (its recovery fails) rather than sent."""
+    entry = Entry("a/1", {}, [Unit(b"x" * 30, [], [])])
+    size = len(json.dumps({"op": "append", "entry": entry.to_json()}, separators=(",", ":")))
+    monkeypatch.setattr(queue_module, "BATCH_BYTES", 2 * size + 2)  # two operations a batch
+    monkeypatch.setattr(queue_module, "MAX_OP_BYTES", 1000)
+
+    async def run() -> None:
+        queue = _remote([[0, 0], [0]], monkeypatch)
+        for _ in range(3):
+            queue.post(entry)
+        await queue.flush()
+        assert [len(ops) for ops in queue.sent] == [2, 1]
+        with pytest.raises(QueueUnavailable, match="more than a peer can send"):
+            queue.post(Entry("a/1", {}, [Unit(b"x" * 1000, [], [])]))
 
     asyncio.run(run())

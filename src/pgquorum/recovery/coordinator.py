@@ -46,6 +46,7 @@ CATCH_UP_DEPTH = 20  # entries left in the queue when the final switch is tried
 SWITCH_HOLD_S = 1.0  # how long the write gate waits for open transactions that wrote
 FOLLOW_AT_ONCE = 8  # databases whose sequences are moved at the same time, in the switch
 SWITCH_PATIENCE_S = 600.0  # how long long transactions may keep the node from joining
+RESOLVE_WAIT_S = 60.0  # for the in-doubt transactions of an earlier run, before a snapshot
 
 
 @dataclass
@@ -112,7 +113,14 @@ class Recovery:
         cluster = router.cluster
         # A restarted router first finishes what it left in doubt: committed after the
         # snapshot, such a transaction would be in neither the snapshot nor the queue.
-        await router.commits.resolved_once.wait()
+        try:
+            await asyncio.wait_for(router.commits.resolved_once.wait(), RESOLVE_WAIT_S)
+        except TimeoutError:
+            raise PgError(
+                OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "the transactions this router left in doubt could not be resolved on every "
+                f"ONLINE node within {RESOLVE_WAIT_S:.0f}s (see the router's log)",
+            ) from None
         st = cluster.status[self.node]
         source = cluster.lead()
         if source is None:
@@ -208,9 +216,11 @@ class Recovery:
                 await self._follow_sequences(replayer.node)
                 await replayer.flush()
                 self.router.cluster.mark_online(self.node, f"recovered ({self.rid})")
-                self._stop_queueing()
+                # The peers first, then the queue closes: a peer's last operations (a
+                # session's end, under the hold nothing that wrote) still find it open.
                 for link, _ in held:
                     await link.query(f"RECOVERY ONLINE {self.rid}")
+                self._stop_queueing()
                 self.progress.pauses_ms.append((time.monotonic() - began + held.drained) * 1000)
                 return None
         except StillOpen as e:
@@ -248,7 +258,12 @@ class Recovery:
                     )
 
         databases = await restore.list_databases(lead.node, restore.Credentials(user, password))
-        await asyncio.gather(*map(follow, databases))
+        try:
+            async with asyncio.TaskGroup() as group:  # one fails: the others are cancelled
+                for db in databases:
+                    group.create_task(follow(db))
+        except ExceptionGroup as e:
+            raise e.exceptions[0] from None  # the recovery's reason names what failed
 
     # -- helpers ------------------------------------------------------------------------------
 

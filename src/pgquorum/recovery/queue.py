@@ -22,7 +22,7 @@ import json
 import logging
 from typing import Any, Protocol
 
-from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, PgError
+from pgquorum.protocol.errors import UNDEFINED_OBJECT, PgError
 from pgquorum.router.backend import NodeLost
 from pgquorum.router.client import Link, admin_link
 
@@ -36,6 +36,11 @@ SEND_TIMEOUT_S = 10.0
 # restarts comes back within this) before it gives the recovery up.
 RECONNECT_S = 30.0
 RECONNECT_PAUSE_S = 0.25
+# A batch of a peer's operations is one admin console query: batches are cut at this size,
+# and one operation (a transaction with its COPY data, in base64) may take this much, well
+# under the coordinator's max_message_size (64 MiB by default).
+BATCH_BYTES = 4 * 1024 * 1024
+MAX_OP_BYTES = 48 * 1024 * 1024
 # What the coordinator keeps (in memory) for the replay before the recovery fails: entries,
 # and the bytes of their units and COPY data.
 MAX_DEPTH = 1_000_000
@@ -216,14 +221,14 @@ class RemoteQueue:
         self.node = node
         self.coordinator = coordinator
         self._credentials = credentials
-        self._waiting: list[tuple[dict[str, Any], asyncio.Future[int] | None]] = []
-        self._inflight: list[tuple[dict[str, Any], asyncio.Future[int] | None]] = []
+        # Operations as JSON texts (a batch is cut by their size), each with its caller.
+        self._waiting: list[tuple[str, asyncio.Future[int] | None]] = []
         self._link: Link | None = None
+        self._sent = False  # the batch being delivered reached the link
         self._sender: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
-        self.error: QueueUnavailable | None = None
-        self.closed = False
+        self.error: QueueUnavailable | None = None  # set: nothing more is sent
 
     async def reserve(self) -> int:
         return await self._call({"op": "reserve"})
@@ -247,19 +252,24 @@ class RemoteQueue:
     async def flush(self) -> None:
         """Until every operation made so far has reached the coordinator."""
         await self._idle.wait()
+        self._check()
+
+    def close(self) -> None:
+        self._fail(QueueUnavailable(f"the recovery {self.rid} of node {self.node} ended"))
+        if self._sender is not None:
+            self._sender.cancel()  # (it fails its own batch)
+        self._drop_link()
+
+    def _check(self) -> None:
         if self.error is not None:
             raise type(self.error)(str(self.error))
 
-    def close(self) -> None:
-        self.closed = True
-        if self._sender is not None:
-            self._sender.cancel()
-        self._drop_link()
-        # The batch being sent too: its senders would otherwise wait for ever.
-        for _, fut in self._inflight + self._waiting:
-            if fut is not None and not fut.done():
-                fut.set_exception(QueueUnavailable("the recovery ended"))
-        self._inflight, self._waiting = [], []
+    def _fail(self, error: QueueUnavailable) -> None:
+        """Nothing more is sent; every caller still waiting gets ``error``."""
+        if self.error is None:
+            self.error = error
+        waiting, self._waiting = self._waiting, []
+        _fail_all(waiting, self.error)
         self._idle.set()
 
     async def _call(self, op: dict[str, Any]) -> int:
@@ -268,82 +278,94 @@ class RemoteQueue:
         return await fut
 
     def _post(self, op: dict[str, Any], fut: asyncio.Future[int] | None) -> None:
-        if self.closed:
-            raise QueueUnavailable(f"the recovery {self.rid} of node {self.node} ended")
-        if self.error is not None:
-            raise type(self.error)(str(self.error))
-        self._waiting.append((op, fut))
+        self._check()
+        text = json.dumps(op, separators=(",", ":"))
+        if len(text) > MAX_OP_BYTES:
+            # The coordinator's admin console takes messages of max_message_size at most.
+            raise QueueUnavailable(
+                f"a transaction of {len(text) / 2**20:.0f} MiB is more than a peer can send "
+                f"to the recovery queue ({MAX_OP_BYTES / 2**20:g} MiB)"
+            )
+        self._waiting.append((text, fut))
         self._idle.clear()
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send())
 
     async def _send(self) -> None:
         while self._waiting:
-            batch = self._inflight = self._waiting
-            self._waiting = []
+            batch = _cut(self._waiting, BATCH_BYTES)
+            del self._waiting[: len(batch)]
             try:
-                serials = await self._deliver([op for op, _ in batch])
+                serials = await self._deliver([text for text, _ in batch])
             except QueueUnavailable as e:
-                self.error = e
                 log.error("the recovery queue at %s:%d: %s", *self.coordinator, e)
-                for _, fut in batch + self._waiting:
-                    if fut is not None and not fut.done():
-                        fut.set_exception(type(e)(str(e)))
-                self._inflight, self._waiting = [], []
-                break
-            self._inflight = []
+                _fail_all(batch, e)
+                self._fail(e)
+                return
+            except BaseException as e:  # cancelled by close(), or a bug: no one waits on
+                error = self.error or QueueUnavailable(f"the queue's sender failed: {e!r}")
+                self._fail(error)
+                _fail_all(batch, error)
+                raise
             for (_, fut), serial in zip(batch, serials, strict=True):
                 if fut is not None and not fut.done():
                     fut.set_result(serial)
         self._idle.set()
 
-    async def _deliver(self, ops: list[dict[str, Any]]) -> list[int]:
+    async def _deliver(self, ops: list[str]) -> list[int]:
         """The serials the coordinator gave ``ops``. A lost coordinator is waited for (the
-        sessions' commits wait meanwhile): one that restarted has lost the recovery, and says
-        so (QueueGone); one that still runs it may or may not have taken the batch that was
-        on its way, so the recovery cannot go on (QueueUnavailable)."""
-        try:
-            return await asyncio.wait_for(self._exchange(ops), SEND_TIMEOUT_S)
-        except PgError as e:
-            raise _refused(e) from None
-        except ValueError as e:
-            raise QueueUnavailable(str(e)) from None
-        except (NodeLost, OSError, TimeoutError) as e:
-            lost: Exception = e
-        log.warning(
-            "lost the recovery queue at %s:%d (%s); waiting up to %.0fs for it",
-            *self.coordinator,
-            lost,
-            RECONNECT_S,
-        )
+        sessions' commits wait meanwhile) and asked again. One that restarted has lost the
+        recovery, and says so (QueueGone). One that still runs it and may have taken the
+        batch (it reached the link, no answer came back) leaves the recovery unable to go
+        on; a batch that never left is sent again."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + RECONNECT_S
-        while loop.time() < deadline:
-            self._drop_link()
-            await asyncio.sleep(RECONNECT_PAUSE_S)
+        deadline: float | None = None
+        unsure = False  # a batch may have arrived: only ask whether the recovery runs
+        while True:
+            self._sent = False
             try:
-                await asyncio.wait_for(self._exchange([]), SEND_TIMEOUT_S)
+                serials = await asyncio.wait_for(
+                    self._exchange([] if unsure else ops), SEND_TIMEOUT_S
+                )
             except PgError as e:
                 raise _refused(e) from None
-            except (NodeLost, OSError, TimeoutError, ValueError) as e:
-                lost = e
+            except ValueError as e:
+                raise QueueUnavailable(str(e)) from None
+            except (NodeLost, OSError, TimeoutError) as e:
+                unsure = unsure or self._sent
+                if deadline is None:
+                    deadline = loop.time() + RECONNECT_S
+                    log.warning(
+                        "lost the recovery queue at %s:%d (%s); waiting up to %.0fs for it",
+                        *self.coordinator,
+                        e,
+                        RECONNECT_S,
+                    )
+                elif loop.time() >= deadline:
+                    raise QueueUnavailable(
+                        f"the coordinator did not come back in {RECONNECT_S:.0f}s: {e}"
+                    ) from None
+                self._drop_link()
+                await asyncio.sleep(RECONNECT_PAUSE_S)
                 continue
+            if not unsure:
+                return serials
             raise QueueUnavailable(
                 f"the link to the coordinator broke with {len(ops)} queue operations on "
-                f"their way ({lost}); it still runs recovery {self.rid}, which cannot tell "
-                "whether they arrived"
+                f"their way; it still runs recovery {self.rid}, which cannot tell whether "
+                "they arrived"
             )
-        raise QueueUnavailable(f"the coordinator did not come back in {RECONNECT_S:.0f}s: {lost}")
 
     def _drop_link(self) -> None:
         if self._link is not None:
             self._link.close()
             self._link = None
 
-    async def _exchange(self, ops: list[dict[str, Any]]) -> list[int]:
+    async def _exchange(self, ops: list[str]) -> list[int]:
         if self._link is None:
             self._link = await admin_link(*self.coordinator, *self._credentials)
-        payload = json.dumps({"rid": self.rid, "ops": ops}, separators=(",", ":"))
+        payload = f'{{"rid":{json.dumps(self.rid)},"ops":[{",".join(ops)}]}}'
+        self._sent = True
         _, rows = await self._link.query(COMMAND + payload)
         serials = [int(r[0] or 0) for r in rows]
         if len(serials) != len(ops):
@@ -351,8 +373,26 @@ class RemoteQueue:
         return serials
 
 
+def _cut(
+    waiting: list[tuple[str, asyncio.Future[int] | None]], budget: int
+) -> list[tuple[str, asyncio.Future[int] | None]]:
+    """The first operations whose texts fit in ``budget`` bytes (at least one)."""
+    size = 0
+    for n, (text, _) in enumerate(waiting):
+        size += len(text) + 1
+        if size > budget and n:
+            return waiting[:n]
+    return list(waiting)
+
+
+def _fail_all(calls: list[tuple[str, asyncio.Future[int] | None]], error: QueueUnavailable) -> None:
+    for _, fut in calls:
+        if fut is not None and not fut.done():
+            fut.set_exception(type(error)(str(error)))
+
+
 def _refused(e: PgError) -> QueueUnavailable:
     """The coordinator's answer to a batch it would not take."""
-    if e.sqlstate == OBJECT_NOT_IN_PREREQUISITE_STATE:  # no such recovery queues there
+    if e.sqlstate == UNDEFINED_OBJECT:  # no such recovery queues there
         return QueueGone(e.message)
     return QueueUnavailable(e.message)

@@ -272,29 +272,36 @@ class AdminConsole:
         ]
         return ["node", "state", "reason"], rows
 
+    def queue_batch(self, sql: str, at: int) -> Table:
+        """RECOVERY QUEUE {json}: a peer's batch of queue operations, its JSON at ``at``
+        (read in place: a batch may be megabytes)."""
+        router = self.router
+        sink = router.recovery_sink
+        recovery = router.recovery
+        try:
+            request, end = _JSON.raw_decode(sql, at)
+        except ValueError as e:
+            raise PgError(SYNTAX_ERROR, f"invalid RECOVERY QUEUE payload: {e}") from None
+        if sql[end:].strip() not in ("", ";") or not isinstance(request, dict):
+            raise PgError(SYNTAX_ERROR, "invalid RECOVERY QUEUE payload: one JSON object")
+        if recovery is None or sink is not recovery.queue or request.get("rid") != sink.rid:
+            # (Its own SQLSTATE: the peer learns that nothing replays, see QueueGone.)
+            raise PgError(
+                UNDEFINED_OBJECT,
+                f"no recovery {request.get('rid')!r} is queueing on this router",
+            )
+        try:
+            serials = recovery.queue.apply_batch(request["ops"])
+        except QueueUnavailable as e:
+            raise PgError(OBJECT_NOT_IN_PREREQUISITE_STATE, str(e)) from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise PgError(SYNTAX_ERROR, f"invalid RECOVERY QUEUE operation: {e}") from None
+        return ["serial"], [[str(n)] for n in serials]
+
     def recovery_command(self, sql: str) -> Table:
-        """The coordinator's commands to its peers (RECOVERY START/QUEUE/ONLINE/STOP)."""
+        """The coordinator's commands to its peers (RECOVERY START/ONLINE/STOP)."""
         router = self.router
         text = sql.strip().rstrip(";")
-        if text[:15].upper() == "RECOVERY QUEUE ":
-            sink = router.recovery_sink
-            recovery = router.recovery
-            try:
-                request = json.loads(text[15:])
-            except ValueError as e:
-                raise PgError(SYNTAX_ERROR, f"invalid RECOVERY QUEUE payload: {e}") from None
-            if recovery is None or sink is not recovery.queue or request.get("rid") != sink.rid:
-                raise PgError(
-                    OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    f"no recovery {request.get('rid')!r} is queueing on this router",
-                )
-            try:
-                serials = recovery.queue.apply_batch(request["ops"])
-            except QueueUnavailable as e:
-                raise PgError(OBJECT_NOT_IN_PREREQUISITE_STATE, str(e)) from None
-            except (KeyError, TypeError, ValueError) as e:
-                raise PgError(SYNTAX_ERROR, f"invalid RECOVERY QUEUE operation: {e}") from None
-            return ["serial"], [[str(n)] for n in serials]
         start = _RECOVERY_START.match(text)
         if start is not None:
             node = start["node"].replace("''", "'")
@@ -315,15 +322,9 @@ class AdminConsole:
         if len(words) == 3 and words[1].upper() in ("ONLINE", "STOP"):
             sink = router.recovery_sink
             if sink is None or sink.rid != words[2]:
-                # Or the one this router let go when the coordinator stopped queueing (a
-                # batch it sent in the switch, after the queue closed): it ended all the same.
-                sink = router.let_go
-                if sink is None or sink.rid != words[2]:
-                    return ["node", "state"], []
-            else:
-                router.recovery_sink = None
-                sink.close()
-            router.let_go = None
+                return ["node", "state"], []
+            router.recovery_sink = None
+            sink.close()
             if words[1].upper() == "ONLINE":
                 router.cluster.mark_online(sink.node, f"recovered ({sink.rid})")
             state = router.cluster.status[sink.node].state.value
@@ -332,6 +333,9 @@ class AdminConsole:
 
     async def run(self, sql: str, session: ClientSession) -> list[tuple[str, Table]]:
         """Each command's result with its command tag."""
+        queue = _QUEUE.match(sql)
+        if queue is not None:  # first, and without copies of the text: see queue_batch
+            return [("RECOVERY QUEUE", self.queue_batch(sql, queue.end()))]
         fail = parse_fail_node(sql)
         if fail is not None:
             return [("FAIL NODE", self.fail_node(*fail))]
@@ -432,6 +436,8 @@ def _hold_columns(what: str) -> list[str]:
     return ["held" if what == "COMMITS" else "writes_held", "drained_ms"]
 
 
+_QUEUE = re.compile(r"\s*RECOVERY\s+QUEUE\s+", re.IGNORECASE)
+_JSON = json.JSONDecoder()
 _RECOVER = re.compile(rf"^RECOVER\s+NODE\s+{NODE_NAME}$", re.IGNORECASE)
 _MEMBER = re.compile(
     rf"""^(?P<verb>ADD|REMOVE)\s+NODE\s+{NODE_NAME}"""

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 GID_PREFIX = "pgq/"
 RESOLVE_INTERVAL_S = 30.0
+RESOLVE_RETRY_S = 1.0
 
 
 def console_literal(text: str) -> str:
@@ -132,23 +133,26 @@ class CommitCoordinator:
 
     async def _resolve_forever(self) -> None:
         while True:
+            complete = False
             try:
-                await self.resolve_in_doubt()
+                complete = await self.resolve_in_doubt()
             except Exception:
                 log.exception("resolving in-doubt transactions failed; retrying later")
-            self.resolved_once.set()
-            await asyncio.sleep(RESOLVE_INTERVAL_S)
+            if complete:
+                self.resolved_once.set()
+            # Until one pass reached every ONLINE node, a recovery waits: try again soon.
+            await asyncio.sleep(RESOLVE_INTERVAL_S if complete else RESOLVE_RETRY_S)
 
-    async def resolve_in_doubt(self) -> int:
-        """Finish this router's prepared transactions that no session is working on."""
-        done = 0
+    async def resolve_in_doubt(self) -> bool:
+        """Finish this router's prepared transactions that no session is working on; True
+        if every ONLINE node was looked at."""
         self.log.flush_forgotten()
         started = time.time()
         prepared: set[str] = set()
         complete = True
         for st in self.router.cluster.online():
             try:
-                done += await self._resolve_node(st.node, prepared)
+                await self._resolve_node(st.node, prepared)
             except (NodeLost, m.PgError, OSError) as e:
                 complete = False
                 log.warning("cannot resolve in-doubt transactions on node %s: %s", st.node.name, e)
@@ -157,9 +161,9 @@ class CommitCoordinator:
             self.router.store.prune_decisions(
                 self.name, prepared | self.in_flight, started - 2 * self.log.keep_s
             )
-        return done
+        return complete
 
-    async def _resolve_node(self, node: Node, prepared: set[str]) -> int:
+    async def _resolve_node(self, node: Node, prepared: set[str]) -> None:
         rows = await self._query(
             node, "postgres", "SELECT gid, database FROM pg_catalog.pg_prepared_xacts"
         )
@@ -169,7 +173,6 @@ class CommitCoordinator:
             owned = gid is not None and database is not None and self.owns(gid)
             if owned and gid not in self.in_flight:
                 by_db[str(database)].append(str(gid))
-        done = 0
         user, password = self.router.internal_credentials()
         for database, gids in by_db.items():
             decided = self.router.store.decided(gids)
@@ -177,17 +180,15 @@ class CommitCoordinator:
             link = await Link.open(node, params, password)
             try:
                 async with self.commit_slot():
-                    done += await self._finish(link, node, database, gids, decided)
+                    await self._finish(link, node, database, gids, decided)
             finally:
                 link.close()
-        return done
 
     async def _finish(
         self, link: Link, node: Node, database: str, gids: list[str], decided: set[str]
-    ) -> int:
+    ) -> None:
         """Commit or roll back in-doubt ``gids`` (inside a commit slot, so a recovery's
         snapshot is taken before or after, never during)."""
-        done = 0
         for gid in gids:
             verb = "COMMIT" if gid in decided else "ROLLBACK"
             log.warning(
@@ -204,7 +205,6 @@ class CommitCoordinator:
                 if e.sqlstate != "42704":  # already finished by someone else
                     raise
                 continue
-            done += 1
             sink = self.router.recovery_sink
             if verb == "COMMIT" and sink is not None:
                 # Committed after the recovery's snapshot, and not in its queue (its
@@ -216,7 +216,6 @@ class CommitCoordinator:
                         "snapshot, outside its queue"
                     ),
                 )
-        return done
 
     async def _query(self, node: Node, database: str, sql: str) -> list[list[str | None]]:
         """Run one statement on a node over a fresh connection of the router's own."""

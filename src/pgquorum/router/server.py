@@ -106,7 +106,6 @@ class Router:
         # Online recovery (pgquorum.recovery): where commits are queued while a node
         # recovers, the pause in which it joins, and the recovery this router runs.
         self.recovery_sink: Sink | None = None
-        self.let_go: Sink | None = None  # a sink dropped by QueueGone, for RECOVERY ONLINE
         self.write_gate = WriteGate(lambda: self.sessions.values())
         self.recovery: Recovery | None = None
 
@@ -157,13 +156,13 @@ class Router:
                 f"ADD NODE {quote_ident(node.name)} {console_literal(node.host)} {node.port} "
                 "FROM PEER"
             )
+            self.start_recovery(node.name)  # (a RECOVER NODE may have begun meanwhile)
         except PgError:
             # Nothing half done: the node leaves the group again, here and at the peers
             # that took it (a recovery needs every router to queue for it anyway).
             cluster.remove_node(node.name)
             await self.peers.tell(f"REMOVE NODE {quote_ident(node.name)} FROM PEER", strict=False)
             raise
-        self.start_recovery(node.name)
 
     async def remove_node(self, name: str, *, from_peer: bool = False) -> None:
         """REMOVE NODE: take a node out of the group for good."""
@@ -194,7 +193,6 @@ class Router:
             sink.close()
             if isinstance(error, QueueGone):
                 log.warning("node %s: recovery %s no longer queues: %s", sink.node, sink.rid, error)
-                self.let_go = sink
             else:
                 self.cluster.mark_failed(sink.node, f"the recovery queue was lost: {error}")
 

@@ -76,7 +76,8 @@ _ROLLBACK = m.encode_query("ROLLBACK")
 ADMIN_DATABASE = "pgquorum"
 _READ_PAUSE_BYTES = 4 * 1024 * 1024
 # COPY data a session keeps for a recovering node's replay, at most (per COPY).
-MAX_KEPT_COPY_BYTES = 256 * 1024 * 1024
+# (A peer sends it to the coordinator in one query, in base64: see queue.MAX_OP_BYTES.)
+MAX_KEPT_COPY_BYTES = 32 * 1024 * 1024
 # How many more statements in flight a session's home node may have than the least loaded
 # node before the session's reads move (see ClientSession._home).
 HOME_SLACK = 2

@@ -77,7 +77,6 @@ class Peers:
         self.router = router
         self.addresses = router.settings.peers
         self._tasks: set[asyncio.Task[None]] = set()
-        self._failing: dict[str, set[asyncio.Task[None]]] = {}  # FAIL NODE notices by node
         self.sent = 0  # acknowledged notifications, for tests and SHOW
 
     async def start(self) -> None:
@@ -166,37 +165,32 @@ class Peers:
                     )
 
     def _changed(self, st: NodeStatus) -> None:
-        name = st.node.name
         if st.state is not NodeState.FAILED:
-            # A recovery began (it reached every peer first) or ended: a failure notice
-            # still retrying is out of date, and arriving late it would fail the node again.
-            for task in self._failing.pop(name, ()):
-                task.cancel()
             return
+        name = st.node.name
         command = fail_node_command(name, st.reason)
         loop = asyncio.get_running_loop()
-        pending = self._failing.setdefault(name, set())
         for host, port in self.addresses:
-            task = loop.create_task(self._notify(host, port, command))
+            task = loop.create_task(self._notify(host, port, name, command))
             self._tasks.add(task)
-            pending.add(task)
             task.add_done_callback(self._tasks.discard)
-            task.add_done_callback(pending.discard)
 
-    async def _notify(self, host: str, port: int, command: str) -> None:
+    async def _notify(self, host: str, port: int, node: str, command: str) -> None:
         delay = RETRY_FIRST_S
         user, password = self.router.internal_credentials()
-        while True:
+        status = self.router.cluster.status
+        # Until the peer takes it, or the node is no longer FAILED here: a recovery of it
+        # began (it reached every peer first), and a notice arriving after would fail the
+        # recovered node again.
+        while (st := status.get(node)) is not None and st.state is NodeState.FAILED:
             try:
                 await admin_query(host, port, user, password, command, timeout=5)
                 self.sent += 1
                 return
-            except PgError as e:
-                if e.sqlstate == UNDEFINED_OBJECT:  # a node it never had: nothing to fail
+            except (NodeLost, PgError, OSError, TimeoutError) as e:
+                if isinstance(e, PgError) and e.sqlstate == UNDEFINED_OBJECT:
                     log.info("peer %s:%d has no such node: %s", host, port, e.message)
-                    return
-                log.warning("peer %s:%d not told yet (%s); retrying in %.1fs", host, port, e, delay)
-            except (NodeLost, OSError, TimeoutError) as e:
+                    return  # a node it never had: nothing to fail
                 log.warning("peer %s:%d not told yet (%s); retrying in %.1fs", host, port, e, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_S)

@@ -321,7 +321,7 @@ def add_node(
     node_host, _, node_port = address.rpartition(":")
     if not node_host or not node_port.isdigit():
         raise click.BadParameter("expected HOST:PORT", param_hint="ADDRESS")
-    from pgquorum.router.commit import console_literal
+    from pgquorum.router.client import console_literal
     from pgquorum.sql.quoting import quote_ident
 
     command = f"ADD NODE {quote_ident(node)} {console_literal(node_host)} {int(node_port)}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pgquorum.router.commit import console_literal
+from pgquorum.router.client import console_literal
 from pgquorum.router.peers import fail_node_command, parse_fail_node
 from pgquorum.sql.quoting import quote_literal
 

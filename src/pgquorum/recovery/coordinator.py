@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING
 from pgquorum.cluster.model import Node, NodeState
 from pgquorum.local.binaries import find_binaries
 from pgquorum.protocol.errors import OBJECT_NOT_IN_PREREQUISITE_STATE, PgError
-from pgquorum.router.client import query
-from pgquorum.router.commit import console_literal
+from pgquorum.router.client import console_literal, query
 from pgquorum.router.peers import hold_everywhere
 from pgquorum.sql.quoting import quote_literal
 

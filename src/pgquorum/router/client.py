@@ -63,6 +63,11 @@ async def query(
         link.close()
 
 
+def console_literal(text: str) -> str:
+    """A string in the admin console's own commands: '' doubles a quote, nothing else."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 async def admin_link(
     host: str, port: int, user: str, password: str | None, timeout: float = 30
 ) -> Link:

@@ -38,11 +38,6 @@ RESOLVE_INTERVAL_S = 30.0
 RESOLVE_RETRY_S = 1.0
 
 
-def console_literal(text: str) -> str:
-    """A string in the admin console's own commands: '' doubles a quote, nothing else."""
-    return "'" + text.replace("'", "''") + "'"
-
-
 class CommitCoordinator:
     def __init__(self, router: Router) -> None:
         self.router = router

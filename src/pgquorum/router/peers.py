@@ -25,8 +25,7 @@ from pgquorum.recovery.queue import RemoteQueue
 from pgquorum.sql.quoting import quote_ident
 
 from .backend import NodeLost
-from .client import Link, admin_link, admin_query
-from .commit import console_literal
+from .client import Link, admin_link, admin_query, console_literal
 
 if TYPE_CHECKING:
     from .server import Router

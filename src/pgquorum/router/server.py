@@ -30,7 +30,8 @@ from pgquorum.sql.quoting import quote_ident
 
 from .admin import AdminConsole
 from .backend import open_transport
-from .commit import CommitCoordinator, console_literal
+from .client import console_literal
+from .commit import CommitCoordinator
 from .peers import Peers
 from .sequences import SequenceAllocator
 from .session import ClientSession

@@ -26,7 +26,7 @@ from pathlib import Path
 from pgquorum.cluster.model import Node
 from pgquorum.local.binaries import PgBinaries, find_binaries
 from pgquorum.local.instance import conninfo_quote
-from pgquorum.router.client import Link
+from pgquorum.router.client import Link, open_links
 from pgquorum.sql.quoting import quote_ident, quote_literal
 
 APPLICATION_NAME = "pgquorum recovery"
@@ -100,15 +100,7 @@ class SnapshotSet:
         self.databases = {db: str(r[1][0][0]) for db, r in zip(names, ids, strict=True)}
 
     async def _connect(self, names: list[str]) -> None:
-        opened = await asyncio.gather(
-            *(_open(self.source, self.creds, db) for db in names), return_exceptions=True
-        )
-        for db, link in zip(names, opened, strict=True):
-            if isinstance(link, Link):
-                self._links[db] = link
-        for link in opened:
-            if isinstance(link, BaseException):
-                raise link
+        await open_links({db: _open(self.source, self.creds, db) for db in names}, self._links)
 
     def close(self) -> None:
         for link in self._links.values():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from pgquorum.cluster.model import Node
 from pgquorum.protocol import messages as m
@@ -10,6 +12,7 @@ from pgquorum.protocol import messages as m
 from .backend import EXPECT_QUERY, NodeConnection
 
 Table = tuple[list[str], list[list[str | None]]]
+K = TypeVar("K")
 
 
 class Link:
@@ -47,6 +50,18 @@ class Link:
 
     def close(self) -> None:
         self.conn.close()
+
+
+async def open_links(opening: dict[K, Awaitable[Link]], into: dict[K, Link]) -> None:
+    """Open links at once. Every link that opened goes into ``into`` (its owner closes
+    them) before the first failure, if any, is raised."""
+    opened = await asyncio.gather(*opening.values(), return_exceptions=True)
+    for key, link in zip(opening, opened, strict=True):
+        if isinstance(link, Link):
+            into[key] = link
+    for link in opened:
+        if isinstance(link, BaseException):
+            raise link
 
 
 async def query(

@@ -22,7 +22,7 @@ from pgquorum.cluster.model import Node
 from pgquorum.protocol.errors import PgError
 from pgquorum.recovery.restore import Credentials, list_databases
 
-from .client import Link, Table
+from .client import Link, Table, open_links
 from .peers import hold_everywhere
 
 if TYPE_CHECKING:
@@ -69,17 +69,13 @@ class Snapshots:
     async def take(self, router: Router, nodes: list[Node], databases: list[str]) -> float:
         user, password = router.internal_credentials()
 
-        async def open_one(node: Node, db: str) -> None:
-            params = {"user": user, "database": db, "application_name": "pgquorum verify"}
-            self.links[(node.name, db)] = await Link.open(node, params, password)
+        def params(db: str) -> dict[str, str]:
+            return {"user": user, "database": db, "application_name": "pgquorum verify"}
 
-        # Every open ends before a failure is raised, so close() sees every link.
-        opened = await asyncio.gather(
-            *(open_one(n, db) for n in nodes for db in databases), return_exceptions=True
+        await open_links(
+            {(n.name, db): Link.open(n, params(db), password) for n in nodes for db in databases},
+            self.links,  # (close() closes every link that opened)
         )
-        for result in opened:
-            if isinstance(result, BaseException):
-                raise result
         # Every router in front of the group holds its commits: peers first, then this one.
         async with hold_everywhere(router, "COMMITS") as held:
             await asyncio.gather(

@@ -767,6 +767,35 @@ def test_shape_cache_answers_as_a_parse_would(template: str, values: list[object
         assert analyzer.stats()["shape_hits"] == 1  # the shape answered
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    template=st.sampled_from(["SELECT f{}(x) FROM t WHERE a = {}", "INSERT INTO t{} VALUES ({})"]),
+    name=st.integers(0, 10**4),
+    value=st.integers(0, 10**6),
+)
+def test_digits_of_names_are_never_holes(template: str, name: int, value: int) -> None:
+    """A name's digits change the analysis (which function, which table): a shape taken
+    from one name must never answer for another."""
+    analyzer = Analyzer()
+    for seed in (5, 6):
+        analyzer.analyze(template.format(1, seed))
+    sql = template.format(name, value)
+    assert analyzer.analyze(sql) == Analyzer().analyze(sql)
+
+
+def test_a_shape_pushed_out_is_taken_again() -> None:
+    """More shapes share a lookup key than are kept for it (names that differ only in
+    digits): one that was pushed out is taken again when its statement comes back."""
+    analyzer = Analyzer()
+    for f in range(1, 6):
+        for a in (5, 6):
+            analyzer.analyze(f"SELECT f{f}(x) FROM t WHERE a = {a}")
+    assert analyzer.stats()["shape_hits"] == 0
+    for a in range(10, 20):
+        assert analyzer.analyze(f"SELECT f1(x) FROM t WHERE a = {a}").functions == {"f1"}
+    assert analyzer.stats()["shape_hits"] == 9  # taken again at the first, then answered
+
+
 def test_fingerprint_cache_keeps_functions_apart() -> None:
     analyzer = Analyzer()
     assert analyzer.analyze("SELECT lower('a')").functions == {"lower"}
@@ -1236,14 +1265,6 @@ def test_notify_anywhere_is_flagged(sql: str) -> None:
         ("SET TIME ZONE 'UTC'", ("set", "timezone")),
         ("RESET work_mem", ("reset", "work_mem")),
         ("RESET ALL", ("reset", "")),
-        (
-            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
-            ("set", "default_transaction_read_only"),
-        ),
-        (
-            "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-            ("set", "default_transaction_isolation"),
-        ),
         ("DISCARD ALL", ("reset", "")),  # as poolers reset a connection
         ("DISCARD PLANS", None),
         ("SET TRANSACTION SNAPSHOT '00000003-0000001B-1'", None),
@@ -1257,8 +1278,27 @@ def test_notify_anywhere_is_flagged(sql: str) -> None:
     ],
 )
 def test_session_setting(sql: str, setting: tuple[str, str] | None) -> None:
-    expected = () if setting is None else ((*setting, 0, len(sql)),)
+    expected = () if setting is None else ((*setting, 0, len(sql), None),)
     assert Analyzer().analyze(sql).settings == expected
+
+
+def test_session_characteristics_are_kept_as_one_set_of_each_default() -> None:
+    """So that a later SET or RESET of one of them replaces just that one."""
+    sql = "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY"
+    settings = Analyzer().analyze(sql).settings
+    assert [(k, n) for k, n, *_ in settings] == [
+        ("set", "default_transaction_isolation"),
+        ("set", "default_transaction_read_only"),
+    ]
+    assert [t for *_, t in settings] == [
+        "SET default_transaction_isolation = 'serializable'",
+        "SET default_transaction_read_only = on",
+    ]
+    sql = "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE, NOT DEFERRABLE"
+    assert [t for *_, t in Analyzer().analyze(sql).settings] == [
+        "SET default_transaction_read_only = off",
+        "SET default_transaction_deferrable = off",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -1278,14 +1318,14 @@ def test_session_setting(sql: str, setting: tuple[str, str] | None) -> None:
     ],
 )
 def test_session_setting_made_by_set_config(sql: str, name: str | None) -> None:
-    expected = () if name is None else (("set", name, 0, len(sql)),)
+    expected = () if name is None else (("set", name, 0, len(sql), None),)
     assert Analyzer().analyze(sql).settings == expected
 
 
 def test_session_settings_of_several_statements() -> None:
     sql = "SET a.x = 'é😀' ; SELECT 1; SAVEPOINT s; SET LOCAL b.y = 2; RESET c.z"
     settings = Analyzer().analyze(sql).settings
-    assert [(kind, name, sql[start:end]) for kind, name, start, end in settings] == [
+    assert [(kind, name, sql[start:end]) for kind, name, start, end, _ in settings] == [
         ("set", "a.x", "SET a.x = 'é😀' "),
         ("savepoint", "s", "SAVEPOINT s"),
         ("reset", "c.z", "RESET c.z"),

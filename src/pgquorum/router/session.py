@@ -1045,9 +1045,9 @@ class ClientSession(asyncio.Protocol):
         made since. ``params``: the values bound to an extended-protocol statement."""
         pending = self._txn_settings
         marks = self._savepoints  # each with how many of the pending came before it
-        for kind, name, start, end in a.settings:
+        for kind, name, start, end, kept in a.settings:
             if kind == "set" or kind == "reset":
-                text = _with_values(sql[start:end], params)
+                text = kept or _with_values(sql[start:end], params)
                 if text is None:
                     log.warning(
                         "session %s: setting %s is not kept for nodes connected later: its "
@@ -2002,8 +2002,8 @@ _FIXED_NAMES = TIME_FUNCTIONS | REFUSED_ALWAYS
 def _raise_sql(err: PgError) -> str:
     """A statement that fails on a node with ``err``'s SQLSTATE and message."""
 
-    def literal(text: str) -> str:
-        return "'" + text.replace("'", "''").replace("$pgq$", "") + "'"
+    def literal(text: str) -> str:  # (never ending the dollar quote around it)
+        return quote_literal(text.replace("$pgq$", ""))
 
     hint = f", HINT = {literal(err.hint)}" if err.hint else ""
     return (

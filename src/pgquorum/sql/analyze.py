@@ -27,6 +27,8 @@ from pglast.enums import (
 )
 from pglast.parser import fingerprint, parse_sql, scan
 
+from pgquorum.sql.quoting import quote_ident, quote_literal
+
 
 class Route(enum.Enum):
     READ = "read"  # provably read-only: may run on any one node
@@ -40,7 +42,19 @@ class CopyDirection(enum.Enum):
 
 
 _EMPTY: frozenset[str] = frozenset()
+_K = TypeVar("_K")
 _V = TypeVar("_V")
+
+
+def store_bounded(cache: dict[_K, _V], key: _K, value: _V, max_entries: int) -> None:
+    """``cache[key] = value``; a full cache first drops its oldest eighth."""
+    if len(cache) >= max_entries:
+        # Dicts keep insertion order, so the first keys are the oldest.  Evicting in
+        # batches keeps this O(1) amortized: deleting one key at a time from the front
+        # makes each next(iter(cache)) skip an ever longer run of dead slots.
+        for old in list(itertools.islice(cache, max(1, len(cache) // 8))):
+            del cache[old]
+    cache[key] = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +95,11 @@ class Analysis:
     # SET LOCAL, not SET TRANSACTION) as ("set" | "reset", the setting's name: "" for RESET
     # ALL), and each SAVEPOINT, RELEASE or ROLLBACK TO as ("savepoint" | "release" |
     # "rollback to", its name), since a rollback to a savepoint undoes the SETs made after
-    # it; with where the statement is in the text (start, end). A node connected later needs
+    # it; with where the statement is in the text (start, end), and the statement to keep
+    # for it when that is not the text there (None): SET SESSION CHARACTERISTICS is kept
+    # as one SET of each default_transaction_* it changes. A node connected later needs
     # the settings. Never fingerprint-cached, so the places are this text's own.
-    settings: tuple[tuple[str, str, int, int], ...] = ()
+    settings: tuple[tuple[str, str, int, int, str | None], ...] = ()
     # Tables inserted into (relation names without schema: the fingerprint ignores schemas),
     # and the table of COPY FROM: their column defaults may need the router's values.
     inserts: frozenset[str] = _EMPTY
@@ -207,9 +223,7 @@ def _quote_part(part: str) -> str:
     # A quoted identifier containing '.' or '"' cannot be written as a plain dotted name
     # without becoming ambiguous; quoting it makes the catalog find no row for it, so it is
     # treated as volatile.
-    if "." in part or '"' in part:
-        return '"' + part.replace('"', '""') + '"'
-    return part
+    return quote_ident(part) if "." in part or '"' in part else part
 
 
 def _func_name(funcname: tuple[Any, ...]) -> str:
@@ -337,7 +351,7 @@ class _Part:
         "no_block",
         "notify",
         "route",
-        "setting",
+        "settings",
         "strict",
         "temp",
         "time_values",
@@ -366,9 +380,9 @@ class _Part:
         inserts: frozenset[str] = _EMPTY,
         copy_into: str | None = None,
         ddl: bool = False,
-        setting: tuple[str, str] | None = None,
+        settings: tuple[tuple[str, str, str | None], ...] = (),
     ) -> None:
-        self.setting = setting
+        self.settings = settings
         self.arbitrary = arbitrary
         self.inserts = inserts
         self.copy_into = copy_into
@@ -466,28 +480,42 @@ def _options_strict(options: tuple[Any, ...] | None) -> bool:
     return False
 
 
-def _session_setting(stmt: Any) -> tuple[str, str] | None:
-    """What a SET/RESET changes for the rest of the session, None if only the transaction."""
+def _session_settings(stmt: Any) -> tuple[tuple[str, str, str | None], ...]:
+    """What a SET/RESET changes for the rest of the session (none if only the transaction),
+    as in Analysis.settings."""
     name = (stmt.name or "").lower()
     multi = stmt.kind is VariableSetKind.VAR_SET_MULTI
     if stmt.is_local or (multi and name.startswith("transaction")):  # ..., SNAPSHOT too
-        return None
+        return ()
     if stmt.kind is VariableSetKind.VAR_RESET_ALL:
-        return ("reset", "")
+        return (("reset", "", None),)
     if multi and name == "session characteristics":
-        # Kept under the settings it changes, so that a later SET or RESET of one of them
-        # replaces it.
-        name = ",".join(f"default_{o.defname}" for o in stmt.args or () if type(o) is ast.DefElem)
-    return ("reset" if stmt.kind is VariableSetKind.VAR_RESET else "set", name)
+        # One SET of each default it changes, so that a later SET or RESET of one of them
+        # replaces just that one.
+        return tuple(
+            ("set", f"default_{o.defname}", f"SET default_{o.defname} = {_option_value(o.arg)}")
+            for o in stmt.args or ()
+            if type(o) is ast.DefElem
+        )
+    return (("reset" if stmt.kind is VariableSetKind.VAR_RESET else "set", name, None),)
+
+
+def _option_value(arg: Any) -> str:
+    """A transaction option's value (an isolation level, or 1/0 for READ ONLY and
+    DEFERRABLE) as a SET writes it."""
+    value = getattr(arg, "val", None)
+    if type(value) is ast.String:
+        return quote_literal(value.sval or "")
+    return "on" if getattr(value, "ival", 0) else "off"
 
 
 _FALSE = frozenset({"false", "off", "f", "no", "n", "0", "of", "fa", "fal", "fals"})
 
 
-def _set_config(stmt: Any) -> tuple[str, str] | None:
+def _set_config(stmt: Any) -> tuple[tuple[str, str, str | None], ...]:
     """``SELECT set_config('name', value, false)`` and nothing else: a session setting made
     with a function (applications that keep, say, the tenant of row level security in a
-    setting do this), as ("set", name). The value may be a parameter; is_local must be a
+    setting do this), as in Analysis.settings. The value may be a parameter; is_local must be a
     constant."""
     if (
         stmt.fromClause
@@ -507,28 +535,28 @@ def _set_config(stmt: Any) -> tuple[str, str] | None:
         or not stmt.targetList
         or len(stmt.targetList) != 1
     ):
-        return None
+        return ()
     call: Any = stmt.targetList[0].val
     if type(call) is not ast.FuncCall or call.over or call.agg_filter or call.agg_star:
-        return None
+        return ()
     if _func_name(call.funcname or ()) not in _SET_CONFIG:
-        return None
+        return ()
     if not call.args or len(call.args) != 3:
-        return None
+        return ()
     name = _const_str(call.args[0])
     local = call.args[2]
     if not name:
-        return None
+        return ()
     if type(local) is not ast.A_Const:
-        return None
+        return ()
     value: Any = local.val
     if type(value) is ast.Boolean:
         is_local = value.boolval
     elif type(value) is ast.String and (value.sval or "").strip().lower() in _FALSE:
         is_local = False
     else:
-        return None  # true, or something PostgreSQL may refuse: not worth keeping
-    return None if is_local else ("set", name.lower())
+        return ()  # true, or something PostgreSQL may refuse: not worth keeping
+    return () if is_local else (("set", name.lower(), None),)
 
 
 def _variable_set_strict(stmt: Any) -> bool:
@@ -658,7 +686,7 @@ def _classify(stmt: Any, depth: int) -> _Part:
             strict=_variable_set_strict(stmt),
             fp_safe=False,
             lock_free=True,
-            setting=_session_setting(stmt),
+            settings=_session_settings(stmt),
         )
     if cls is ast.TransactionStmt:
         strict = stmt.kind in _BEGIN_KINDS and _options_strict(stmt.options)
@@ -674,9 +702,9 @@ def _classify(stmt: Any, depth: int) -> _Part:
             txn_control=True,
             # COMMIT PREPARED / ROLLBACK PREPARED refuse to run inside a block.
             no_block=stmt.kind in _NO_BLOCK_KINDS,
-            setting=(_SAVEPOINT_KINDS[stmt.kind], stmt.savepoint_name)
+            settings=((_SAVEPOINT_KINDS[stmt.kind], stmt.savepoint_name, None),)
             if stmt.kind in _SAVEPOINT_KINDS
-            else None,
+            else (),
         )
     return _walked_part(
         stmt,
@@ -831,15 +859,15 @@ def _parse(sql: str) -> tuple[Analysis, bool]:
     analysis, fp_safe = _combine(parts)
     settings = []
     for part, raw in zip(parts, stmts, strict=True):
-        setting = part.setting
-        if setting is None and type(raw.stmt) is ast.SelectStmt:
-            setting = _set_config(raw.stmt)
+        found = part.settings
+        if not found and type(raw.stmt) is ast.SelectStmt and part.calls & _SET_CONFIG:
+            found = _set_config(raw.stmt)
         elif type(raw.stmt) is ast.DiscardStmt and raw.stmt.target == DiscardMode.DISCARD_ALL:
-            setting = ("reset", "")  # as a pooler resets a connection
-        if setting is not None:
+            found = (("reset", "", None),)  # as a pooler resets a connection
+        if found:
             start = raw.stmt_location or 0
             end = start + raw.stmt_len if raw.stmt_len else len(sql)  # 0: to the end
-            settings.append((*setting, start, end))
+            settings += [(kind, name, start, end, text) for kind, name, text in found]
     if settings:  # their places belong to this text: never shared
         analysis = dataclasses.replace(analysis, settings=tuple(settings))
         fp_safe = False
@@ -922,7 +950,7 @@ class Analyzer:
         "_by_text",
         "_max_entries",
         "_max_text_len",
-        "_shaped",
+        "_shapeless",
         "fp_hits",
         "parses",
         "shape_hits",
@@ -933,7 +961,7 @@ class Analyzer:
         self._by_fp: dict[str, Analysis] = {}
         # text without digits -> (shape, analysis), the newest last
         self._by_shape: dict[str, tuple[tuple[tuple[str, ...], Analysis], ...]] = {}
-        self._shaped: dict[str, bool] = {}  # fingerprint + key: the shape was already taken
+        self._shapeless: dict[tuple[str, str], bool] = {}  # (fingerprint, key): no shape
         self._max_entries = max(1, max_entries)
         self._max_text_len = max_text_len
         self.fp_hits = 0  # text misses answered by the fingerprint cache
@@ -948,9 +976,10 @@ class Analyzer:
 
     def _analyze_miss(self, sql: str) -> Analysis:
         short = len(sql) <= self._max_text_len
-        shaped = len(sql) <= _SHAPE_MAX_TEXT  # shapes of long texts would pin much memory
-        key = _DIGITS.sub("", sql) if shaped else ""
-        for shape, known in self._by_shape.get(key, ()):
+        # Shapes of long texts would pin much memory; a text without digits has none.
+        key = _DIGITS.sub("", sql) if len(sql) <= _SHAPE_MAX_TEXT else sql
+        shaped = len(key) < len(sql)
+        for shape, known in self._by_shape.get(key, ()) if shaped else ():
             if _fits(sql, shape):
                 self.shape_hits += 1
                 if short:
@@ -970,13 +999,14 @@ class Analyzer:
                 if cached is not None:
                     self.fp_hits += 1
                     analysis = cached
-                    # Seen twice: worth a shape, taken once per fingerprint and lookup key
-                    # (`x + 5` and `x + -5` have one fingerprint but two shapes).
-                    tried = fp + key
-                    if shaped and text is sql and tried not in self._shaped:
-                        self._store(self._shaped, tried, True)
+                    # Seen twice: worth a shape, kept by its lookup key (`x + 5` and
+                    # `x + -5` have one fingerprint but two). A text with none (a long
+                    # constant, hex) is not scanned again for one.
+                    if shaped and text is sql and (fp, key) not in self._shapeless:
                         cut = _shape(sql)
-                        if cut is not None:
+                        if cut is None:
+                            self._store(self._shapeless, (fp, key), True)
+                        else:
                             kept = self._by_shape.get(key, ())[-(_SHAPES_PER_KEY - 1) :]
                             self._store(self._by_shape, key, (*kept, (cut, analysis)))
                 else:
@@ -988,14 +1018,8 @@ class Analyzer:
             self._store(self._by_text, sql, analysis)
         return analysis
 
-    def _store(self, cache: dict[str, _V], key: str, value: _V) -> None:
-        if len(cache) >= self._max_entries:
-            # Dicts keep insertion order, so the first keys are the oldest.  Evicting in
-            # batches keeps this O(1) amortized: deleting one key at a time from the front
-            # makes each next(iter(cache)) skip an ever longer run of dead slots.
-            for old in list(itertools.islice(cache, max(1, len(cache) // 8))):
-                del cache[old]
-        cache[key] = value
+    def _store(self, cache: dict[_K, _V], key: _K, value: _V) -> None:
+        store_bounded(cache, key, value, self._max_entries)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -1011,4 +1035,4 @@ class Analyzer:
         self._by_text.clear()
         self._by_fp.clear()
         self._by_shape.clear()
-        self._shaped.clear()
+        self._shapeless.clear()

@@ -53,7 +53,13 @@ from pglast.enums import (
 from pglast.parser import parse_sql, scan
 
 from pgquorum.protocol.errors import FEATURE_NOT_SUPPORTED, PgError
-from pgquorum.sql.analyze import TIME_VALUE_OPS, _child_attrs, _func_name, parsable_text
+from pgquorum.sql.analyze import (
+    TIME_VALUE_OPS,
+    _child_attrs,
+    _func_name,
+    parsable_text,
+    store_bounded,
+)
 from pgquorum.sql.sequences import SEQUENCE_FUNCTIONS  # assigned by the router, not here
 
 __all__ = [
@@ -827,13 +833,7 @@ class _Plans:
         return edits
 
     def put(self, key: object, edits: _Edits, asked: tuple[tuple[str, bool], ...]) -> None:
-        plans = self._plans
-        if len(plans) >= self.max_entries:
-            # The oldest eighth (dicts keep insertion order), not all: an application with
-            # more shapes than this would otherwise lose its common ones every time.
-            for old in list(itertools.islice(plans, len(plans) // 8 or 1)):
-                del plans[old]
-        plans[key] = (edits, asked)
+        store_bounded(self._plans, key, (edits, asked), self.max_entries)
 
     def clear(self) -> None:
         self._plans.clear()

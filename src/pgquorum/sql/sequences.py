@@ -31,7 +31,7 @@ from pglast.stream import RawStream
 from pgquorum.protocol.errors import FEATURE_NOT_SUPPORTED, PgError
 
 from .analyze import _child_attrs, _func_name
-from .quoting import quote_ident
+from .quoting import quote_ident, quote_literal
 
 NEXTVAL = frozenset({"nextval", "pg_catalog.nextval"})
 CURRVAL = frozenset({"currval", "pg_catalog.currval"})
@@ -57,7 +57,7 @@ def columns_sql(table: str) -> str:
     """The columns of ``table`` (as the statement names it, resolved by the session's
     search_path) in order: name, identity, filled (default calls a function), default
     expression, the identity's sequence."""
-    lit = "'" + table.replace("'", "''") + "'"
+    lit = quote_literal(table)  # (the client sets standard_conforming_strings)
     return f"""
 SELECT a.attname, a.attidentity, {_FILLED},
        pg_catalog.pg_get_expr(d.adbin, d.adrelid),

@@ -124,13 +124,17 @@ def dsn(port: int, dbname: str = "postgres", **extra: str) -> str:
 
 
 def write_router_config(
-    path: Path, port: int, nodes: list[Any], *, tcp: bool = False, **router: str | int
+    path: Path,
+    port: int,
+    nodes: list[Any],
+    *,
+    tcp: bool = False,
+    **router: str | int | list[str],
 ) -> Path:
     """A router TOML file over ``nodes`` (LocalNode), through their Unix sockets unless
-    ``tcp``; ``router`` adds keys to [router] (strings quoted, numbers as they are)."""
-    extra = "".join(
-        f"{k} = {v}\n" if isinstance(v, int) else f'{k} = "{v}"\n' for k, v in router.items()
-    )
+    ``tcp``; ``router`` adds keys to [router] (numbers as they are, strings and lists of
+    strings quoted)."""
+    extra = "".join(f"{k} = {_toml(v)}\n" for k, v in router.items())
     listed = "".join(
         f'\n[[group.nodes]]\nname = "{n.name}"\nhost = "{n.host if tcp else n.router_host}"\n'
         f"port = {n.port}\n"
@@ -141,6 +145,14 @@ def write_router_config(
         f'[group]\nname = "default"\n{listed}'
     )
     return path
+
+
+def _toml(value: str | int | list[str]) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return f'"{value}"'
 
 
 def start_up(

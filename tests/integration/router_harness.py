@@ -158,6 +158,19 @@ def pair_configs(nodes: list[LocalNode], tmp_path: Path) -> tuple[Config, Config
     )
 
 
+def prepared(node: LocalNode) -> int:
+    """Prepared transactions left on ``node``."""
+    return int(node.psql("SELECT count(*) FROM pg_prepared_xacts"))
+
+
+def wait_resolved(nodes: list[LocalNode], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while any(prepared(n) for n in nodes):
+        if time.monotonic() > deadline:
+            pytest.fail(f"prepared transactions left: {[prepared(n) for n in nodes]}")
+        time.sleep(0.2)
+
+
 def eventually(check: Callable[[], bool], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while not check():

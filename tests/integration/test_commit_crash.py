@@ -3,28 +3,16 @@ prepared transactions by its decision log (commit if decided, else roll back).""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import psycopg
 import pytest
 from cli_harness import CliProcess, dsn, start, write_router_config
+from router_harness import prepared, wait_resolved
 
 from helpers import assert_nodes_identical
 from pgquorum import failpoints
-from pgquorum.local.instance import LocalNode, free_port
-
-
-def prepared(node: LocalNode) -> int:
-    return int(node.psql("SELECT count(*) FROM pg_prepared_xacts"))
-
-
-def wait_resolved(nodes: list[LocalNode], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while any(prepared(n) for n in nodes):
-        if time.monotonic() > deadline:
-            pytest.fail(f"prepared transactions left: {[prepared(n) for n in nodes]}")
-        time.sleep(0.2)
+from pgquorum.local.instance import free_port
 
 
 @pytest.mark.parametrize(

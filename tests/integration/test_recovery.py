@@ -237,9 +237,10 @@ def test_settings_from_before_the_recovery_and_copy_during_it_replay(
     holder.close()
     info = wait_recovery(rt)
     assert info["phase"] == "done", info
-    # The sessions go on, now on the recovered node too, with their settings.
-    worker.execute("INSERT INTO t VALUES (200, 'after')")
-    other.execute("INSERT INTO t VALUES (2, 'after')")
+    # The sessions go on, now on the recovered node too, with their settings (the values
+    # written make any difference there a difference in the data).
+    worker.execute("INSERT INTO t VALUES (200, current_setting('statement_timeout'))")
+    other.execute("INSERT INTO t VALUES (2, current_setting('app.tenant'))")
     worker.close()
     other.close()
     assert nodes[2].psql("SELECT count(*) FROM s1.t") == "200"
@@ -297,9 +298,10 @@ def test_a_copy_too_big_to_keep_fails_the_recovery_not_the_load(
             for i in range(5000):
                 copy.write_row((i, "x" * 100))
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (5000,)
+    # At once: the open transaction still keeps a healthy recovery in its replay.
+    info = wait_recovery(rt)
     holder.commit()
     holder.close()
-    info = wait_recovery(rt)
     assert info["phase"] == "failed", info
     assert "COPY FROM STDIN sent more than 0.0625 MiB" in info["error"], info
     assert rt.router.cluster.status["node3"].state is NodeState.FAILED

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from pgquorum.local.binaries import PgBinaries
@@ -185,8 +186,15 @@ def worker_dir(port: int, index: int) -> Path:
     return Path(tempfile.gettempdir()) / f"pgquorum-{port}-w{index}"
 
 
-def worker_dsn(port: int, index: int) -> str:
-    return f"host={worker_dir(port, index)} port={port} dbname=pgquorum user=postgres"
+def worker_dsn(port: int, index: int, dbname: str = "pgquorum") -> str:
+    """Worker ``index`` alone, through its private socket (its admin console by default)."""
+    return f"host={worker_dir(port, index)} port={port} dbname={dbname} user=postgres"
+
+
+def worker_states(port: int, index: int) -> list[str]:
+    """The node states worker ``index`` shows, in group order."""
+    with psycopg.connect(worker_dsn(port, index), autocommit=True) as admin:
+        return [str(r[4]) for r in admin.execute("SHOW NODES").fetchall()]
 
 
 def start_workers(

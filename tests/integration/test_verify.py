@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import psycopg
 import pytest
@@ -105,7 +104,9 @@ def test_verify_refuses_without_every_peers_barrier(make_nodes) -> None:  # type
                 done.set()
 
             threading.Thread(target=create, daemon=True).start()
-            assert done.wait(10)  # commits flow again, with the admin session still open
+            # Commits flow again, with the admin session still open (well before a hold
+            # left behind would lapse by itself).
+            assert done.wait(3)
         assert_nodes_identical(nodes, "postgres")
     finally:
         rt.stop()
@@ -121,9 +122,15 @@ def test_a_hold_that_lapses_ends_its_holders_connection(
     monkeypatch.setattr("pgquorum.router.admin.HOLD_MAX_S", 0.3)
     with psycopg.connect(rt.dsn("pgquorum"), autocommit=True) as admin:
         admin.execute("HOLD COMMITS")
-        time.sleep(1)
+        done = threading.Event()
+
+        def update() -> None:  # held at first, then let go by the lapse itself
+            with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+                conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = 1")
+            done.set()
+
+        threading.Thread(target=update, daemon=True).start()
+        assert done.wait(10)  # the holder's session is still open
         with pytest.raises(psycopg.OperationalError):
             admin.execute("RELEASE COMMITS")
-    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
-        conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = 1")
     assert_nodes_identical(nodes, "postgres")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from cli_harness import CliProcess, dsn, start_workers, worker_dsn
+from cli_harness import CliProcess, dsn, start_workers, worker_dsn, worker_states
 from psycopg import errors
+from router_harness import eventually
 
 from helpers import Transfers, assert_nodes_identical
 from pgquorum.local.instance import LocalNode
@@ -59,14 +60,7 @@ def test_two_workers(pg_nodes: list[LocalNode], procs: list[CliProcess], tmp_pat
         # A node failed on one worker is failed on the other.
         with psycopg.connect(worker_dsn(port, 0), autocommit=True) as admin:
             admin.execute("FAIL NODE node3 REASON 'worker test'")
-        with psycopg.connect(worker_dsn(port, 1), autocommit=True) as admin:
-            deadline = time.monotonic() + 10
-            while True:
-                rows = {r[0]: r[4] for r in admin.execute("SHOW NODES").fetchall()}
-                if rows["node3"] == "FAILED":
-                    break
-                assert time.monotonic() < deadline, rows
-                time.sleep(0.1)
+        eventually(lambda: worker_states(port, 1)[2] == "FAILED")
     finally:
         for c in clients:
             c.close()

@@ -18,6 +18,7 @@ from helpers import Transfers, assert_nodes_identical, balanced
 from pgquorum.cluster.model import NodeState
 from pgquorum.local.binaries import PgBinaries
 from pgquorum.local.instance import LocalNode
+from pgquorum.recovery import journal as journal_module
 from pgquorum.router import session as session_module
 
 
@@ -304,5 +305,55 @@ def test_a_copy_too_big_to_keep_fails_the_recovery_not_the_load(
     holder.close()
     assert info["phase"] == "failed", info
     assert "COPY FROM STDIN sent more than 0.0625 MiB" in info["error"], info
+    assert rt.router.cluster.status["node3"].state is NodeState.FAILED
+    assert_nodes_identical(nodes[:2], "postgres")
+
+
+def test_a_transaction_too_big_to_keep_fails_the_recovery_not_the_transaction(
+    three: tuple[RouterThread, list[LocalNode]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every session keeps its transaction's statements for a recovery that may queue it:
+    past the byte bound it lets them go, and a recovery the transaction commits into fails
+    (the node stays FAILED, to recover again), while the transaction itself commits."""
+    rt, nodes = three
+    monkeypatch.setattr(journal_module, "MAX_KEPT_BYTES", 64 * 1024)
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE h (v text)")
+    fail_by_killing(rt, nodes[2])
+    holder = recover_held_open(rt)
+    with psycopg.connect(rt.dsn()) as conn:
+        for i in range(4):  # 4 x 20 kB statements, one transaction begun during the recovery
+            conn.execute(f"INSERT INTO t VALUES ({i}, '{'x' * 20_000}')")
+        conn.commit()
+        assert conn.execute("SELECT count(*) FROM t").fetchone() == (4,)
+    info = wait_recovery(rt)  # the open transaction still keeps the recovery in its replay
+    holder.commit()
+    holder.close()
+    assert info["phase"] == "failed", info
+    assert "the transaction sent more than 0.0625 MiB" in info["error"], info
+    assert rt.router.cluster.status["node3"].state is NodeState.FAILED
+    assert_nodes_identical(nodes[:2], "postgres")
+
+
+def test_a_copy_begun_before_the_recovery_fails_it_when_it_commits(
+    three: tuple[RouterThread, list[LocalNode]],
+) -> None:
+    """The router keeps COPY data only while a node recovers: a COPY already streaming when
+    the recovery began cannot be replayed, so its commit fails the recovery at once."""
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE h (v text)")
+    fail_by_killing(rt, nodes[2])
+    with psycopg.connect(rt.dsn()) as conn:
+        with conn.cursor().copy("COPY t (id, v) FROM STDIN") as copy:
+            copy.write_row((1, "before"))
+            holder = recover_held_open(rt)
+            copy.write_row((2, "during"))
+        conn.commit()
+    info = wait_recovery(rt)  # the open transaction still keeps the recovery in its replay
+    holder.commit()
+    holder.close()
+    assert info["phase"] == "failed", info
+    assert "its COPY FROM STDIN began before the recovery" in info["error"], info
     assert rt.router.cluster.status["node3"].state is NodeState.FAILED
     assert_nodes_identical(nodes[:2], "postgres")

@@ -18,8 +18,11 @@ from pgquorum.router.backend import EXPECT_QUERY, Expectation, NodeLost, UnitRes
 from pgquorum.router.session import Statement, _build_batch
 
 
-def result(*tags: str, error: str | None = None, status: int = ord("T")) -> UnitResult:
+def result(
+    *tags: str, error: str | None = None, status: int = ord("T"), sent: int = 0
+) -> UnitResult:
     res = UnitResult()
+    res.sent = sent
     res.tags = list(tags)
     res.error = error
     res.status = status
@@ -97,6 +100,21 @@ def test_a_huge_transaction_is_marked_instead_of_kept(monkeypatch: pytest.Monkey
     units = journal.take(commit=True)
     assert units[0].missing and len(units) == 2  # the marker, then COMMIT
     assert journal.empty
+
+
+def test_a_transaction_past_the_byte_bound_keeps_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(j, "MAX_KEPT_BYTES", 100)
+    journal = Journal()
+    journal.record(query("INSERT INTO t VALUES (1)"), result("INSERT 0 1", sent=60))
+    assert not journal.empty
+    journal.record(query("INSERT INTO t VALUES (2)"), result("INSERT 0 1", sent=60))
+    journal.record(query("INSERT INTO t VALUES (3)"), result("INSERT 0 1", sent=1))
+    units = journal.take(commit=True)
+    assert [u.missing for u in units] == ["the transaction sent more than 9.53674e-05 MiB", ""]
+    assert units[1].data == m.encode_query("COMMIT")
+    # The next transaction starts from nothing.
+    journal.record(query("INSERT INTO t VALUES (4)"), result("INSERT 0 1", sent=60))
+    assert [u.missing for u in journal.take(commit=True)] == ["", ""]
 
 
 def test_entries_survive_json() -> None:

@@ -132,7 +132,8 @@ class Journal:
 
     def __init__(self) -> None:
         self._kept: list[_Kept] = []
-        self._overflow = False
+        self._bytes = 0  # the messages and COPY data the kept units hold
+        self._overflow = ""  # why the transaction is too big to keep
         self._shadow = _Shadow()
         self._begin: bytes | None = None  # a deferred BEGIN, sent with the next unit
         self.open = False  # the last unit left a transaction block open on the nodes
@@ -152,24 +153,32 @@ class Journal:
     ) -> None:
         begin, self._begin = self._begin, None
         self.open = res.status not in (0, IDLE)
-        if len(self._kept) < MAX_KEPT_UNITS:
-            self._kept.append((build, begin, res.error, res.tags, copy, missing))
+        if self._overflow:
+            return
+        self._bytes += res.sent + len(copy)
+        if len(self._kept) >= MAX_KEPT_UNITS:
+            self._give_up(f"the transaction ran more than {MAX_KEPT_UNITS} write units")
+        elif self._bytes > MAX_KEPT_BYTES:
+            self._give_up(f"the transaction sent more than {MAX_KEPT_BYTES / 2**20:g} MiB")
         else:
-            # Memory is worth more than the replay of one giant transaction: a recovery it
-            # commits into fails, safely, rather than every session holding its bulk load.
-            self._overflow = True
+            self._kept.append((build, begin, res.error, res.tags, copy, missing))
+
+    def _give_up(self, why: str) -> None:
+        """Memory is worth more than the replay of one giant transaction: every unit kept is
+        let go (every transaction keeps its units, recovery or not), and a recovery the
+        transaction commits into fails, safely, rather than every session holding its bulk
+        load."""
+        self._overflow = why
+        self._kept = []
 
     def take(self, *, commit: bool) -> list[Unit]:
         """The transaction's units as the recovering node must be sent them, ended the way
         the router ended it on the nodes (a two-phase COMMIT, or a ROLLBACK of a transaction
         the client never ended)."""
-        units = [Unit(b"", [], [], missing=_TOO_BIG)] if self._overflow else self._build()
+        units = [Unit(b"", [], [], missing=self._overflow)] if self._overflow else self._build()
         if self.open:
             units.append(_COMMIT if commit else _ROLLBACK)
-        self._kept = []
-        self._overflow = False
-        self.open = False
-        self._begin = None
+        self.drop()
         return units
 
     def join(self, rid: str) -> bool:
@@ -184,7 +193,8 @@ class Journal:
     def drop(self) -> None:
         """No recovery wants the transaction: forget it."""
         self._kept = []
-        self._overflow = False
+        self._bytes = 0
+        self._overflow = ""
         self.open = False
         self._begin = None
 
@@ -216,8 +226,11 @@ class Journal:
         return units
 
 
+# What one transaction keeps for a recovery that may queue it. The bytes fit, with its COPY
+# data, in what a peer may send the coordinator as one operation (queue.MAX_OP_BYTES, in
+# base64).
 MAX_KEPT_UNITS = 100_000
-_TOO_BIG = f"the transaction ran more than {MAX_KEPT_UNITS} write units"
+MAX_KEPT_BYTES = 32 * 1024 * 1024
 
 
 def _b64(data: bytes) -> str:

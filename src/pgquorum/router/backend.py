@@ -81,7 +81,7 @@ EXPECT_QUERY_SWALLOWED = Expectation(m.QUERY, swallow=True)
 class UnitResult:
     """What a node answered to one unit."""
 
-    __slots__ = ("chunks", "copy_in", "error", "status", "tags")
+    __slots__ = ("chunks", "copy_in", "error", "sent", "status", "tags")
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []  # collected reply bytes (collect mode only)
@@ -89,6 +89,7 @@ class UnitResult:
         self.error: str | None = None  # SQLSTATE of the first error
         self.status = 0  # ReadyForQuery status of the last Sync/Query, 0 if none
         self.copy_in = False  # the node is waiting for COPY data
+        self.sent = 0  # bytes of the unit as sent (what a session's journal holds for it)
 
     def outcome(self) -> tuple[object, ...]:
         return (self.error, *self.tags) if self.error else tuple(self.tags)
@@ -213,7 +214,8 @@ class NodeConnection(asyncio.Protocol):
             self.pending_begin = None
         self._expect.extend(expect)
         self._relay = relay
-        self._result = UnitResult()
+        self._result = res = UnitResult()
+        res.sent = len(data)
         if on_done is None:
             self._waiter = asyncio.get_running_loop().create_future()
         self._on_done = on_done

@@ -1501,6 +1501,16 @@ class ClientSession(asyncio.Protocol):
         there starts with the settings a fresh connection needs."""
         first = self.journal.join(sink.rid)
         units = self.journal.take(commit=commit)
+        missing = next((u.missing for u in units if u.missing), "")
+        if missing:
+            # The replay would stop at it: the recovery fails now, not when it gets there
+            # (maybe only in its final pause).
+            self.router.queue_lost(
+                sink,
+                QueueUnavailable(
+                    f"a transaction of session {self.id} cannot be replayed: {missing}"
+                ),
+            )
         prelude = list(self.settings.values()) if first else None
         return Entry(f"{self.router.settings.name}/{self.id}", dict(self.params), units, prelude)
 

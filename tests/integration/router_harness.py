@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import subprocess
 import threading
 import time
@@ -11,6 +12,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import uvloop
 
@@ -171,12 +173,41 @@ def wait_resolved(nodes: list[LocalNode], timeout: float = 30) -> None:
         time.sleep(0.2)
 
 
-def eventually(check: Callable[[], bool], timeout: float = 10) -> None:
+def eventually(check: Callable[[], bool], timeout: float = 10, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
-            pytest.fail("condition not reached in time")
+            pytest.fail(f"not reached in {timeout:g}s: {what or _source(check)}")
         time.sleep(0.05)
+
+
+def _source(check: Callable[[], bool]) -> str:
+    """The line that made ``check`` (a lambda's own text), for a failure message."""
+    try:
+        return inspect.getsource(check).strip()
+    except (OSError, TypeError):
+        return repr(check)
+
+
+def pgbench_commits(rt: RouterThread) -> int:
+    """Transactions pgbench's TPC-B-like script committed (rows in pgbench_history)."""
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pgbench_history").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def wait_pgbench_commits(
+    rt: RouterThread, bench: subprocess.Popen[str], more: int, timeout: float = 30
+) -> None:
+    """Until a start_pgbench run commits ``more`` transactions from now."""
+    target = pgbench_commits(rt) + more
+
+    def committed() -> bool:
+        assert bench.poll() is None, "pgbench ended early"
+        return pgbench_commits(rt) >= target
+
+    eventually(committed, timeout, f"pgbench committing {more} more transactions")
 
 
 def state(rt: RouterThread, node: str) -> NodeState:

@@ -10,7 +10,14 @@ import time
 
 import psycopg
 import pytest
-from router_harness import RouterThread, finish_pgbench, pgbench, router_config, start_pgbench
+from router_harness import (
+    RouterThread,
+    finish_pgbench,
+    pgbench,
+    router_config,
+    start_pgbench,
+    wait_pgbench_commits,
+)
 
 from helpers import assert_nodes_identical, balanced
 from pgquorum.cluster.model import NodeState
@@ -32,7 +39,7 @@ def test_pgbench_tpcb_survives_a_killed_node(
     try:
         pgbench(pg_binaries, rt, "-i", "-s", "1", "-q")
         bench = start_pgbench(pg_binaries, rt, "-M", mode, "-c", "8", "-j", "2", "-T", "8", "-n")
-        time.sleep(3)
+        wait_pgbench_commits(rt, bench, 100)
         nodes[victim].kill()
         assert finish_pgbench(bench) > 50
         status = rt.router.cluster.status

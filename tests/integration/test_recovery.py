@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,14 @@ import psycopg
 import pytest
 from cli_harness import run_cli
 from recovery_harness import fail_by_killing, recover, recover_held_open, wait_recovery
-from router_harness import RouterThread, finish_pgbench, pgbench, router_config, start_pgbench
+from router_harness import (
+    RouterThread,
+    finish_pgbench,
+    pgbench,
+    router_config,
+    start_pgbench,
+    wait_pgbench_commits,
+)
 
 from helpers import Transfers, assert_nodes_identical, balanced
 from pgquorum.cluster.model import NodeState
@@ -52,9 +58,9 @@ def test_killed_node_is_recovered_under_pgbench(
     load = ("-c", "8", "-j", "2", "-T", "25", "-n", "-l", f"--log-prefix={prefix}")
     bench = start_pgbench(pg_binaries, rt, *load, cwd=tmp_path)
     try:
-        time.sleep(2)
+        wait_pgbench_commits(rt, bench, 100)
         fail_by_killing(rt, nodes[2])
-        time.sleep(1)  # transactions the recovered node missed
+        wait_pgbench_commits(rt, bench, 50)  # transactions the recovered node missed
         recover(rt, "node3")
         info = wait_recovery(rt)
         assert info["phase"] == "done", info

@@ -402,7 +402,8 @@ async def _follow(link: Link, bar: Progress) -> dict[str, str]:
             completed=int(done_dbs or 0),
             phase=info.get("phase", ""),
             size=f"{int(info.get('bytes') or 0) / 1e6:.1f} MB",
-            depth=info.get("queue_depth", "0"),
+            depth=f"{info.get('queue_depth') or 0} "
+            f"({int(info.get('queue_bytes') or 0) / 1e6:.1f} MB)",
         )
         if info.get("phase") in ("done", "failed"):
             return info

@@ -10,7 +10,13 @@ from pathlib import Path
 import psycopg
 import pytest
 from cli_harness import run_cli
-from recovery_harness import fail_by_killing, recover, recover_held_open, wait_recovery
+from recovery_harness import (
+    fail_by_killing,
+    recover,
+    recover_held_open,
+    recovery,
+    wait_recovery,
+)
 from router_harness import (
     RouterThread,
     finish_pgbench,
@@ -25,6 +31,7 @@ from pgquorum.cluster.model import NodeState
 from pgquorum.local.binaries import PgBinaries
 from pgquorum.local.instance import LocalNode
 from pgquorum.recovery import journal as journal_module
+from pgquorum.recovery import queue as queue_module
 from pgquorum.router import session as session_module
 
 
@@ -339,6 +346,40 @@ def test_a_transaction_too_big_to_keep_fails_the_recovery_not_the_transaction(
     assert "the transaction sent more than 0.0625 MiB" in info["error"], info
     assert rt.router.cluster.status["node3"].state is NodeState.FAILED
     assert_nodes_identical(nodes[:2], "postgres")
+
+
+def test_a_queue_spooled_to_disk_replays_in_order(
+    three: tuple[RouterThread, list[LocalNode]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the coordinator's queue cannot hold in memory waits in its spool file; the replay
+    reads it back in commit order (prepared statements, COPY, a session setting)."""
+    rt, nodes = three
+    monkeypatch.setattr(queue_module, "MEMORY_BYTES", 4096)
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE h (v text)")
+    fail_by_killing(rt, nodes[2])
+    holder = recover_held_open(rt)
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("SET application_name = 'spooled'")
+        for i in range(60):
+            conn.execute(
+                "INSERT INTO t VALUES (%s, %s || current_setting('application_name'))",
+                (i, "x" * 200),
+                prepare=True,
+            )
+            conn.execute("UPDATE t SET v = v || '!' WHERE id = %s", (i // 2,), prepare=True)
+        with conn.cursor().copy("COPY t (id, v) FROM STDIN") as copy:
+            for i in range(100, 150):
+                copy.write_row((i, "copied"))
+    queue = rt.router.recovery.queue  # type: ignore[union-attr]
+    assert queue.bytes > queue.memory > 0, (queue.bytes, queue.memory)  # some wait on disk
+    assert int(recovery(rt)["queue_bytes"]) == queue.bytes  # (SHOW RECOVERY)
+    holder.commit()
+    holder.close()
+    info = wait_recovery(rt)
+    assert info["phase"] == "done", info
+    assert int(info["replayed"]) >= 121, info
+    assert_nodes_identical(nodes, "postgres")
 
 
 def test_a_copy_begun_before_the_recovery_fails_it_when_it_commits(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -187,6 +188,54 @@ def test_the_queue_gives_up_rather_than_hold_too_many_bytes(
         # The replay stops at once, not after the backlog it could no longer keep.
         with pytest.raises(QueueUnavailable, match="took more than"):
             await q.take(2, timeout=1)
+
+    asyncio.run(main())
+
+
+def test_the_queue_spools_what_its_memory_does_not_hold(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(queue_module, "MEMORY_BYTES", 10_000)
+    entries = [
+        Entry(f"a/{i}", {"user": "u"}, [Unit(bytes([i]) * 4000, [], ["INSERT 0 1"])])
+        for i in range(6)
+    ]
+
+    async def main() -> None:
+        q = LocalQueue("rid", "node3", spool_dir=str(tmp_path))
+        late = await q.reserve()  # settled last: its place in the order stays
+        for e in entries[1:]:
+            await q.append(e)
+        q.settle(late, entries[0])
+        assert q.memory <= 10_000 < q.bytes  # the rest waits on disk
+        assert not list(tmp_path.iterdir())  # unlinked: a crash leaves nothing behind
+        got = [await q.take(i, timeout=1) for i in range(1, 7)]
+        assert got == entries
+        assert (q.bytes, q.memory, q._spool_end) == (0, 0, 0)  # drained: the file starts over
+        await q.append(entries[1])  # fits in memory again
+        assert q._spooled == 0
+        q.close()
+
+    asyncio.run(main())
+
+
+def test_a_queue_that_cannot_spool_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(queue_module, "MEMORY_BYTES", 100)
+
+    def full(*args: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(queue_module.os, "pwrite", full)
+
+    async def main() -> None:
+        q = LocalQueue("rid", "node3")
+        with pytest.raises(QueueUnavailable, match=r"on disk: .*No space left"):
+            await q.append(Entry("a/1", {}, [Unit(b"x" * 500, [], [])]))
+        # The replay stops at once, and nothing more is queued.
+        with pytest.raises(QueueUnavailable, match="No space left"):
+            await q.take(1, timeout=1)
+        with pytest.raises(QueueUnavailable, match="No space left"):
+            await q.reserve()
 
     asyncio.run(main())
 

@@ -20,7 +20,10 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any, Protocol
+import os
+import pickle
+import tempfile
+from typing import Any, BinaryIO, Protocol, cast
 
 from pgquorum.protocol.errors import UNDEFINED_OBJECT, PgError
 from pgquorum.router.backend import NodeLost
@@ -41,10 +44,14 @@ RECONNECT_PAUSE_S = 0.25
 # under the coordinator's max_message_size (64 MiB by default).
 BATCH_BYTES = 4 * 1024 * 1024
 MAX_OP_BYTES = 48 * 1024 * 1024
-# What the coordinator keeps (in memory) for the replay before the recovery fails: entries,
-# and the bytes of their units and COPY data.
-MAX_DEPTH = 1_000_000
-MAX_BYTES = 1024 * 1024 * 1024
+# What the coordinator keeps for the replay: entries up to MEMORY_BYTES (their units and
+# COPY data) in memory, the rest in a spool file on disk (in TMPDIR, like the dump), so that
+# a long restore under a heavy write load does not hold the backlog in memory. Past
+# MAX_DEPTH entries (each costs about 100 bytes of index in memory) or MAX_BYTES on disk the
+# recovery fails rather than grow without end.
+MEMORY_BYTES = 64 * 1024 * 1024
+MAX_DEPTH = 4_000_000
+MAX_BYTES = 64 * 1024 * 1024 * 1024
 
 
 class QueueUnavailable(Exception):
@@ -77,16 +84,22 @@ _PENDING = object()
 
 
 class LocalQueue:
-    """The coordinator's queue, in memory: serial -> entry (None when void)."""
+    """The coordinator's queue: serial -> entry (None when void), in memory or spooled."""
 
-    def __init__(self, rid: str, node: str) -> None:
+    def __init__(self, rid: str, node: str, spool_dir: str | None = None) -> None:
         self.rid = rid
         self.node = node
         self._next = 1
+        # An entry, None (void), _PENDING, or (offset, length) of one in the spool file.
         self._entries: dict[int, object] = {}
         self._changed = asyncio.Event()
         self.applied = 0  # serials below this were replayed (set by the replay)
-        self.bytes = 0  # held by the entries not yet replayed
+        self.bytes = 0  # the size of the entries not yet replayed (Entry.size)
+        self.memory = 0  # ... of those held in memory
+        self._spool_dir = spool_dir
+        self._spool: BinaryIO | None = None
+        self._spool_end = 0
+        self._spooled = 0  # entries waiting in the spool file
         self.closed = False
         self.error = ""  # why it closed, when it gave up by itself
 
@@ -103,7 +116,7 @@ class LocalQueue:
             raise QueueUnavailable(
                 self.error or f"the recovery {self.rid} of node {self.node} ended"
             )
-        if self.depth >= MAX_DEPTH:  # the queue is in memory: the recovery gives up first
+        if self.depth >= MAX_DEPTH:  # the replay cannot keep up: give up first
             self._give_up(
                 f"more than {MAX_DEPTH} transactions waited for the replay on node {self.node}"
             )
@@ -126,22 +139,67 @@ class LocalQueue:
         return serial
 
     def settle_now(self, serial: int, entry: Entry | None) -> None:
-        if self._entries.get(serial) is _PENDING:
-            self._entries[serial] = entry
-            if entry is not None:
-                self.bytes += entry.size
-                if self.bytes > MAX_BYTES:  # the replay cannot keep up: give up first
-                    self._give_up(
-                        f"the transactions waiting for the replay on node {self.node} "
-                        f"took more than {MAX_BYTES / 2**20:g} MiB"
-                    )
-                    raise QueueUnavailable(self.error)
-            self._wake()
+        if self._entries.get(serial) is not _PENDING or self.closed:
+            return  # (a closed queue is not replayed any more)
+        if entry is None:
+            self._entries[serial] = None
+        else:
+            size = entry.size
+            self.bytes += size
+            if self.bytes > MAX_BYTES:  # the replay cannot keep up: give up first
+                self._give_up(
+                    f"the transactions waiting for the replay on node {self.node} "
+                    f"took more than {MAX_BYTES / 2**20:g} MiB"
+                )
+                raise QueueUnavailable(self.error)
+            if self.memory + size > MEMORY_BYTES:
+                self._entries[serial] = self._spill(entry)
+            else:
+                self._entries[serial] = entry
+                self.memory += size
+        self._wake()
+
+    def _spill(self, entry: Entry) -> tuple[int, int]:
+        """Write ``entry`` to the end of the spool file; where it went."""
+        data = pickle.dumps(entry, pickle.HIGHEST_PROTOCOL)
+        at = self._spool_end
+        try:
+            if self._spool is None:
+                # Unlinked at once: a crashed coordinator leaves no file behind.
+                self._spool = tempfile.TemporaryFile(  # noqa: SIM115 (lives with the queue)
+                    prefix="pgquorum-queue-", dir=self._spool_dir
+                )
+            fd = self._spool.fileno()
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, memoryview(data)[done:], at + done)
+        except OSError as e:
+            self._give_up(f"cannot keep the recovery queue of node {self.node} on disk: {e}")
+            raise QueueUnavailable(self.error) from None
+        self._spool_end = at + len(data)
+        self._spooled += 1
+        return at, len(data)
+
+    def _unspill(self, at: int, length: int) -> Entry:
+        if self._spool is None:
+            raise QueueUnavailable(self.error or "the queue was closed")
+        try:
+            data = os.pread(self._spool.fileno(), length, at)
+            if len(data) != length:
+                raise OSError(f"read {len(data)} of {length} bytes at {at}")
+        except OSError as e:
+            self._give_up(f"cannot read the recovery queue of node {self.node} back: {e}")
+            raise QueueUnavailable(self.error) from None
+        entry: Entry = pickle.loads(data)  # (our own file: unlinked, mode 0600)
+        self._spooled -= 1
+        if not self._spooled:  # drained: the file starts over, its space freed
+            self._spool.truncate(0)
+            self._spool_end = 0
+        return entry
 
     def _give_up(self, why: str) -> None:
-        self.closed = True
         self.error = why
-        self._wake()
+        self.close()
 
     async def append(self, entry: Entry) -> int:
         return self.add(entry)
@@ -155,6 +213,9 @@ class LocalQueue:
 
     def close(self) -> None:
         self.closed = True
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
         self._wake()
 
     def _wake(self) -> None:
@@ -172,9 +233,15 @@ class LocalQueue:
             got = self._entries.get(serial, _PENDING)
             if got is not _PENDING:
                 del self._entries[serial]
-                if got is not None:
-                    self.bytes -= got.size  # type: ignore[attr-defined]
-                return got  # type: ignore[return-value]
+                if got is None:
+                    return None
+                if isinstance(got, tuple):
+                    entry = self._unspill(*got)
+                else:
+                    entry = cast(Entry, got)
+                    self.memory -= entry.size
+                self.bytes -= entry.size
+                return entry
             if self.closed:
                 raise QueueUnavailable(self.error or "the queue was closed")
             left = deadline - loop.time()

@@ -240,6 +240,29 @@ def test_a_queue_that_cannot_spool_gives_up(monkeypatch: pytest.MonkeyPatch) -> 
     asyncio.run(main())
 
 
+def test_a_peer_gives_up_rather_than_pile_up_what_it_cannot_send(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(queue_module, "MAX_WAITING_BYTES", 1200)
+    entry = Entry("a/1", {}, [Unit(b"x" * 300, [], ["INSERT 0 1"])])
+
+    async def run() -> None:
+        queue = RemoteQueue("r/1", "node3", ("127.0.0.1", 1), ("postgres", None))
+        reserved = asyncio.ensure_future(queue.reserve())
+        await asyncio.sleep(0)  # (the reserve is on its way)
+        queue.post(entry)
+        queue.post(entry)  # both wait while the coordinator is being reached
+        with pytest.raises(QueueUnavailable, match="MiB of transactions waited to be sent"):
+            queue.post(entry)
+        with pytest.raises(QueueUnavailable, match="waited"):
+            await reserved  # every caller still waiting learns it
+        with pytest.raises(QueueUnavailable, match="waited"):
+            await queue.flush()
+        queue.close()
+
+    asyncio.run(run())
+
+
 def test_closing_a_remote_queue_ends_the_batch_in_flight() -> None:
     """A session waiting for its place in a batch being sent when the recovery ends gets
     QueueUnavailable, not a wait without end (it holds a commit slot meanwhile)."""

@@ -44,6 +44,10 @@ RECONNECT_PAUSE_S = 0.25
 # under the coordinator's max_message_size (64 MiB by default).
 BATCH_BYTES = 4 * 1024 * 1024
 MAX_OP_BYTES = 48 * 1024 * 1024
+# What a peer's sessions may have waiting to be sent (while a batch is on its way, or the
+# coordinator is being reconnected to) before the recovery fails: the peer's memory is worth
+# more than a recovery whose coordinator does not keep up.
+MAX_WAITING_BYTES = 256 * 1024 * 1024
 # What the coordinator keeps for the replay: entries up to MEMORY_BYTES (their units and
 # COPY data) in memory, the rest in a spool file on disk (in TMPDIR, like the dump), so that
 # a long restore under a heavy write load does not hold the backlog in memory. Past
@@ -290,6 +294,7 @@ class RemoteQueue:
         self._credentials = credentials
         # Operations as JSON texts (a batch is cut by their size), each with its caller.
         self._waiting: list[tuple[str, asyncio.Future[int] | None]] = []
+        self._waiting_bytes = 0
         self._link: Link | None = None
         self._sent = False  # the batch being delivered reached the link
         self._sender: asyncio.Task[None] | None = None
@@ -336,6 +341,7 @@ class RemoteQueue:
         if self.error is None:
             self.error = error
         waiting, self._waiting = self._waiting, []
+        self._waiting_bytes = 0
         _fail_all(waiting, self.error)
         self._idle.set()
 
@@ -353,7 +359,15 @@ class RemoteQueue:
                 f"a transaction of {len(text) / 2**20:.0f} MiB is more than a peer can send "
                 f"to the recovery queue ({MAX_OP_BYTES / 2**20:g} MiB)"
             )
+        if self._waiting_bytes + len(text) > MAX_WAITING_BYTES:
+            error = QueueUnavailable(
+                f"more than {MAX_WAITING_BYTES / 2**20:g} MiB of transactions waited to be "
+                f"sent to the coordinator at {self.coordinator[0]}:{self.coordinator[1]}"
+            )
+            self._fail(error)
+            raise error
         self._waiting.append((text, fut))
+        self._waiting_bytes += len(text)
         self._idle.clear()
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send())
@@ -362,6 +376,7 @@ class RemoteQueue:
         while self._waiting:
             batch = _cut(self._waiting, BATCH_BYTES)
             del self._waiting[: len(batch)]
+            self._waiting_bytes -= sum(len(text) for text, _ in batch)
             try:
                 serials = await self._deliver([text for text, _ in batch])
             except QueueUnavailable as e:

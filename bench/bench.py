@@ -2,7 +2,9 @@
 """pgbench side by side: one PostgreSQL node vs. the pgquorum router vs. pgpool-II.
 
 Starts real PostgreSQL servers on loopback (one alone for the direct
-measurement, three behind the router / pgpool-II), runs pgbench
+measurement, three behind the router / pgpool-II), and, as the reference for
+what one proxy hop costs on this machine, PgBouncer in front of the single node
+when it is installed. Runs pgbench
 initialisation, select-only (simple and prepared protocol) and the default
 TPC-B-like script against each target, and prints a comparison table.
 
@@ -42,11 +44,12 @@ from pgquorum.local.instance import LocalNode, PsqlError, free_port, run_as_post
 
 console = Console(stderr=True, highlight=False)
 
-TARGETS = ("direct", "router", "pgpool")
+TARGETS = ("direct", "router", "pgpool", "pgbouncer")
 TARGET_TITLES = {
     "direct": "direct (1 node)",
     "router": "pgquorum router (3 nodes)",
     "pgpool": "pgpool-II native replication (3 nodes)",
+    "pgbouncer": "PgBouncer, session pooling (1 node, no replication)",
 }
 
 
@@ -134,6 +137,11 @@ def pgpool_version(pgpool: str) -> tuple[str, tuple[int, int]]:
     text = (out.stdout + out.stderr).strip()
     m = re.search(r"version (\d+)\.(\d+)", text)
     return text, ((int(m.group(1)), int(m.group(2))) if m else (0, 0))
+
+
+def pgbouncer_version(pgbouncer: str) -> str:
+    out = subprocess.run([pgbouncer, "--version"], capture_output=True, text=True, timeout=30)
+    return (out.stdout + out.stderr).strip().splitlines()[0]
 
 
 # -- process helpers ------------------------------------------------------------
@@ -419,6 +427,50 @@ def pgpool(
         yield port
 
 
+def find_pgbouncer() -> str | None:
+    for cand in (shutil.which("pgbouncer"), "/usr/sbin/pgbouncer", "/usr/local/bin/pgbouncer"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+@contextlib.contextmanager
+def pgbouncer(
+    exe: str, node: LocalNode, db: str, work: Path, log_dir: Path, clients: int
+) -> Iterator[int]:
+    """PgBouncer in front of one node: it only forwards (no SQL analysis, no replication),
+    so its column shows what one proxy hop in between costs on this machine."""
+    bouncer_dir = work / "pgbouncer"
+    bouncer_dir.mkdir()
+    port = free_port()
+    users = bouncer_dir / "users.txt"
+    users.write_text('"postgres" ""\n')
+    ini = bouncer_dir / "pgbouncer.ini"
+    ini.write_text(
+        "[databases]\n"
+        # Like the router, it reaches the node through its Unix socket.
+        f"{db} = host={node.router_host} port={node.port} dbname={db}\n"
+        "[pgbouncer]\n"
+        "listen_addr = 127.0.0.1\n"
+        f"listen_port = {port}\n"
+        "unix_socket_dir =\n"
+        "auth_type = trust\n"
+        f"auth_file = {users}\n"
+        "pool_mode = session\n"
+        f"max_client_conn = {clients + 10}\n"
+        f"default_pool_size = {clients + 2}\n"
+    )
+    chown_postgres(bouncer_dir)
+    for f in (users, ini):
+        chown_postgres(f)
+    shutil.copy(ini, log_dir / "pgbouncer.ini")
+    kwargs = run_as_postgres_kwargs()  # PgBouncer refuses to run as root
+    with serving(
+        [exe, str(ini)], "pgbouncer", port, log_dir / "pgbouncer.log", signal.SIGTERM, **kwargs
+    ):
+        yield port
+
+
 def psql_port(binaries: PgBinaries, port: int, sql: str, database: str = "postgres") -> str:
     res = subprocess.run(
         [
@@ -602,7 +654,8 @@ def markdown(run: Run) -> str:
         f"### pgbench, {run.started}",
         "",
         f"- machine: nproc {h['nproc']}, {h['cpu']}",
-        f"- PostgreSQL {h['postgresql']}" + (f", {h['pgpool']}" if h.get("pgpool") else ""),
+        f"- PostgreSQL {h['postgresql']}"
+        + "".join(f", {h[k]}" for k in ("pgpool", "pgbouncer") if h.get(k)),
         f"- pgbench scale {run.settings['scale']}, {run.settings['clients']} clients, "
         f"{run.settings['jobs']} jobs, {run.settings['duration']} s per run, all on loopback",
         f"- router workers: {run.settings.get('router_workers', 1)}",
@@ -640,7 +693,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--targets",
         default=",".join(TARGETS),
-        help="comma-separated subset of direct,router,pgpool (default: all)",
+        help="comma-separated subset of direct,router,pgpool,pgbouncer (default: all)",
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument(
@@ -653,7 +706,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--log-dir",
         metavar="DIR",
-        help="keep pgbench/router/pgpool logs here (default: a new temp dir, kept)",
+        help="keep pgbench/router/pgpool/pgbouncer logs here (default: a new temp dir, kept)",
     )
     args = p.parse_args(argv)
     if args.quick:
@@ -681,6 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     log_dir.mkdir(parents=True, exist_ok=True)
     pgpool_exe = find_pgpool() if "pgpool" in args.targets else None
+    pgbouncer_exe = find_pgbouncer() if "pgbouncer" in args.targets else None
     host: dict[str, Any] = {
         "nproc": nproc(),
         "cpu": cpu_model(),
@@ -709,6 +763,15 @@ def main(argv: list[str] | None = None) -> int:
                 "pgpool column skipped: no `pgpool` binary installed (apt-get install pgpool2)"
             )
             console.print(f"[yellow]{run.notes[-1]}[/]")
+    if "pgbouncer" in args.targets:
+        if pgbouncer_exe:
+            host["pgbouncer"] = pgbouncer_version(pgbouncer_exe)
+        else:
+            run.notes.append(
+                "pgbouncer column skipped: no `pgbouncer` binary installed "
+                "(apt-get install pgbouncer)"
+            )
+            console.print(f"[yellow]{run.notes[-1]}[/]")
     bench = Bench(args, binaries, log_dir)
     console.print(f"{header_line(run)}\nlogs: {log_dir}")
 
@@ -716,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     nodes: list[LocalNode] = []
     interrupted = False
     try:
-        names = (["direct"] if "direct" in args.targets else []) + (
+        names = (["direct"] if {"direct", "pgbouncer"} & set(args.targets) else []) + (
             ["node1", "node2", "node3"] if {"router", "pgpool"} & set(args.targets) else []
         )
         console.print(f"starting PostgreSQL {binaries.version} nodes: {', '.join(names)} ...")
@@ -729,6 +792,19 @@ def main(argv: list[str] | None = None) -> int:
             node.psql("CREATE DATABASE bench_direct")
             run_target(run, bench, "direct", node.port, "bench_direct")
             drop_database([node], "bench_direct")
+
+        if "pgbouncer" in args.targets and pgbouncer_exe:
+            node = by_name["direct"]
+            node.psql("CREATE DATABASE bench_pgbouncer")
+            try:
+                with pgbouncer(
+                    pgbouncer_exe, node, "bench_pgbouncer", data_dir, log_dir, args.clients
+                ) as port:
+                    run_target(run, bench, "pgbouncer", port, "bench_pgbouncer")
+            except RuntimeError as e:
+                console.print(f"[red]pgbouncer target failed: {e}[/]")
+                run.notes.append(f"pgbouncer: {str(e).splitlines()[0]}")
+            drop_database([node], "bench_pgbouncer")
 
         if "router" in args.targets:
             try:
@@ -779,7 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             Path(args.markdown).write_text(md)
             console.print(f"Markdown written to {args.markdown}")
-    console.print(f"logs (pgbench, router, pgpool): {log_dir}")
+    console.print(f"logs (pgbench, router, pgpool, pgbouncer): {log_dir}")
     failed = any(not r.ok for r in run.results)
     return 130 if interrupted else (1 if failed else 0)
 

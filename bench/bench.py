@@ -354,8 +354,10 @@ def router(nodes: list[LocalNode], work: Path, log_dir: Path, workers: str) -> I
         console.print(f"[yellow]router exited with code {proc.returncode}[/]")
 
 
-def find_pgpool() -> str | None:
-    for cand in (shutil.which("pgpool"), "/usr/sbin/pgpool", "/usr/local/bin/pgpool"):
+def find_program(name: str) -> str | None:
+    """An installed program (Debian puts pgpool and pgbouncer in /usr/sbin, off a user's
+    PATH)."""
+    for cand in (shutil.which(name), f"/usr/sbin/{name}", f"/usr/local/bin/{name}"):
         if cand and os.access(cand, os.X_OK):
             return cand
     return None
@@ -425,13 +427,6 @@ def pgpool(
         cmd, "pgpool", port, log_dir / "pgpool.log", signal.SIGINT, cwd=str(pool_dir), **kwargs
     ):
         yield port
-
-
-def find_pgbouncer() -> str | None:
-    for cand in (shutil.which("pgbouncer"), "/usr/sbin/pgbouncer", "/usr/local/bin/pgbouncer"):
-        if cand and os.access(cand, os.X_OK):
-            return cand
-    return None
 
 
 @contextlib.contextmanager
@@ -733,8 +728,8 @@ def main(argv: list[str] | None = None) -> int:
         else Path(tempfile.mkdtemp(prefix="pgquorum-bench-logs-"))
     )
     log_dir.mkdir(parents=True, exist_ok=True)
-    pgpool_exe = find_pgpool() if "pgpool" in args.targets else None
-    pgbouncer_exe = find_pgbouncer() if "pgbouncer" in args.targets else None
+    pgpool_exe = find_program("pgpool") if "pgpool" in args.targets else None
+    pgbouncer_exe = find_program("pgbouncer") if "pgbouncer" in args.targets else None
     host: dict[str, Any] = {
         "nproc": nproc(),
         "cpu": cpu_model(),

@@ -55,6 +55,34 @@ def longest_latency_ms(prefix: Path) -> float:
     return longest / 1000
 
 
+def create_tables(rt: RouterThread) -> None:
+    """t for the test's rows, h for recover_held_open's."""
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE h (v text)")
+
+
+def held_in_replay(rt: RouterThread, nodes: list[LocalNode]) -> psycopg.Connection:
+    """node3 killed, failed and being recovered, kept in the replay by the returned
+    connection's open transaction (see recover_held_open)."""
+    create_tables(rt)
+    fail_by_killing(rt, nodes[2])
+    return recover_held_open(rt)
+
+
+def assert_failed_at_once(
+    rt: RouterThread, nodes: list[LocalNode], holder: psycopg.Connection, why: str
+) -> None:
+    """The recovery failed while ``holder`` still kept it in its replay (at once, not when
+    the replay got there), node3 stays FAILED, and the others agree."""
+    info = wait_recovery(rt)
+    holder.commit()
+    holder.close()
+    assert info["phase"] == "failed", info
+    assert why in info["error"], info
+    assert rt.router.cluster.status["node3"].state is NodeState.FAILED
+    assert_nodes_identical(nodes[:2], "postgres")
+
+
 @pytest.mark.slow
 def test_killed_node_is_recovered_under_pgbench(
     three: tuple[RouterThread, list[LocalNode]], pg_binaries: PgBinaries, tmp_path: Path
@@ -303,23 +331,13 @@ def test_a_copy_too_big_to_keep_fails_the_recovery_not_the_load(
     the recovery fails at once (the node stays FAILED, to recover again) and the COPY goes on."""
     rt, nodes = three
     monkeypatch.setattr(session_module, "MAX_KEPT_COPY_BYTES", 64 * 1024)
-    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
-        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE h (v text)")
-    fail_by_killing(rt, nodes[2])
-    holder = recover_held_open(rt)
+    holder = held_in_replay(rt, nodes)
     with psycopg.connect(rt.dsn(), autocommit=True) as conn:
         with conn.cursor().copy("COPY t (id, v) FROM STDIN") as copy:
             for i in range(5000):
                 copy.write_row((i, "x" * 100))
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (5000,)
-    # At once: the open transaction still keeps a healthy recovery in its replay.
-    info = wait_recovery(rt)
-    holder.commit()
-    holder.close()
-    assert info["phase"] == "failed", info
-    assert "COPY FROM STDIN sent more than 0.0625 MiB" in info["error"], info
-    assert rt.router.cluster.status["node3"].state is NodeState.FAILED
-    assert_nodes_identical(nodes[:2], "postgres")
+    assert_failed_at_once(rt, nodes, holder, "COPY FROM STDIN sent more than 0.0625 MiB")
 
 
 def test_a_transaction_too_big_to_keep_fails_the_recovery_not_the_transaction(
@@ -330,22 +348,13 @@ def test_a_transaction_too_big_to_keep_fails_the_recovery_not_the_transaction(
     (the node stays FAILED, to recover again), while the transaction itself commits."""
     rt, nodes = three
     monkeypatch.setattr(journal_module, "MAX_KEPT_BYTES", 64 * 1024)
-    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
-        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE h (v text)")
-    fail_by_killing(rt, nodes[2])
-    holder = recover_held_open(rt)
+    holder = held_in_replay(rt, nodes)
     with psycopg.connect(rt.dsn()) as conn:
         for i in range(4):  # 4 x 20 kB statements, one transaction begun during the recovery
             conn.execute(f"INSERT INTO t VALUES ({i}, '{'x' * 20_000}')")
         conn.commit()
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (4,)
-    info = wait_recovery(rt)  # the open transaction still keeps the recovery in its replay
-    holder.commit()
-    holder.close()
-    assert info["phase"] == "failed", info
-    assert "the transaction sent more than 0.0625 MiB" in info["error"], info
-    assert rt.router.cluster.status["node3"].state is NodeState.FAILED
-    assert_nodes_identical(nodes[:2], "postgres")
+    assert_failed_at_once(rt, nodes, holder, "the transaction sent more than 0.0625 MiB")
 
 
 def test_a_queue_spooled_to_disk_replays_in_order(
@@ -355,10 +364,7 @@ def test_a_queue_spooled_to_disk_replays_in_order(
     reads it back in commit order (prepared statements, COPY, a session setting)."""
     rt, nodes = three
     monkeypatch.setattr(queue_module, "MEMORY_BYTES", 4096)
-    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
-        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE h (v text)")
-    fail_by_killing(rt, nodes[2])
-    holder = recover_held_open(rt)
+    holder = held_in_replay(rt, nodes)
     with psycopg.connect(rt.dsn(), autocommit=True) as conn:
         conn.execute("SET application_name = 'spooled'")
         for i in range(60):
@@ -388,8 +394,7 @@ def test_a_copy_begun_before_the_recovery_fails_it_when_it_commits(
     """The router keeps COPY data only while a node recovers: a COPY already streaming when
     the recovery began cannot be replayed, so its commit fails the recovery at once."""
     rt, nodes = three
-    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
-        conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE h (v text)")
+    create_tables(rt)
     fail_by_killing(rt, nodes[2])
     with psycopg.connect(rt.dsn()) as conn:
         with conn.cursor().copy("COPY t (id, v) FROM STDIN") as copy:
@@ -397,10 +402,4 @@ def test_a_copy_begun_before_the_recovery_fails_it_when_it_commits(
             holder = recover_held_open(rt)
             copy.write_row((2, "during"))
         conn.commit()
-    info = wait_recovery(rt)  # the open transaction still keeps the recovery in its replay
-    holder.commit()
-    holder.close()
-    assert info["phase"] == "failed", info
-    assert "its COPY FROM STDIN began before the recovery" in info["error"], info
-    assert rt.router.cluster.status["node3"].state is NodeState.FAILED
-    assert_nodes_identical(nodes[:2], "postgres")
+    assert_failed_at_once(rt, nodes, holder, "its COPY FROM STDIN began before the recovery")

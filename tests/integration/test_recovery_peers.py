@@ -39,10 +39,13 @@ from router_harness import (
 
 from helpers import Transfers, assert_nodes_identical
 from pgquorum import failpoints
-from pgquorum.cluster.model import NodeState
+from pgquorum.cluster.model import Node, NodeState
 from pgquorum.local.instance import LocalNode, _descendants, free_port
 from pgquorum.protocol.errors import PgError
+from pgquorum.recovery import queue as queue_module
+from pgquorum.recovery.queue import RemoteQueue
 from pgquorum.router import peers
+from pgquorum.router.backend import NodeLost
 from pgquorum.router.peers import hold_everywhere
 
 
@@ -78,6 +81,49 @@ def test_commits_through_a_peer_reach_the_recovered_node(make_nodes, tmp_path: P
             conn.execute("INSERT INTO h VALUES ('through b, after')")
         assert nodes[2].psql("SELECT count(*) FROM h") == "1"
         assert nodes[2].psql("SELECT sum(balance) FROM acct") == str(Transfers.total(100))
+        assert_nodes_identical(nodes, "postgres")
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_batch_whose_answer_a_peer_lost_is_applied_once(
+    make_nodes,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The link from b to the coordinator breaks after a batch of b's queue operations
+    arrived, before the answer came back: b sends the batch again, the coordinator answers
+    it again without applying it twice, and the recovery goes on."""
+    nodes = make_nodes(3)
+    lost: list[int] = []
+    exchange = queue_module.RemoteQueue._exchange
+
+    async def answer_lost_once(self: RemoteQueue, ops: list[str], batch: int) -> list[int]:
+        serials = await exchange(self, ops, batch)
+        if not lost:
+            lost.append(batch)
+            raise NodeLost(Node("a", "127.0.0.1", 1), "connection reset (the test)")
+        return serials
+
+    monkeypatch.setattr(queue_module.RemoteQueue, "_exchange", answer_lost_once)
+    config_a, config_b = pair_configs(nodes, tmp_path)
+    a, b = RouterThread(config_a), RouterThread(config_b)
+    try:
+        setup_table(a)
+        fail_by_killing(a, nodes[2])
+        eventually(lambda: state(b, "node3") is NodeState.FAILED)
+        holder = recover_held_open(a)
+        with psycopg.connect(b.dsn(), autocommit=True) as conn:
+            for _ in range(5):
+                conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = 1")
+        assert lost == [1]
+        holder.commit()
+        holder.close()
+        info = wait_recovery(a)
+        assert info["phase"] == "done", info
+        eventually(lambda: state(b, "node3") is NodeState.ONLINE)
+        assert nodes[2].psql("SELECT balance FROM acct WHERE id = 1") == "105"
         assert_nodes_identical(nodes, "postgres")
     finally:
         a.stop()

@@ -271,7 +271,7 @@ def test_closing_a_remote_queue_ends_the_batch_in_flight() -> None:
         queue = RemoteQueue("r/1", "node3", ("127.0.0.1", 1), ("postgres", None))
         sent = asyncio.Event()
 
-        async def exchange(ops: list[object]) -> list[int]:
+        async def exchange(ops: list[object], batch: int) -> list[int]:
             sent.set()
             await asyncio.Event().wait()  # the coordinator never answers
             return []
@@ -294,24 +294,26 @@ REFUSED = OSError("connection refused")  # before it left
 
 
 def _remote(answers: list[object], monkeypatch: pytest.MonkeyPatch) -> RemoteQueue:
-    """A RemoteQueue whose coordinator gives ``answers`` in turn (an exception is raised;
-    LOST as if the batch had reached the link, then refused for ever)."""
+    """A RemoteQueue whose coordinator gives ``answers`` in turn (an exception is raised,
+    and once they are used up every attempt is refused). ``sent`` has each attempt's
+    operations, ``batches`` its batch number."""
     monkeypatch.setattr(queue_module, "RECONNECT_PAUSE_S", 0.01)
     monkeypatch.setattr(queue_module, "RECONNECT_S", 0.5)
     queue = RemoteQueue("r/1", "node3", ("127.0.0.1", 1), ("postgres", None))
     sent: list[list[str]] = []
+    batches: list[int] = []
 
-    async def exchange(ops: list[str]) -> list[int]:
+    async def exchange(ops: list[str], batch: int) -> list[int]:
         sent.append(ops)
+        batches.append(batch)
         answer = answers.pop(0) if answers else REFUSED
-        if answer is LOST:
-            queue._sent = True
         if isinstance(answer, BaseException):
             raise answer
         return answer  # type: ignore[return-value]
 
     queue._exchange = exchange  # type: ignore[method-assign]
     queue.sent = sent  # type: ignore[attr-defined]
+    queue.batches = batches  # type: ignore[attr-defined]
     return queue
 
 
@@ -329,7 +331,8 @@ def test_a_peer_waits_for_a_restarted_coordinator_and_lets_the_lost_recovery_go(
         queue = _remote([LOST, REFUSED, gone], monkeypatch)
         with pytest.raises(QueueGone):
             await queue.reserve()
-        assert queue.sent == [[RESERVE], [], []]  # then it only asks: the batch may be there
+        assert queue.sent == [[RESERVE]] * 3  # the same batch each time
+        assert queue.batches == [1, 1, 1]  # type: ignore[attr-defined]
         with pytest.raises(QueueGone):
             queue.settle(1, None)
 
@@ -345,16 +348,42 @@ def test_a_batch_that_never_left_is_sent_again(monkeypatch: pytest.MonkeyPatch) 
     asyncio.run(run())
 
 
-def test_a_peer_cannot_go_on_when_the_coordinator_it_lost_still_runs_the_recovery(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Whether the batch on its way arrived is unknown: that recovery cannot go on."""
+def test_a_batch_whose_answer_was_lost_is_applied_once() -> None:
+    """The link to a coordinator that still runs the recovery breaks after it took a batch:
+    the peer sends the batch again, and the coordinator answers it again instead of applying
+    it twice (a transaction replayed twice, or a serial no one settles)."""
 
     async def run() -> None:
-        queue = _remote([LOST, []], monkeypatch)
-        with pytest.raises(QueueUnavailable, match="cannot tell whether") as e:
-            await queue.append(Entry("a/1", {}))
-        assert not isinstance(e.value, QueueGone)
+        coordinator = LocalQueue("r/1", "node3")
+        queue = RemoteQueue("r/1", "node3", ("127.0.0.1", 1), ("postgres", None))
+        answers_lost = 1
+        sent: list[int] = []
+
+        async def exchange(ops: list[str], batch: int) -> list[int]:
+            nonlocal answers_lost
+            sent.append(batch)
+            request = {"ops": [json.loads(op) for op in ops]}
+            serials = coordinator.apply_batch(request["ops"], queue._peer, batch)
+            if answers_lost:
+                answers_lost -= 1
+                raise LOST  # it arrived; the answer did not
+            return serials
+
+        queue._exchange = exchange  # type: ignore[method-assign]
+        first = await queue.reserve()
+        second = await queue.append(Entry("a/2", {}))
+        assert (first, second) == (1, 2) and sent == [1, 1, 2]
+        assert coordinator.depth == 2  # one place each, not three
+        queue.settle(first, Entry("a/1", {}))
+        await queue.flush()
+        assert (await coordinator.take(1, timeout=1)).session == "a/1"  # type: ignore[union-attr]
+        assert (await coordinator.take(2, timeout=1)).session == "a/2"  # type: ignore[union-attr]
+        # A late copy of an earlier batch (on the link that broke) is not applied again.
+        with pytest.raises(QueueUnavailable, match="applied already"):
+            coordinator.apply_batch([{"op": "reserve"}], queue._peer, 1)
+        assert coordinator.depth == 2
+        # Another peer's batch of the same number is its own.
+        assert coordinator.apply_batch([{"op": "reserve"}], "other", 1) == [3]
 
     asyncio.run(run())
 

@@ -23,6 +23,7 @@ import logging
 import os
 import pickle
 import tempfile
+import uuid
 from typing import Any, BinaryIO, Protocol, cast
 
 from pgquorum.protocol.errors import UNDEFINED_OBJECT, PgError
@@ -104,6 +105,9 @@ class LocalQueue:
         self._spool: BinaryIO | None = None
         self._spool_end = 0
         self._spooled = 0  # entries waiting in the spool file
+        # Each peer's last batch and its answer: a batch sent again (its answer was lost) is
+        # answered again, not applied twice.
+        self._batches: dict[str, tuple[int, list[int]]] = {}
         self.closed = False
         self.error = ""  # why it closed, when it gave up by itself
 
@@ -254,8 +258,25 @@ class LocalQueue:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
 
-    def apply_batch(self, ops: list[dict[str, Any]]) -> list[int]:
-        """Operations sent by a peer's RemoteQueue; a serial (or 0) for each."""
+    def apply_batch(
+        self, ops: list[dict[str, Any]], peer: str | None = None, batch: int = 0
+    ) -> list[int]:
+        """Operations sent by a peer's RemoteQueue; a serial (or 0) for each. ``peer`` and
+        ``batch`` name the batch: the peer's last one, sent again, gets its answer again."""
+        if peer is not None:
+            last = self._batches.get(peer)
+            if last is not None and last[0] == batch:
+                return last[1]
+            if last is not None and batch < last[0]:
+                # A copy that took longer than the one sent after it on a new link: the
+                # peer sends the next batch only once this one was answered, so it was.
+                raise QueueUnavailable(f"batch {batch} of this peer was applied already")
+        out = self._apply(ops)
+        if peer is not None:
+            self._batches[peer] = (batch, out)
+        return out
+
+    def _apply(self, ops: list[dict[str, Any]]) -> list[int]:
         out = []
         for op in ops:
             kind = op["op"]
@@ -296,7 +317,10 @@ class RemoteQueue:
         self._waiting: list[tuple[str, asyncio.Future[int] | None]] = []
         self._waiting_bytes = 0
         self._link: Link | None = None
-        self._sent = False  # the batch being delivered reached the link
+        # The coordinator applies each batch of this queue once (see LocalQueue.apply_batch),
+        # so one whose answer was lost is simply sent again.
+        self._peer = uuid.uuid4().hex
+        self._batch = 0
         self._sender: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -377,8 +401,9 @@ class RemoteQueue:
             batch = _cut(self._waiting, BATCH_BYTES)
             del self._waiting[: len(batch)]
             self._waiting_bytes -= sum(len(text) for text, _ in batch)
+            self._batch += 1
             try:
-                serials = await self._deliver([text for text, _ in batch])
+                serials = await self._deliver([text for text, _ in batch], self._batch)
             except QueueUnavailable as e:
                 log.error("the recovery queue at %s:%d: %s", *self.coordinator, e)
                 _fail_all(batch, e)
@@ -394,27 +419,21 @@ class RemoteQueue:
                     fut.set_result(serial)
         self._idle.set()
 
-    async def _deliver(self, ops: list[str]) -> list[int]:
-        """The serials the coordinator gave ``ops``. A lost coordinator is waited for (the
-        sessions' commits wait meanwhile) and asked again. One that restarted has lost the
-        recovery, and says so (QueueGone). One that still runs it and may have taken the
-        batch (it reached the link, no answer came back) leaves the recovery unable to go
-        on; a batch that never left is sent again."""
+    async def _deliver(self, ops: list[str], batch: int) -> list[int]:
+        """The serials the coordinator gave batch number ``batch``. A lost coordinator is
+        waited for (the sessions' commits wait meanwhile) and sent the batch again: it
+        applies a batch once, so one that arrived before the link broke is only answered
+        again. One that restarted has lost the recovery, and says so (QueueGone)."""
         loop = asyncio.get_running_loop()
         deadline: float | None = None
-        unsure = False  # a batch may have arrived: only ask whether the recovery runs
         while True:
-            self._sent = False
             try:
-                serials = await asyncio.wait_for(
-                    self._exchange([] if unsure else ops), SEND_TIMEOUT_S
-                )
+                return await asyncio.wait_for(self._exchange(ops, batch), SEND_TIMEOUT_S)
             except PgError as e:
                 raise _refused(e) from None
             except ValueError as e:
                 raise QueueUnavailable(str(e)) from None
             except (NodeLost, OSError, TimeoutError) as e:
-                unsure = unsure or self._sent
                 if deadline is None:
                     deadline = loop.time() + RECONNECT_S
                     log.warning(
@@ -429,25 +448,19 @@ class RemoteQueue:
                     ) from None
                 self._drop_link()
                 await asyncio.sleep(RECONNECT_PAUSE_S)
-                continue
-            if not unsure:
-                return serials
-            raise QueueUnavailable(
-                f"the link to the coordinator broke with {len(ops)} queue operations on "
-                f"their way; it still runs recovery {self.rid}, which cannot tell whether "
-                "they arrived"
-            )
 
     def _drop_link(self) -> None:
         if self._link is not None:
             self._link.close()
             self._link = None
 
-    async def _exchange(self, ops: list[str]) -> list[int]:
+    async def _exchange(self, ops: list[str], batch: int) -> list[int]:
         if self._link is None:
             self._link = await admin_link(*self.coordinator, *self._credentials)
-        payload = f'{{"rid":{json.dumps(self.rid)},"ops":[{",".join(ops)}]}}'
-        self._sent = True
+        payload = (
+            f'{{"rid":{json.dumps(self.rid)},"peer":"{self._peer}","batch":{batch},'
+            f'"ops":[{",".join(ops)}]}}'
+        )
         _, rows = await self._link.query(COMMAND + payload)
         serials = [int(r[0] or 0) for r in rows]
         if len(serials) != len(ops):

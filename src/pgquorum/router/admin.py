@@ -292,8 +292,11 @@ class AdminConsole:
                 UNDEFINED_OBJECT,
                 f"no recovery {request.get('rid')!r} is queueing on this router",
             )
+        peer, batch = request.get("peer"), request.get("batch", 0)
+        if not (peer is None or isinstance(peer, str)) or not isinstance(batch, int):
+            raise PgError(SYNTAX_ERROR, "invalid RECOVERY QUEUE payload: peer and batch")
         try:
-            serials = recovery.queue.apply_batch(request["ops"])
+            serials = recovery.queue.apply_batch(request["ops"], peer, batch)
         except QueueUnavailable as e:
             raise PgError(OBJECT_NOT_IN_PREREQUISITE_STATE, str(e)) from None
         except (KeyError, TypeError, ValueError) as e:

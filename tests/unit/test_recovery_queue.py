@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -211,12 +212,34 @@ def test_the_queue_spools_what_its_memory_does_not_hold(
         assert not list(tmp_path.iterdir())  # unlinked: a crash leaves nothing behind
         got = [await q.take(i, timeout=1) for i in range(1, 7)]
         assert got == entries
-        assert (q.bytes, q.memory, q._spool_end) == (0, 0, 0)  # drained: the file starts over
+        assert (q.bytes, q.memory, q._spool.count) == (0, 0, 0)
+        assert q._spool._file is not None and os.fstat(q._spool._file.fileno()).st_size == 0
         await q.append(entries[1])  # fits in memory again
-        assert q._spooled == 0
+        assert q._spool.count == 0
         q.close()
 
     asyncio.run(main())
+
+
+def test_the_spool_index_keeps_to_the_entries_not_replayed() -> None:
+    spool = queue_module._Spool(None)
+    entry = [Entry(f"a/{i}", {}, [Unit(bytes([i % 256]) * 10, [], [])]) for i in range(2001)]
+    spool.put(3, entry[3], low=1)  # settled out of order
+    spool.put(1, entry[1], low=1)
+    assert not spool.holds(2) and spool.holds(3)
+    assert spool.take(1) == entry[1] and spool.take(3) == entry[3]
+    taken = 3
+    for serial in range(4, 2001):  # the replay follows 10 behind
+        spool.put(serial, entry[serial], low=taken + 1)
+        if serial - taken > 10:
+            taken += 1
+            assert spool.take(taken) == entry[taken]
+    assert len(spool._at) < 100  # not one slot for every serial ever spooled
+    while taken < 2000:
+        taken += 1
+        assert spool.take(taken) == entry[taken]
+    assert spool.count == 0
+    spool.close()
 
 
 def test_a_queue_that_cannot_spool_gives_up(monkeypatch: pytest.MonkeyPatch) -> None:

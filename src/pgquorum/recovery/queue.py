@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
 import pickle
 import tempfile
 import uuid
+from array import array
 from typing import Any, BinaryIO, Protocol, cast
 
 from pgquorum.protocol.errors import UNDEFINED_OBJECT, PgError
@@ -51,9 +53,9 @@ MAX_OP_BYTES = 48 * 1024 * 1024
 MAX_WAITING_BYTES = 256 * 1024 * 1024
 # What the coordinator keeps for the replay: entries up to MEMORY_BYTES (their units and
 # COPY data) in memory, the rest in a spool file on disk (in TMPDIR, like the dump), so that
-# a long restore under a heavy write load does not hold the backlog in memory. Past
-# MAX_DEPTH entries (each costs about 100 bytes of index in memory) or MAX_BYTES on disk the
-# recovery fails rather than grow without end.
+# a long restore under a heavy write load does not hold the backlog in memory (the spool's
+# index takes 16 bytes an entry). Past MAX_DEPTH entries or MAX_BYTES on disk the recovery
+# fails rather than grow without end.
 MEMORY_BYTES = 64 * 1024 * 1024
 MAX_DEPTH = 4_000_000
 MAX_BYTES = 64 * 1024 * 1024 * 1024
@@ -95,16 +97,14 @@ class LocalQueue:
         self.rid = rid
         self.node = node
         self._next = 1
-        # An entry, None (void), _PENDING, or (offset, length) of one in the spool file.
+        # Reserved and not replayed: an entry, None (void), or _PENDING; those spooled are
+        # in the spool instead.
         self._entries: dict[int, object] = {}
         self._changed = asyncio.Event()
         self.applied = 0  # serials below this were replayed (set by the replay)
         self.bytes = 0  # the size of the entries not yet replayed (Entry.size)
         self.memory = 0  # ... of those held in memory
-        self._spool_dir = spool_dir
-        self._spool: BinaryIO | None = None
-        self._spool_end = 0
-        self._spooled = 0  # entries waiting in the spool file
+        self._spool = _Spool(spool_dir)
         # Each peer's last batch and its answer: a batch sent again (its answer was lost) is
         # answered again, not applied twice.
         self._batches: dict[str, tuple[int, list[int]]] = {}
@@ -161,49 +161,25 @@ class LocalQueue:
                 )
                 raise QueueUnavailable(self.error)
             if self.memory + size > MEMORY_BYTES:
-                self._entries[serial] = self._spill(entry)
+                try:
+                    self._spool.put(serial, entry, self.applied + 1)
+                except OSError as e:
+                    self._give_up(
+                        f"cannot keep the recovery queue of node {self.node} on disk: {e}"
+                    )
+                    raise QueueUnavailable(self.error) from None
+                del self._entries[serial]
             else:
                 self._entries[serial] = entry
                 self.memory += size
         self._wake()
 
-    def _spill(self, entry: Entry) -> tuple[int, int]:
-        """Write ``entry`` to the end of the spool file; where it went."""
-        data = pickle.dumps(entry, pickle.HIGHEST_PROTOCOL)
-        at = self._spool_end
+    def _unspill(self, serial: int) -> Entry:
         try:
-            if self._spool is None:
-                # Unlinked at once: a crashed coordinator leaves no file behind.
-                self._spool = tempfile.TemporaryFile(  # noqa: SIM115 (lives with the queue)
-                    prefix="pgquorum-queue-", dir=self._spool_dir
-                )
-            fd = self._spool.fileno()
-            done = 0
-            while done < len(data):
-                done += os.pwrite(fd, memoryview(data)[done:], at + done)
-        except OSError as e:
-            self._give_up(f"cannot keep the recovery queue of node {self.node} on disk: {e}")
-            raise QueueUnavailable(self.error) from None
-        self._spool_end = at + len(data)
-        self._spooled += 1
-        return at, len(data)
-
-    def _unspill(self, at: int, length: int) -> Entry:
-        if self._spool is None:
-            raise QueueUnavailable(self.error or "the queue was closed")
-        try:
-            data = os.pread(self._spool.fileno(), length, at)
-            if len(data) != length:
-                raise OSError(f"read {len(data)} of {length} bytes at {at}")
+            return self._spool.take(serial)
         except OSError as e:
             self._give_up(f"cannot read the recovery queue of node {self.node} back: {e}")
             raise QueueUnavailable(self.error) from None
-        entry: Entry = pickle.loads(data)  # (our own file: unlinked, mode 0600)
-        self._spooled -= 1
-        if not self._spooled:  # drained: the file starts over, its space freed
-            self._spool.truncate(0)
-            self._spool_end = 0
-        return entry
 
     def _give_up(self, why: str) -> None:
         self.error = why
@@ -221,9 +197,7 @@ class LocalQueue:
 
     def close(self) -> None:
         self.closed = True
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
+        self._spool.close()
         self._wake()
 
     def _wake(self) -> None:
@@ -239,15 +213,16 @@ class LocalQueue:
             if self.error:  # gave up: the rest is not worth replaying
                 raise QueueUnavailable(self.error)
             got = self._entries.get(serial, _PENDING)
+            if got is _PENDING and serial not in self._entries and self._spool.holds(serial):
+                entry = self._unspill(serial)
+                self.bytes -= entry.size
+                return entry
             if got is not _PENDING:
                 del self._entries[serial]
                 if got is None:
                     return None
-                if isinstance(got, tuple):
-                    entry = self._unspill(*got)
-                else:
-                    entry = cast(Entry, got)
-                    self.memory -= entry.size
+                entry = cast(Entry, got)
+                self.memory -= entry.size
                 self.bytes -= entry.size
                 return entry
             if self.closed:
@@ -296,6 +271,78 @@ class LocalQueue:
             else:
                 raise ValueError(f"unknown queue operation {kind!r}")
         return out
+
+
+class _Spool:
+    """Queue entries in an unlinked temporary file, found again by serial. The index holds
+    16 bytes for each serial from the oldest not replayed to the newest spooled."""
+
+    def __init__(self, directory: str | None) -> None:
+        self._directory = directory
+        self._file: BinaryIO | None = None
+        self._end = 0
+        self.count = 0  # entries in the file not read back yet
+        self._base = 0  # the serial at index 0 of the index
+        self._at = array("q")  # offset in the file, or -1
+        self._size = array("q")
+        self._closed = False
+
+    def put(self, serial: int, entry: Entry, low: int) -> None:
+        """Write ``entry``. ``low``: no serial below it is put or taken any more."""
+        if self._closed:
+            raise OSError("the spool is closed")
+        data = pickle.dumps(entry, pickle.HIGHEST_PROTOCOL)
+        if self._file is None:
+            # Unlinked at once: a crashed coordinator leaves no file behind.
+            self._file = tempfile.TemporaryFile(  # noqa: SIM115 (lives with the queue)
+                prefix="pgquorum-queue-", dir=self._directory
+            )
+        fd = self._file.fileno()
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, memoryview(data)[done:], self._end + done)
+        if not self.count:
+            self._base = low
+            del self._at[:], self._size[:]
+        elif low - self._base > len(self._at) // 2:  # the index keeps to the live range
+            del self._at[: low - self._base], self._size[: low - self._base]
+            self._base = low
+        i = serial - self._base
+        if i >= len(self._at):
+            more = i + 1 - len(self._at)
+            self._at.extend(itertools.repeat(-1, more))
+            self._size.extend(itertools.repeat(0, more))
+        self._at[i] = self._end
+        self._size[i] = len(data)
+        self._end += len(data)
+        self.count += 1
+
+    def holds(self, serial: int) -> bool:
+        i = serial - self._base
+        return self.count > 0 and 0 <= i < len(self._at) and self._at[i] >= 0
+
+    def take(self, serial: int) -> Entry:
+        """The entry spooled for ``serial`` (see holds), read back and let go."""
+        if self._file is None:
+            raise OSError("the spool is closed")
+        i = serial - self._base
+        at, size = self._at[i], self._size[i]
+        data = os.pread(self._file.fileno(), size, at)
+        if len(data) != size:
+            raise OSError(f"read {len(data)} of {size} bytes at {at}")
+        self._at[i] = -1
+        self.count -= 1
+        if not self.count:  # drained: the file starts over, its space freed
+            self._file.truncate(0)
+            self._end = 0
+        entry: Entry = pickle.loads(data)  # (our own file: unlinked, mode 0600)
+        return entry
+
+    def close(self) -> None:
+        self._closed = True
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class RemoteQueue:

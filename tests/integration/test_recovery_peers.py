@@ -55,6 +55,15 @@ def setup_table(rt: RouterThread) -> None:
         conn.execute("CREATE TABLE h (v text)")
 
 
+def recovering_at(a: RouterThread, b: RouterThread, nodes: list[LocalNode]) -> psycopg.Connection:
+    """node3 killed and failed on both routers, recovered by a and held in the replay by the
+    returned connection's open transaction (see recover_held_open)."""
+    setup_table(a)
+    fail_by_killing(a, nodes[2])
+    eventually(lambda: state(b, "node3") is NodeState.FAILED)
+    return recover_held_open(a)
+
+
 def test_commits_through_a_peer_reach_the_recovered_node(make_nodes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     nodes = make_nodes(3)
     config_a, config_b = pair_configs(nodes, tmp_path)
@@ -110,10 +119,7 @@ def test_a_batch_whose_answer_a_peer_lost_is_applied_once(
     config_a, config_b = pair_configs(nodes, tmp_path)
     a, b = RouterThread(config_a), RouterThread(config_b)
     try:
-        setup_table(a)
-        fail_by_killing(a, nodes[2])
-        eventually(lambda: state(b, "node3") is NodeState.FAILED)
-        holder = recover_held_open(a)
+        holder = recovering_at(a, b, nodes)
         with psycopg.connect(b.dsn(), autocommit=True) as conn:
             for _ in range(5):
                 conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = 1")
@@ -135,10 +141,7 @@ def test_routers_that_restart_during_a_recovery_rejoin_it(make_nodes, tmp_path: 
     config_a, config_b = pair_configs(nodes, tmp_path)
     a, b = RouterThread(config_a), RouterThread(config_b)
     try:
-        setup_table(a)
-        fail_by_killing(a, nodes[2])
-        eventually(lambda: state(b, "node3") is NodeState.FAILED)
-        holder = recover_held_open(a)
+        holder = recovering_at(a, b, nodes)
         # The peer restarts: it finds the recovery at a and queues its commits there.
         b.stop()
         b = RouterThread(config_b)

@@ -4,7 +4,8 @@ order.
 The router that runs the recovery (the coordinator) holds the queue; its sessions append to
 it directly (:class:`LocalQueue`), the sessions of peer routers through the coordinator's
 admin console (:class:`RemoteQueue`, which batches what its sessions send, a group commit
-over the network).
+over the network; a batch whose answer was lost is sent again and applied once). What the
+coordinator cannot hold in memory waits in a spool file (:class:`_Spool`).
 
 Commit order is the order of serial numbers, taken inside the commit barrier's slot *before*
 a commit is sent (a two-phase commit takes its serial after the decision, before phase 2):

@@ -15,6 +15,7 @@ _armed = frozenset(p.strip() for p in os.environ.get(ENV, "").split(",") if p.st
 # Between the phases of a two-phase commit.
 AFTER_PREPARE = "after-prepare"  # every node prepared, no decision recorded yet
 AFTER_DECISION = "after-decision"  # decision durable, no COMMIT PREPARED sent
+AFTER_QUEUED = "after-queued"  # ... and the transaction in a recovery's queue
 AFTER_FIRST_COMMIT = "after-first-commit"  # one node committed, the others not yet
 
 

@@ -263,13 +263,11 @@ def test_a_coordinator_killed_mid_recovery_begins_it_again_under_load(  # type: 
     assert router.terminate() == 0, router.output()
 
 
-def test_a_peer_that_crashes_in_a_commit_during_a_recovery_fails_it(  # type: ignore[no-untyped-def]
-    make_nodes, procs, tmp_path: Path
-) -> None:
-    """A peer dies after its commit decision, before the transaction reached the queue; when
-    it restarts, its resolver commits the transaction on the ONLINE nodes, after the
-    recovery's snapshot and outside its queue. The recovery must fail (the node would miss
-    the transaction), never end ONLINE."""
+def crash_in_a_commit(  # type: ignore[no-untyped-def]
+    make_nodes, procs, tmp_path: Path, failpoint: str
+) -> tuple[RouterThread, CliProcess, list[LocalNode], psycopg.Connection]:
+    """Peer b (a process) dies at ``failpoint`` in a commit of its client's while a recovers
+    node3 (held in its replay by the returned connection), and is started again."""
     nodes = make_nodes(3)
     a_port, b_port = free_port(), free_port()
     a = RouterThread(
@@ -284,19 +282,29 @@ def test_a_peer_that_crashes_in_a_commit_during_a_recovery_fails_it(  # type: ig
     cfg = write_router_config(
         tmp_path / "b.toml", b_port, nodes, name="b", state_db="b.db", peers=[f"127.0.0.1:{a_port}"]
     )
-    crash = {"PGQUORUM_FAILPOINTS": failpoints.AFTER_DECISION}
-    b = start(procs, tmp_path, "router", "--config", str(cfg), **crash)
+    b = start(procs, tmp_path, "router", "--config", str(cfg), PGQUORUM_FAILPOINTS=failpoint)
     b.wait_port(b_port, timeout=30)
+    setup_table(a)
+    fail_by_killing(a, nodes[2])
+    holder = recover_held_open(a)
+    with psycopg.connect(dsn(b_port)) as conn, pytest.raises(psycopg.OperationalError):
+        conn.execute("UPDATE acct SET balance = balance + 10 WHERE id = 1")
+        conn.commit()
+    assert b.proc.wait(10) == 70, b.output()
+    b = start(procs, tmp_path, "router", "--config", str(cfg))
+    b.wait_port(b_port, timeout=30)
+    return a, b, nodes, holder
+
+
+def test_a_peer_that_crashes_in_a_commit_during_a_recovery_fails_it(  # type: ignore[no-untyped-def]
+    make_nodes, procs, tmp_path: Path
+) -> None:
+    """A peer dies after its commit decision, before the transaction reached the queue; when
+    it restarts, its resolver commits the transaction on the ONLINE nodes, after the
+    recovery's snapshot and outside its queue. The recovery must fail (the node would miss
+    the transaction), never end ONLINE."""
+    a, _, nodes, holder = crash_in_a_commit(make_nodes, procs, tmp_path, failpoints.AFTER_DECISION)
     try:
-        setup_table(a)
-        fail_by_killing(a, nodes[2])
-        holder = recover_held_open(a)
-        with psycopg.connect(dsn(b_port)) as conn, pytest.raises(psycopg.OperationalError):
-            conn.execute("UPDATE acct SET balance = balance + 10 WHERE id = 1")
-            conn.commit()
-        assert b.proc.wait(10) == 70, b.output()
-        b = start(procs, tmp_path, "router", "--config", str(cfg))
-        b.wait_port(b_port, timeout=30)
         # The restarted peer's resolver commits the transaction and fails the node
         # everywhere: the recovery ends while the open transaction still keeps it from its
         # switch (which it would reach, the node not FAILED, once that one ended).
@@ -309,6 +317,27 @@ def test_a_peer_that_crashes_in_a_commit_during_a_recovery_fails_it(  # type: ig
         wait_resolved(nodes[:2])
         assert nodes[0].psql("SELECT balance FROM acct WHERE id = 1") == "110"
         assert_nodes_identical(nodes[:2], "postgres")
+    finally:
+        a.stop()
+
+
+def test_a_peer_that_crashes_after_queueing_a_commit_lets_the_recovery_go_on(  # type: ignore[no-untyped-def]
+    make_nodes, procs, tmp_path: Path
+) -> None:
+    """A peer dies after its decided commit reached the queue, before phase 2: its resolver
+    commits the transaction on restart, the coordinator says the queue has it, and the
+    recovery ends ONLINE with the transaction on every node."""
+    a, b, nodes, holder = crash_in_a_commit(make_nodes, procs, tmp_path, failpoints.AFTER_QUEUED)
+    try:
+        wait_resolved(nodes[:2])  # the restarted peer's resolver committed it
+        assert nodes[0].psql("SELECT balance FROM acct WHERE id = 1") == "110"
+        holder.commit()
+        holder.close()
+        info = wait_recovery(a)
+        assert info["phase"] == "done", info
+        assert "in-doubt transaction" in b.output()  # (it did resolve one)
+        assert nodes[2].psql("SELECT balance FROM acct WHERE id = 1") == "110"
+        assert_nodes_identical(nodes, "postgres")
     finally:
         a.stop()
 

@@ -125,6 +125,8 @@ def test_entries_survive_json() -> None:
     entry = Entry("r/7", {"user": "u", "database": "db"}, [unit], [m.encode_query("SET a = 1")])
     back = Entry.from_json(entry.to_json())
     assert back == entry
+    with_gid = Entry("r/7", {}, [unit], gid="pgq/r/1.2")
+    assert Entry.from_json(with_gid.to_json()) == with_gid
     assert isinstance(back.units[0].expectations()[1], Expectation)
 
 
@@ -217,6 +219,25 @@ def test_the_queue_spools_what_its_memory_does_not_hold(
         await q.append(entries[1])  # fits in memory again
         assert q._spool.count == 0
         q.close()
+
+    asyncio.run(main())
+
+
+def test_the_queue_remembers_which_two_phase_commits_it_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(queue_module, "GID_MEMORY", 2)
+
+    async def main() -> None:
+        q = LocalQueue("rid", "node3")
+        for i in range(3):
+            await q.append(Entry("a/1", {}, gid=f"pgq/a/1.{i}"))
+        await q.append(Entry("a/1", {}))  # a one-phase commit has none
+        assert not await q.holds("pgq/a/1.0")  # the oldest was let go: not known
+        assert await q.holds("pgq/a/1.1") and await q.holds("pgq/a/1.2")
+        await q.take(2, timeout=1)  # replayed: still held (its resolver may ask later)
+        asked = [{"op": "holds", "gid": "pgq/a/1.2"}, {"op": "holds", "gid": "x"}]
+        assert q.apply_batch(asked) == [1, 0]  # what a peer's resolver asks
 
     asyncio.run(main())
 

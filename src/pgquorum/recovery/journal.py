@@ -82,6 +82,7 @@ class Entry:
     units: list[Unit] = field(default_factory=list)
     prelude: list[bytes] | None = None  # session settings made before the recovery began
     end: bool = False  # the session is gone: close its replay connection
+    gid: str = ""  # a two-phase commit's transaction id (see LocalQueue.holds)
 
     @property
     def size(self) -> int:
@@ -98,6 +99,8 @@ class Entry:
             out["prelude"] = [_b64(p) for p in self.prelude]
         if self.end:
             out["end"] = True
+        if self.gid:
+            out["gid"] = self.gid
         return out
 
     @classmethod
@@ -109,6 +112,7 @@ class Entry:
             [Unit.from_json(u) for u in raw["units"]],
             None if prelude is None else [base64.b64decode(p) for p in prelude],
             bool(raw.get("end", False)),
+            str(raw.get("gid", "")),
         )
 
 

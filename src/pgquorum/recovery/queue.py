@@ -58,6 +58,9 @@ MAX_WAITING_BYTES = 256 * 1024 * 1024
 # index takes 16 bytes an entry). Past MAX_DEPTH entries or MAX_BYTES on disk the recovery
 # fails rather than grow without end.
 MEMORY_BYTES = 64 * 1024 * 1024
+# The ids of the latest two-phase commits queued that the coordinator remembers (see
+# LocalQueue.holds): a resolver asks about its router's last transactions before a crash.
+GID_MEMORY = 100_000
 MAX_DEPTH = 4_000_000
 MAX_BYTES = 64 * 1024 * 1024 * 1024
 
@@ -85,6 +88,7 @@ class Sink(Protocol):
     def post(self, entry: Entry) -> None: ...
     async def flush(self) -> None: ...
     def end_session(self, session: str, params: dict[str, str]) -> None: ...
+    async def holds(self, gid: str) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -109,6 +113,7 @@ class LocalQueue:
         # Each peer's last batch and its answer: a batch sent again (its answer was lost) is
         # answered again, not applied twice.
         self._batches: dict[str, tuple[int, list[int]]] = {}
+        self._gids: dict[str, None] = {}  # the latest two-phase commits queued, oldest first
         self.closed = False
         self.error = ""  # why it closed, when it gave up by itself
 
@@ -153,6 +158,10 @@ class LocalQueue:
         if entry is None:
             self._entries[serial] = None
         else:
+            if entry.gid:
+                self._gids[entry.gid] = None
+                if len(self._gids) > GID_MEMORY:
+                    del self._gids[next(iter(self._gids))]
             size = entry.size
             self.bytes += size
             if self.bytes > MAX_BYTES:  # the replay cannot keep up: give up first
@@ -188,6 +197,14 @@ class LocalQueue:
 
     async def append(self, entry: Entry) -> int:
         return self.add(entry)
+
+    async def holds(self, gid: str) -> bool:
+        return self.holds_now(gid)
+
+    def holds_now(self, gid: str) -> bool:
+        """Whether the two-phase commit ``gid`` was queued (among the latest GID_MEMORY: an
+        older one is not found, and its resolver fails the recovery, safely)."""
+        return gid in self._gids
 
     async def flush(self) -> None:
         pass
@@ -269,6 +286,8 @@ class LocalQueue:
             elif kind == "end":
                 self.end_session(str(op["session"]), dict(op["params"]))
                 out.append(0)
+            elif kind == "holds":
+                out.append(int(self.holds_now(str(op["gid"]))))
             else:
                 raise ValueError(f"unknown queue operation {kind!r}")
         return out
@@ -392,6 +411,12 @@ class RemoteQueue:
     def end_session(self, session: str, params: dict[str, str]) -> None:
         with contextlib.suppress(QueueUnavailable):
             self._post({"op": "end", "session": session, "params": params}, None)
+
+    async def holds(self, gid: str) -> bool:
+        try:
+            return await self._call({"op": "holds", "gid": gid}) == 1
+        except QueueUnavailable:
+            return False  # (not known to be queued: the caller fails the recovery)
 
     async def flush(self) -> None:
         """Until every operation made so far has reached the coordinator."""

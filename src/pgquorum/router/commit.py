@@ -201,9 +201,9 @@ class CommitCoordinator:
                     raise
                 continue
             sink = self.router.recovery_sink
-            if verb == "COMMIT" and sink is not None:
+            if verb == "COMMIT" and sink is not None and not await sink.holds(gid):
                 # Committed after the recovery's snapshot, and not in its queue (its
-                # session is gone): the recovered node would miss it.
+                # session died before queueing it): the recovered node would miss it.
                 self.router.queue_lost(
                     sink,
                     QueueUnavailable(

@@ -1452,13 +1452,14 @@ class ClientSession(asyncio.Protocol):
         except QueueUnavailable as e:
             self.router.queue_lost(sink, e)
 
-    async def _queue_commit(self) -> None:
+    async def _queue_commit(self, gid: str) -> None:
         """A two-phase commit that was decided: its transaction goes to the recovery queue
-        before any node commits it."""
+        before any node commits it (with its id: a resolver that commits it later, after a
+        crash, can learn that the queue has it)."""
         sink = self.router.recovery_sink
         assert sink is not None
         try:
-            await sink.append(self._entry(sink, commit=True))
+            await sink.append(self._entry(sink, commit=True, gid=gid))
         except QueueUnavailable as e:
             self.router.queue_lost(sink, e)
 
@@ -1496,7 +1497,7 @@ class ClientSession(asyncio.Protocol):
         except QueueUnavailable as e:
             self.router.queue_lost(sink, e)
 
-    def _entry(self, sink: Sink, *, commit: bool) -> Entry:
+    def _entry(self, sink: Sink, *, commit: bool, gid: str = "") -> Entry:
         """The transaction as an entry of this recovery's queue; the session's first one
         there starts with the settings a fresh connection needs."""
         first = self.journal.join(sink.rid)
@@ -1512,7 +1513,8 @@ class ClientSession(asyncio.Protocol):
                 ),
             )
         prelude = list(self.settings.values()) if first else None
-        return Entry(f"{self.router.settings.name}/{self.id}", dict(self.params), units, prelude)
+        session = f"{self.router.settings.name}/{self.id}"
+        return Entry(session, dict(self.params), units, prelude, gid=gid)
 
     def _leave_queue(self) -> None:
         reserved, self._reserved = self._reserved, None
@@ -1692,7 +1694,8 @@ class ClientSession(asyncio.Protocol):
         if self.router.recovery_sink is None:
             self.journal.drop()
         else:
-            await self._queue_commit()
+            await self._queue_commit(gid)
+            failpoints.hit(failpoints.AFTER_QUEUED)
         # One statement per node: COMMIT PREPARED always waits for its WAL flush (PostgreSQL
         # ignores synchronous_commit for it), so there is no setting worth changing around it.
         finish = m.encode_query(f"COMMIT PREPARED {literal}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -240,6 +241,30 @@ def test_the_queue_remembers_which_two_phase_commits_it_holds(
         assert q.apply_batch(asked) == [1, 0]  # what a peer's resolver asks
 
     asyncio.run(main())
+
+
+def test_an_entrys_footprint_covers_its_python_objects() -> None:
+    """The memory budget counts what entries really take, not only their bytes: measured
+    here on transactions like pgbench's (one to eight statements)."""
+    for units in (1, 4, 8):
+        tracemalloc.start()
+        kept = [
+            Entry(
+                f"r/{i}",
+                {"user": "postgres", "database": "db", "application_name": "pgbench"},
+                [
+                    Unit(
+                        m.encode_query(f"UPDATE t SET v = v + {i} WHERE id = {j}"), [], ["UPDATE 1"]
+                    )
+                    for j in range(units)
+                ],
+                gid=f"pgq/r/1795281284886.{i}",
+            )
+            for i in range(2000)
+        ]
+        real = tracemalloc.get_traced_memory()[0] / len(kept)
+        tracemalloc.stop()
+        assert 0.6 * real < kept[0].footprint < 1.5 * real, (units, real, kept[0].footprint)
 
 
 def test_the_spool_index_keeps_to_the_entries_not_replayed() -> None:

@@ -89,6 +89,12 @@ class Entry:
         """Bytes held (roughly): the units' messages and COPY data."""
         return sum(len(u.data) + len(u.copy) for u in self.units) + 64
 
+    @property
+    def footprint(self) -> int:
+        """Roughly the memory the entry takes with its Python objects (measured on pgbench's
+        transactions: about 400 bytes an entry and 250 a unit more than ``size``)."""
+        return self.size + 400 + 250 * len(self.units)
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "session": self.session,

@@ -108,7 +108,7 @@ class LocalQueue:
         self._changed = asyncio.Event()
         self.applied = 0  # serials below this were replayed (set by the replay)
         self.bytes = 0  # the size of the entries not yet replayed (Entry.size)
-        self.memory = 0  # ... of those held in memory
+        self.memory = 0  # what those held in memory take (Entry.footprint)
         self._spool = _Spool(spool_dir)
         # Each peer's last batch and its answer: a batch sent again (its answer was lost) is
         # answered again, not applied twice.
@@ -170,7 +170,8 @@ class LocalQueue:
                     f"took more than {MAX_BYTES / 2**20:g} MiB"
                 )
                 raise QueueUnavailable(self.error)
-            if self.memory + size > MEMORY_BYTES:
+            footprint = entry.footprint
+            if self.memory + footprint > MEMORY_BYTES:
                 try:
                     self._spool.put(serial, entry, self.applied + 1)
                 except OSError as e:
@@ -181,7 +182,7 @@ class LocalQueue:
                 del self._entries[serial]
             else:
                 self._entries[serial] = entry
-                self.memory += size
+                self.memory += footprint
         self._wake()
 
     def _unspill(self, serial: int) -> Entry:
@@ -240,7 +241,7 @@ class LocalQueue:
                 if got is None:
                     return None
                 entry = cast(Entry, got)
-                self.memory -= entry.size
+                self.memory -= entry.footprint
                 self.bytes -= entry.size
                 return entry
             if self.closed:

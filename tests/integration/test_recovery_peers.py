@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -124,6 +125,48 @@ def test_a_batch_whose_answer_a_peer_lost_is_applied_once(
             for _ in range(5):
                 conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = 1")
         assert lost == [1]
+        holder.commit()
+        holder.close()
+        info = wait_recovery(a)
+        assert info["phase"] == "done", info
+        eventually(lambda: state(b, "node3") is NodeState.ONLINE)
+        assert nodes[2].psql("SELECT balance FROM acct WHERE id = 1") == "105"
+        assert_nodes_identical(nodes, "postgres")
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_peer_restarting_during_a_recovery_waits_for_a_slow_coordinator(
+    make_nodes,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The coordinator answers a restarting peer too slowly the first time: the peer asks
+    again rather than failing the node (which would end a recovery that goes well)."""
+    nodes = make_nodes(3)
+    config_a, config_b = pair_configs(nodes, tmp_path)
+    a, b = RouterThread(config_a), RouterThread(config_b)
+    try:
+        holder = recovering_at(a, b, nodes)
+        b.stop()
+        slow = [True]
+        admin_query = peers.admin_query
+
+        async def slow_once(*args: Any, **kwargs: Any) -> Any:
+            if slow and "SHOW NODES" in args:
+                slow.clear()
+                await asyncio.sleep(peers.PULL_TIMEOUT_S + 0.5)
+            return await admin_query(*args, **kwargs)
+
+        monkeypatch.setattr(peers, "PULL_TIMEOUT_S", 1.0)
+        monkeypatch.setattr(peers, "admin_query", slow_once)
+        b = RouterThread(config_b)
+        assert not slow  # the first answer was too late
+        assert state(b, "node3") is NodeState.RECOVERING
+        assert b.router.recovery_sink is not None
+        with psycopg.connect(b.dsn(), autocommit=True) as conn:
+            conn.execute("UPDATE acct SET balance = balance + 5 WHERE id = 1")
         holder.commit()
         holder.close()
         info = wait_recovery(a)

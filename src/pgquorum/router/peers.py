@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 RETRY_FIRST_S = 0.2
 RETRY_MAX_S = 10.0
 PULL_TIMEOUT_S = 3.0
+# A node this router left RECOVERING waits on the peers' answer (is its recovery still
+# running?): a peer that answered too slowly is asked again for this long, rather than the
+# node failed (which would end a recovery that goes well). A peer that refuses is down.
+PULL_PATIENCE_S = 20.0
 
 # The admin console's own syntax (not SQL): a node name as quote_ident writes it, or bare.
 NODE_NAME = r"""(?P<node>"(?:[^"]|"")+"|[\w.-]+)"""
@@ -100,21 +104,48 @@ class Peers:
         """Take over the FAILED nodes the peers know of (those that answer in time), and
         settle the nodes this router left RECOVERING when it stopped."""
         seen = PeerRecoveries()
-        results = await asyncio.gather(
-            *(self._pull_one(host, port, seen) for host, port in self.addresses),
-            return_exceptions=True,
-        )
-        for (host, port), res in zip(self.addresses, results, strict=True):
-            if isinstance(res, BaseException):
-                log.warning("peer %s:%d did not tell its node states: %s", host, port, res)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + PULL_PATIENCE_S
+        ask = list(self.addresses)
+        while True:
+            results = await asyncio.gather(
+                *(self._pull_one(host, port, seen) for host, port in ask),
+                return_exceptions=True,
+            )
+            slow = []
+            for (host, port), res in zip(ask, results, strict=True):
+                if isinstance(res, BaseException):
+                    log.warning("peer %s:%d did not tell its node states: %s", host, port, res)
+                    if isinstance(res, TimeoutError):
+                        slow.append((host, port))
+            if not slow or not self._unsettled(seen) or loop.time() >= give_up:
+                break
+            log.warning("asking %d slow peer(s) again: a node left RECOVERING waits", len(slow))
+            ask = slow
         self._settle_recovering(seen)
+
+    def _unsettled(self, seen: PeerRecoveries) -> bool:
+        """A node this router left RECOVERING whose recovery, run by a peer, no peer that
+        answered knows of."""
+        return any(
+            st.state is NodeState.RECOVERING
+            and st.node.name not in seen.running
+            and st.node.name not in seen.online
+            and not self._own_recovery(st)
+            for st in self.router.cluster.status.values()
+        )
+
+    def _own_recovery(self, st: NodeStatus) -> bool:
+        # (The reason of a RECOVERING node names the recovery, and the recovery its router.)
+        return st.reason.startswith(f"recovery {self.router.settings.name}/")
 
     async def _pull_one(self, host: str, port: int, seen: PeerRecoveries) -> None:
         user, password = self.router.internal_credentials()
 
         async def ask(command: str) -> tuple[list[str], list[list[str | None]]]:
+            # The connection's own timeout is longer: a slow peer is a TimeoutError here.
             return await asyncio.wait_for(
-                admin_query(host, port, user, password, command, timeout=PULL_TIMEOUT_S),
+                admin_query(host, port, user, password, command, timeout=PULL_TIMEOUT_S + 1),
                 PULL_TIMEOUT_S,
             )
 
@@ -151,11 +182,10 @@ class Peers:
             elif name in seen.online:
                 router.cluster.mark_online(name, "recovered while this router was down")
             else:
-                # This router ran the recovery (its reason names the recovery, and the
-                # recovery the router): begin it again, from a fresh snapshot.
+                # This router ran the recovery: begin it again, from a fresh snapshot.
                 # (Straight from RECOVERING: a FAILED state would travel to the peers and
                 # back, and end the new recovery.)
-                if st.reason.startswith(f"recovery {router.settings.name}/"):
+                if self._own_recovery(st):
                     log.warning("node %s: beginning its interrupted recovery again", name)
                     router.start_recovery(name, again=True)
                 else:

@@ -377,9 +377,10 @@ def test_a_queue_spooled_to_disk_replays_in_order(
         with conn.cursor().copy("COPY t (id, v) FROM STDIN") as copy:
             for i in range(100, 150):
                 copy.write_row((i, "copied"))
-    queue = rt.router.recovery.queue  # type: ignore[union-attr]
-    assert queue.bytes > queue.memory > 0, (queue.bytes, queue.memory)  # some wait on disk
-    assert int(recovery(rt)["queue_bytes"]) == queue.bytes  # (SHOW RECOVERY)
+    # The replay goes on down to 20 entries while the holder is open: more than the 4 kB in
+    # memory hold, so some of those left wait on disk.
+    assert int(recovery(rt)["queue_bytes"]) > 0  # (SHOW RECOVERY)
+    assert rt.router.recovery.queue._spool.count > 0  # type: ignore[union-attr]
     holder.commit()
     holder.close()
     info = wait_recovery(rt)

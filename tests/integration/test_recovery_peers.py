@@ -65,6 +65,24 @@ def recovering_at(a: RouterThread, b: RouterThread, nodes: list[LocalNode]) -> p
     return recover_held_open(a)
 
 
+def ends_online(
+    a: RouterThread,
+    b: RouterThread,
+    nodes: list[LocalNode],
+    holder: psycopg.Connection,
+    balance: int,
+) -> None:
+    """``holder`` (see recovering_at) ends its transaction: the recovery ends ONLINE on
+    both routers, account 1 has ``balance`` on the recovered node, and the nodes agree."""
+    holder.commit()
+    holder.close()
+    info = wait_recovery(a)
+    assert info["phase"] == "done", info
+    eventually(lambda: state(b, "node3") is NodeState.ONLINE)
+    assert nodes[2].psql("SELECT balance FROM acct WHERE id = 1") == str(balance)
+    assert_nodes_identical(nodes, "postgres")
+
+
 def test_commits_through_a_peer_reach_the_recovered_node(make_nodes, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     nodes = make_nodes(3)
     config_a, config_b = pair_configs(nodes, tmp_path)
@@ -125,13 +143,7 @@ def test_a_batch_whose_answer_a_peer_lost_is_applied_once(
             for _ in range(5):
                 conn.execute("UPDATE acct SET balance = balance + 1 WHERE id = 1")
         assert lost == [1]
-        holder.commit()
-        holder.close()
-        info = wait_recovery(a)
-        assert info["phase"] == "done", info
-        eventually(lambda: state(b, "node3") is NodeState.ONLINE)
-        assert nodes[2].psql("SELECT balance FROM acct WHERE id = 1") == "105"
-        assert_nodes_identical(nodes, "postgres")
+        ends_online(a, b, nodes, holder, balance=105)
     finally:
         a.stop()
         b.stop()
@@ -167,13 +179,7 @@ def test_a_peer_restarting_during_a_recovery_waits_for_a_slow_coordinator(
         assert b.router.recovery_sink is not None
         with psycopg.connect(b.dsn(), autocommit=True) as conn:
             conn.execute("UPDATE acct SET balance = balance + 5 WHERE id = 1")
-        holder.commit()
-        holder.close()
-        info = wait_recovery(a)
-        assert info["phase"] == "done", info
-        eventually(lambda: state(b, "node3") is NodeState.ONLINE)
-        assert nodes[2].psql("SELECT balance FROM acct WHERE id = 1") == "105"
-        assert_nodes_identical(nodes, "postgres")
+        ends_online(a, b, nodes, holder, balance=105)
     finally:
         a.stop()
         b.stop()

@@ -29,6 +29,7 @@ import uuid
 from array import array
 from typing import Any, BinaryIO, Protocol, cast
 
+from pgquorum.bounded import store_bounded
 from pgquorum.protocol.errors import UNDEFINED_OBJECT, PgError
 from pgquorum.router.backend import NodeLost
 from pgquorum.router.client import Link, admin_link
@@ -159,9 +160,7 @@ class LocalQueue:
             self._entries[serial] = None
         else:
             if entry.gid:
-                self._gids[entry.gid] = None
-                if len(self._gids) > GID_MEMORY:
-                    del self._gids[next(iter(self._gids))]
+                store_bounded(self._gids, entry.gid, None, GID_MEMORY)
             size = entry.size
             self.bytes += size
             if self.bytes > MAX_BYTES:  # the replay cannot keep up: give up first
@@ -200,9 +199,6 @@ class LocalQueue:
         return self.add(entry)
 
     async def holds(self, gid: str) -> bool:
-        return self.holds_now(gid)
-
-    def holds_now(self, gid: str) -> bool:
         """Whether the two-phase commit ``gid`` was queued (among the latest GID_MEMORY: an
         older one is not found, and its resolver fails the recovery, safely)."""
         return gid in self._gids
@@ -232,16 +228,16 @@ class LocalQueue:
             if self.error:  # gave up: the rest is not worth replaying
                 raise QueueUnavailable(self.error)
             got = self._entries.get(serial, _PENDING)
-            if got is _PENDING and serial not in self._entries and self._spool.holds(serial):
-                entry = self._unspill(serial)
-                self.bytes -= entry.size
-                return entry
             if got is not _PENDING:
                 del self._entries[serial]
                 if got is None:
                     return None
                 entry = cast(Entry, got)
                 self.memory -= entry.footprint
+                self.bytes -= entry.size
+                return entry
+            if self._spool.holds(serial):  # (a reserved one is in _entries until settled)
+                entry = self._unspill(serial)
                 self.bytes -= entry.size
                 return entry
             if self.closed:
@@ -288,7 +284,7 @@ class LocalQueue:
                 self.end_session(str(op["session"]), dict(op["params"]))
                 out.append(0)
             elif kind == "holds":
-                out.append(int(self.holds_now(str(op["gid"]))))
+                out.append(int(str(op["gid"]) in self._gids))
             else:
                 raise ValueError(f"unknown queue operation {kind!r}")
         return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import itertools
 import re
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,6 +26,7 @@ from pglast.enums import (
 )
 from pglast.parser import fingerprint, parse_sql, scan
 
+from pgquorum.bounded import store_bounded
 from pgquorum.sql.quoting import quote_ident, quote_literal
 
 
@@ -44,17 +44,6 @@ class CopyDirection(enum.Enum):
 _EMPTY: frozenset[str] = frozenset()
 _K = TypeVar("_K")
 _V = TypeVar("_V")
-
-
-def store_bounded(cache: dict[_K, _V], key: _K, value: _V, max_entries: int) -> None:
-    """``cache[key] = value``; a full cache first drops its oldest eighth."""
-    if len(cache) >= max_entries:
-        # Dicts keep insertion order, so the first keys are the oldest.  Evicting in
-        # batches keeps this O(1) amortized: deleting one key at a time from the front
-        # makes each next(iter(cache)) skip an ever longer run of dead slots.
-        for old in list(itertools.islice(cache, max(1, len(cache) // 8))):
-            del cache[old]
-    cache[key] = value
 
 
 @dataclass(frozen=True, slots=True)

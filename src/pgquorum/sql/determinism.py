@@ -52,14 +52,9 @@ from pglast.enums import (
 )
 from pglast.parser import parse_sql, scan
 
+from pgquorum.bounded import store_bounded
 from pgquorum.protocol.errors import FEATURE_NOT_SUPPORTED, PgError
-from pgquorum.sql.analyze import (
-    TIME_VALUE_OPS,
-    _child_attrs,
-    _func_name,
-    parsable_text,
-    store_bounded,
-)
+from pgquorum.sql.analyze import TIME_VALUE_OPS, _child_attrs, _func_name, parsable_text
 from pgquorum.sql.sequences import SEQUENCE_FUNCTIONS  # assigned by the router, not here
 
 __all__ = [

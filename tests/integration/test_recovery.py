@@ -32,7 +32,6 @@ from pgquorum.local.binaries import PgBinaries
 from pgquorum.local.instance import LocalNode
 from pgquorum.recovery import journal as journal_module
 from pgquorum.recovery import queue as queue_module
-from pgquorum.router import session as session_module
 
 
 @pytest.fixture
@@ -330,14 +329,16 @@ def test_a_copy_too_big_to_keep_fails_the_recovery_not_the_load(
     """A bulk load during a recovery would be kept in memory for the replay: past the limit
     the recovery fails at once (the node stays FAILED, to recover again) and the COPY goes on."""
     rt, nodes = three
-    monkeypatch.setattr(session_module, "MAX_KEPT_COPY_BYTES", 64 * 1024)
+    monkeypatch.setattr(journal_module, "MAX_KEPT_BYTES", 64 * 1024)
     holder = held_in_replay(rt, nodes)
     with psycopg.connect(rt.dsn(), autocommit=True) as conn:
         with conn.cursor().copy("COPY t (id, v) FROM STDIN") as copy:
             for i in range(5000):
                 copy.write_row((i, "x" * 100))
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (5000,)
-    assert_failed_at_once(rt, nodes, holder, "COPY FROM STDIN sent more than 0.0625 MiB")
+    assert_failed_at_once(
+        rt, nodes, holder, "COPY FROM STDIN sent more than a transaction keeps (0.0625 MiB)"
+    )
 
 
 def test_a_transaction_too_big_to_keep_fails_the_recovery_not_the_transaction(

@@ -150,6 +150,11 @@ class Journal:
         self.queued: str | None = None  # the recovery whose queue has this session's units
 
     @property
+    def room(self) -> int:
+        """Bytes the transaction may still send before it is too big to keep."""
+        return 0 if self._overflow else MAX_KEPT_BYTES - self._bytes
+
+    @property
     def empty(self) -> bool:
         return not self._kept and not self._overflow
 

@@ -39,6 +39,7 @@ from pgquorum.protocol.errors import (
     ProtocolViolation,
 )
 from pgquorum.protocol.framing import Framer
+from pgquorum.recovery import journal as recovery_journal
 from pgquorum.recovery.journal import Entry, Journal
 from pgquorum.recovery.queue import QueueUnavailable, Sink
 from pgquorum.sql import sequences as seq
@@ -75,9 +76,6 @@ _BEGIN = m.encode_query("BEGIN")
 _ROLLBACK = m.encode_query("ROLLBACK")
 ADMIN_DATABASE = "pgquorum"
 _READ_PAUSE_BYTES = 4 * 1024 * 1024
-# COPY data a session keeps for a recovering node's replay, at most (per COPY).
-# (A peer sends it to the coordinator in one query, in base64: see queue.MAX_OP_BYTES.)
-MAX_KEPT_COPY_BYTES = 32 * 1024 * 1024
 # How many more statements in flight a session's home node may have than the least loaded
 # node before the session's reads move (see ClientSession._home).
 HOME_SLACK = 2
@@ -1305,14 +1303,14 @@ class ClientSession(asyncio.Protocol):
         # recovers can be kept: see Journal).
         sink = self.router.recovery_sink
         capture: list[bytes] | None = [] if sink is not None else None
-        kept = 0
+        room = self.journal.room  # what the transaction may still keep (journal.py)
         while True:
             run = self.framer.take_run(m.COPY_DATA)
             if run:
                 if capture is not None:
                     capture.append(run)
-                    kept += len(run)
-                    if kept > MAX_KEPT_COPY_BYTES:
+                    room -= len(run)
+                    if room < 0:
                         # Memory is worth more than this recovery: it fails now (safely),
                         # rather than the router holding a bulk load for its replay.
                         assert sink is not None
@@ -1320,10 +1318,9 @@ class ClientSession(asyncio.Protocol):
                         self.router.queue_lost(
                             sink,
                             QueueUnavailable(
-                                "a COPY FROM STDIN sent more than "
-                                f"{MAX_KEPT_COPY_BYTES / 2**20:g} MiB while the node "
-                                "recovered, more than the queue keeps; recover it again "
-                                "after the load"
+                                "a COPY FROM STDIN sent more than a transaction keeps "
+                                f"({recovery_journal.MAX_KEPT_BYTES / 2**20:g} MiB) while the node "
+                                "recovered; recover it again after the load"
                             ),
                         )
                 await self._copy_to(receivers, run)

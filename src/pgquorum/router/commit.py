@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from pgquorum.cluster.model import Node
 from pgquorum.cluster.store import DecisionLog
 from pgquorum.protocol import messages as m
-from pgquorum.recovery.queue import QueueUnavailable
+from pgquorum.recovery.queue import QueueUnavailable, Sink
 from pgquorum.sql.quoting import quote_literal
 
 from .backend import NodeLost
@@ -173,17 +173,43 @@ class CommitCoordinator:
             decided = self.router.store.decided(gids)
             params = {"user": user, "database": database, "application_name": "pgquorum"}
             link = await Link.open(node, params, password)
+            committed: list[str] = []
+            sink: Sink | None = None
             try:
                 async with self.commit_slot():
-                    await self._finish(link, node, database, gids, decided)
+                    sink = self.router.recovery_sink
+                    await self._finish(link, node, database, gids, decided, committed)
             finally:
                 link.close()
+                if sink is not None:  # (asked outside the slot: a peer asks the coordinator)
+                    await self._check_queued(sink, committed)
+
+    async def _check_queued(self, sink: Sink, committed: list[str]) -> None:
+        """Committed after the recovery's snapshot, a transaction its queue does not have
+        (its session died before queueing it) would be missing on the recovered node."""
+        for gid in committed:
+            if not await sink.holds(gid):
+                self.router.queue_lost(
+                    sink,
+                    QueueUnavailable(
+                        f"in-doubt transaction {gid} was committed after the recovery's "
+                        "snapshot, outside its queue"
+                    ),
+                )
+                return
 
     async def _finish(
-        self, link: Link, node: Node, database: str, gids: list[str], decided: set[str]
+        self,
+        link: Link,
+        node: Node,
+        database: str,
+        gids: list[str],
+        decided: set[str],
+        committed: list[str],
     ) -> None:
         """Commit or roll back in-doubt ``gids`` (inside a commit slot, so a recovery's
-        snapshot is taken before or after, never during)."""
+        snapshot is taken before or after, never during); those committed go to
+        ``committed``."""
         for gid in gids:
             verb = "COMMIT" if gid in decided else "ROLLBACK"
             log.warning(
@@ -200,17 +226,8 @@ class CommitCoordinator:
                 if e.sqlstate != "42704":  # already finished by someone else
                     raise
                 continue
-            sink = self.router.recovery_sink
-            if verb == "COMMIT" and sink is not None and not await sink.holds(gid):
-                # Committed after the recovery's snapshot, and not in its queue (its
-                # session died before queueing it): the recovered node would miss it.
-                self.router.queue_lost(
-                    sink,
-                    QueueUnavailable(
-                        f"in-doubt transaction {gid} was committed after the recovery's "
-                        "snapshot, outside its queue"
-                    ),
-                )
+            if verb == "COMMIT":
+                committed.append(gid)
 
     async def _query(self, node: Node, database: str, sql: str) -> list[list[str | None]]:
         """Run one statement on a node over a fresh connection of the router's own."""

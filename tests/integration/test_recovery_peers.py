@@ -41,6 +41,7 @@ from router_harness import (
 from helpers import Transfers, assert_nodes_identical
 from pgquorum import failpoints
 from pgquorum.cluster.model import Node, NodeState
+from pgquorum.config import Config
 from pgquorum.local.instance import LocalNode, _descendants, free_port
 from pgquorum.protocol.errors import PgError
 from pgquorum.recovery import queue as queue_module
@@ -63,6 +64,17 @@ def recovering_at(a: RouterThread, b: RouterThread, nodes: list[LocalNode]) -> p
     fail_by_killing(a, nodes[2])
     eventually(lambda: state(b, "node3") is NodeState.FAILED)
     return recover_held_open(a)
+
+
+def rejoined(config_b: Config) -> RouterThread:
+    """Router b started again during a's recovery of node3: it found the recovery and
+    queues into it; a commit through it (account 1 + 5) goes to a's queue."""
+    b = RouterThread(config_b)
+    assert state(b, "node3") is NodeState.RECOVERING
+    assert b.router.recovery_sink is not None
+    with psycopg.connect(b.dsn(), autocommit=True) as conn:
+        conn.execute("UPDATE acct SET balance = balance + 5 WHERE id = 1")
+    return b
 
 
 def ends_online(
@@ -173,12 +185,8 @@ def test_a_peer_restarting_during_a_recovery_waits_for_a_slow_coordinator(
 
         monkeypatch.setattr(peers, "PULL_TIMEOUT_S", 1.0)
         monkeypatch.setattr(peers, "admin_query", slow_once)
-        b = RouterThread(config_b)
+        b = rejoined(config_b)
         assert not slow  # the first answer was too late
-        assert state(b, "node3") is NodeState.RECOVERING
-        assert b.router.recovery_sink is not None
-        with psycopg.connect(b.dsn(), autocommit=True) as conn:
-            conn.execute("UPDATE acct SET balance = balance + 5 WHERE id = 1")
         ends_online(a, b, nodes, holder, balance=105)
     finally:
         a.stop()
@@ -193,11 +201,7 @@ def test_routers_that_restart_during_a_recovery_rejoin_it(make_nodes, tmp_path: 
         holder = recovering_at(a, b, nodes)
         # The peer restarts: it finds the recovery at a and queues its commits there.
         b.stop()
-        b = RouterThread(config_b)
-        assert state(b, "node3") is NodeState.RECOVERING
-        assert b.router.recovery_sink is not None
-        with psycopg.connect(b.dsn(), autocommit=True) as conn:
-            conn.execute("UPDATE acct SET balance = balance + 5 WHERE id = 1")
+        b = rejoined(config_b)
         # The coordinator restarts (its open transaction dies with it): it begins the
         # recovery again, and the peer follows the new one.
         holder.close()

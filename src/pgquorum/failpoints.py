@@ -6,6 +6,7 @@ at import. Unset in production, where :func:`hit` is a set lookup that finds not
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 
@@ -18,6 +19,10 @@ AFTER_DECISION = "after-decision"  # decision durable, no COMMIT PREPARED sent
 AFTER_QUEUED = "after-queued"  # ... and the transaction in a recovery's queue
 AFTER_FIRST_COMMIT = "after-first-commit"  # one node committed, the others not yet
 
+# Pauses (PAUSE_S), to widen a race a test needs to see.
+BEFORE_QUEUE_CHECK = "before-queue-check"  # the resolver committed, has not asked the queue
+PAUSE_S = 3.0
+
 
 def hit(name: str) -> None:
     """Exit the process at once, as a crash would, if ``name`` is armed."""
@@ -25,3 +30,10 @@ def hit(name: str) -> None:
         sys.stderr.write(f"pgquorum: fail point {name} hit, exiting\n")
         sys.stderr.flush()
         os._exit(70)
+
+
+async def pause(name: str) -> None:
+    """Sleep PAUSE_S if ``name`` is armed."""
+    if name in _armed:
+        sys.stderr.write(f"pgquorum: fail point {name} hit, pausing {PAUSE_S:.0f}s\n")
+        await asyncio.sleep(PAUSE_S)

@@ -317,10 +317,11 @@ def test_a_coordinator_killed_mid_recovery_begins_it_again_under_load(  # type: 
 
 
 def crash_in_a_commit(  # type: ignore[no-untyped-def]
-    make_nodes, procs, tmp_path: Path, failpoint: str
+    make_nodes, procs, tmp_path: Path, failpoint: str, then: str = ""
 ) -> tuple[RouterThread, CliProcess, list[LocalNode], psycopg.Connection]:
     """Peer b (a process) dies at ``failpoint`` in a commit of its client's while a recovers
-    node3 (held in its replay by the returned connection), and is started again."""
+    node3 (held in its replay by the returned connection), and is started again (with the
+    fail points ``then``)."""
     nodes = make_nodes(3)
     a_port, b_port = free_port(), free_port()
     a = RouterThread(
@@ -344,7 +345,7 @@ def crash_in_a_commit(  # type: ignore[no-untyped-def]
         conn.execute("UPDATE acct SET balance = balance + 10 WHERE id = 1")
         conn.commit()
     assert b.proc.wait(10) == 70, b.output()
-    b = start(procs, tmp_path, "router", "--config", str(cfg))
+    b = start(procs, tmp_path, "router", "--config", str(cfg), PGQUORUM_FAILPOINTS=then)
     b.wait_port(b_port, timeout=30)
     return a, b, nodes, holder
 
@@ -368,6 +369,30 @@ def test_a_peer_that_crashes_in_a_commit_during_a_recovery_fails_it(  # type: ig
         holder.commit()
         holder.close()
         wait_resolved(nodes[:2])
+        assert nodes[0].psql("SELECT balance FROM acct WHERE id = 1") == "110"
+        assert_nodes_identical(nodes[:2], "postgres")
+    finally:
+        a.stop()
+
+
+def test_the_switch_waits_for_a_peer_resolver_to_hear_from_the_queue(  # type: ignore[no-untyped-def]
+    make_nodes, procs, tmp_path: Path
+) -> None:
+    """As above, but the restarted peer's resolver is slow to ask the queue about the
+    transaction it committed, and nothing else holds the recovery back meanwhile: the node
+    must not join in between (it would lack the transaction, unnoticed). The switch waits
+    for the resolver, whose answer fails the recovery."""
+    a, b, nodes, holder = crash_in_a_commit(
+        make_nodes, procs, tmp_path, failpoints.AFTER_DECISION, then=failpoints.BEFORE_QUEUE_CHECK
+    )
+    try:
+        eventually(lambda: f"{failpoints.BEFORE_QUEUE_CHECK} hit" in b.output(), 30)
+        holder.commit()  # (the switch may come now)
+        holder.close()
+        info = wait_recovery(a)
+        assert info["phase"] == "failed", info
+        assert "in-doubt transaction" in info["error"], info
+        assert state(a, "node3") is NodeState.FAILED
         assert nodes[0].psql("SELECT balance FROM acct WHERE id = 1") == "110"
         assert_nodes_identical(nodes[:2], "postgres")
     finally:

@@ -217,8 +217,14 @@ class Recovery:
                 self.router.cluster.mark_online(self.node, f"recovered ({self.rid})")
                 # The peers first, then the queue closes: a peer's last operations (a
                 # session's end, under the hold nothing that wrote) still find it open.
-                for link, _ in held:
-                    await link.query(f"RECOVERY ONLINE {self.rid}")
+                for link, host in held:
+                    _, rows = await link.query(f"RECOVERY ONLINE {self.rid}")
+                    if not rows or rows[0][1] != NodeState.ONLINE.value:
+                        # It lost its queue (and failed the node): what it committed since
+                        # may be missing here.
+                        raise QueueUnavailable(
+                            f"peer router {host} no longer queues for this recovery"
+                        )
                 self._stop_queueing()
                 self.progress.pauses_ms.append((time.monotonic() - began + held.drained) * 1000)
                 return None

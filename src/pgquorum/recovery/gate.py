@@ -55,6 +55,7 @@ class WriteGate:
     def __init__(self, sessions: Callable[[], Iterable[Writer]]) -> None:
         self._sessions = sessions
         self._open: asyncio.Event | None = None  # set when the gate opens again
+        self._others = 0  # writers that are no session's (see writer)
 
     @property
     def held(self) -> bool:
@@ -65,7 +66,19 @@ class WriteGate:
             await self._open.wait()
 
     def busy(self) -> int:
-        return sum(1 for s in self._sessions() if s.writing or s.txn_wrote)
+        return self._others + sum(1 for s in self._sessions() if s.writing or s.txn_wrote)
+
+    @contextlib.asynccontextmanager
+    async def writer(self) -> AsyncIterator[None]:
+        """Around a write that no session makes: the in-doubt resolver commits a transaction
+        and then asks the recovery queue whether it holds it. The node must not join in
+        between, or a transaction the queue lacks would be missing on it unnoticed."""
+        await self.wait_open()
+        self._others += 1
+        try:
+            yield
+        finally:
+            self._others -= 1
 
     @contextlib.asynccontextmanager
     async def hold(self, timeout: float) -> AsyncIterator[float]:

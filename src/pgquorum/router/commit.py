@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from pgquorum import failpoints
 from pgquorum.cluster.model import Node
 from pgquorum.cluster.store import DecisionLog
 from pgquorum.protocol import messages as m
@@ -175,14 +176,17 @@ class CommitCoordinator:
             link = await Link.open(node, params, password)
             committed: list[str] = []
             sink: Sink | None = None
-            try:
-                async with self.commit_slot():
-                    sink = self.router.recovery_sink
-                    await self._finish(link, node, database, gids, decided, committed)
-            finally:
-                link.close()
-                if sink is not None:  # (asked outside the slot: a peer asks the coordinator)
-                    await self._check_queued(sink, committed)
+            async with self.router.write_gate.writer():
+                try:
+                    async with self.commit_slot():
+                        sink = self.router.recovery_sink
+                        await self._finish(link, node, database, gids, decided, committed)
+                finally:
+                    link.close()
+                    if sink is not None and committed:
+                        # (Asked outside the slot: a peer asks the coordinator.)
+                        await failpoints.pause(failpoints.BEFORE_QUEUE_CHECK)
+                        await self._check_queued(sink, committed)
 
     async def _check_queued(self, sink: Sink, committed: list[str]) -> None:
         """Committed after the recovery's snapshot, a transaction its queue does not have

@@ -76,6 +76,31 @@ def test_transaction_moves_to_the_next_lead(make_nodes) -> None:  # type: ignore
         rt.stop()
 
 
+def test_a_catalog_lookup_moves_to_the_next_lead(make_nodes) -> None:  # type: ignore[no-untyped-def]
+    """The lead dies before a statement the router must first look up in the catalog (a
+    table's serial column, a function's volatility): the lookup runs on the next lead."""
+    nodes = make_nodes(3)
+    rt = RouterThread(router_config(nodes))
+    try:
+        with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (id serial PRIMARY KEY, v int)")
+            conn.execute(
+                "CREATE FUNCTION twice(x int) RETURNS int IMMUTABLE LANGUAGE sql AS 'SELECT 2 * x'"
+            )
+        with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+            conn.execute("SELECT 1")
+            nodes[0].kill()
+            time.sleep(0.5)  # (the router notices the lost connection before the next statement)
+            conn.execute("INSERT INTO t (v) VALUES (1), (2)")  # the serial column: a lookup
+            assert conn.execute("SELECT sum(twice(v)) FROM t").fetchone() == (6,)
+        assert rt.router.cluster.status["node1"].state is NodeState.FAILED
+        rows = nodes[1].psql("SELECT string_agg(id || ':' || v, ',' ORDER BY id) FROM t")
+        assert rows == "1:1,2:2"
+        assert_nodes_identical(nodes[1:], "postgres")
+    finally:
+        rt.stop()
+
+
 def test_statement_in_flight_is_rerun_on_the_next_lead(make_nodes) -> None:  # type: ignore[no-untyped-def]
     """The lead dies while it runs a statement inside a transaction block."""
     nodes = make_nodes(3)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pgquorum.cluster.model import Node
 from pgquorum.protocol import messages as m
 from pgquorum.protocol.auth import ClientAuth
-from pgquorum.protocol.errors import PgError
+from pgquorum.protocol.errors import IDLE_IN_TRANSACTION_TIMEOUT, IDLE_SESSION_TIMEOUT, PgError
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,19 @@ _ASYNC = frozenset((m.NOTICE_RESPONSE, m.NOTIFICATION, m.PARAMETER_STATUS))
 
 
 class NodeLost(Exception):
-    """The connection to a node broke or the node sent something the router cannot follow."""
+    """The connection to a node broke or the node sent something the router cannot follow.
 
-    def __init__(self, node: Node, reason: str) -> None:
+    ``idle_timeout`` is the SQLSTATE when the node ended the connection while it waited for
+    the router, for one of its idle timeouts: the node itself is well."""
+
+    def __init__(self, node: Node, reason: str, *, idle_timeout: str = "") -> None:
         super().__init__(f"node {node.name} ({node.address}): {reason}")
         self.node = node
         self.reason = reason
+        self.idle_timeout = idle_timeout
+
+
+_IDLE_TIMEOUTS = frozenset({IDLE_IN_TRANSACTION_TIMEOUT, IDLE_SESSION_TIMEOUT})
 
 
 class Expectation:
@@ -113,6 +120,8 @@ class NodeConnection(asyncio.Protocol):
         self.pending_begin: bytes | None = None  # see ClientSession._defer_begin
         self.relayed = False  # the running unit's answer has (partly) reached the client
         self._lost: NodeLost | None = None
+        # Told when the node ends the connection for an idle timeout (see NodeLost).
+        self.on_idle_timeout: Callable[[NodeConnection, NodeLost], None] | None = None
         self._write_ok = asyncio.Event()
         self._write_ok.set()
         # Filled during startup.
@@ -302,7 +311,12 @@ class NodeConnection(asyncio.Protocol):
                 if mtype not in _ASYNC:
                     if mtype == _ERROR:
                         f = m.parse_error_fields(bytes(buf[pos + 5 : end]))
-                        raise NodeLost(self.node, f.get("M", "error while idle"))
+                        code = f.get("C", "")
+                        raise NodeLost(
+                            self.node,
+                            f.get("M", "error while idle"),
+                            idle_timeout=code if code in _IDLE_TIMEOUTS else "",
+                        )
                     raise NodeLost(self.node, f"unexpected message {chr(mtype)!r} while idle")
                 if self._forward_async:
                     out(bytes(buf[pos:end]))
@@ -398,6 +412,8 @@ class NodeConnection(asyncio.Protocol):
             on_done(None)
         if self.transport is not None:
             self.transport.abort()
+        if err.idle_timeout and self.on_idle_timeout is not None:
+            self.on_idle_timeout(self, err)
 
     def give_up(self, reason: str) -> None:
         """Treat the node as lost (it took too long): the unit's waiter gets NodeLost."""

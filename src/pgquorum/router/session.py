@@ -32,6 +32,7 @@ from pgquorum.protocol.auth import ServerAuth
 from pgquorum.protocol.errors import (
     CONNECTION_FAILURE,
     FEATURE_NOT_SUPPORTED,
+    IDLE_SESSION_TIMEOUT,
     IO_ERROR,
     OBJECT_NOT_IN_PREREQUISITE_STATE,
     QUERY_CANCELED,
@@ -142,6 +143,7 @@ class ClientSession(asyncio.Protocol):
         # The fast path: reads outside transaction blocks handled in callbacks, without
         # waking the session task (see _fast_path).
         self._fast_ready = False
+        self._parked = False  # the task waits for the client's next message
         self._fast_unit: tuple[NodeConnection, NodeStatus, BuildUnit] | None = None
         self._fast_error: PgError | None = None
         self._pushback: deque[tuple[int, bytes]] = deque()
@@ -373,6 +375,7 @@ class ClientSession(asyncio.Protocol):
         )
         for node, res in zip(targets, results, strict=True):
             if isinstance(res, NodeConnection):
+                res.on_idle_timeout = self._idle_timeout
                 self.conns[node.name] = res
             elif isinstance(res, NodeLost):
                 cluster.mark_failed(node.name, res.reason)
@@ -389,6 +392,32 @@ class ClientSession(asyncio.Protocol):
                 f"no node of group {cluster.group.name!r} can be reached",
                 severity="FATAL",
             )
+
+    def _idle_timeout(self, conn: NodeConnection, e: NodeLost) -> None:
+        """A node ended this session's connection to it for an idle timeout (the client's
+        or the server's setting): the node is well, so unless a unit is under way (then the
+        loss fails the node when the unit finds it, as any other), it is not failed.
+
+        Outside a transaction (idle_session_timeout) the session connects to the node again
+        before it next needs it, as a pooler would: the client keeps its session. In a
+        transaction (idle_in_transaction_session_timeout) the node rolled it back: the session
+        ends for the client as on PostgreSQL, and its transaction everywhere."""
+        name = conn.node.name
+        if not self._parked or self.conns.get(name) is not conn:
+            return
+        if e.idle_timeout == IDLE_SESSION_TIMEOUT:
+            del self.conns[name]
+            if self.read_home is conn:
+                self.read_home = None
+            self._online_generation = self._adopted_generation = -1  # see _adopt_nodes
+            log.info("session %d: node %s closed its idle connection: %s", self.id, name, e.reason)
+            return
+        log.info("session %d: ended by node %s: %s", self.id, name, e.reason)
+        self.write(m.encode_error(PgError(e.idle_timeout, e.reason, severity="FATAL")))
+        for c in self.conns.values():
+            c.close()
+        if self.transport is not None:
+            self.transport.close()
 
     # -- node selection ---------------------------------------------------------------------
 
@@ -506,8 +535,7 @@ class ClientSession(asyncio.Protocol):
 
     async def _lookup_functions(self, names: list[str]) -> None:
         catalog = self.router.catalog(self.database)
-        conn = self._lead()
-        rows = await fetch_rows(conn, catalog.lookup_sql(names))
+        rows = await self._fetch(catalog.lookup_sql(names))
         if rows is not None:
             catalog.learn(((str(r[0]), str(r[1])) for r in rows), names)
 
@@ -689,10 +717,11 @@ class ClientSession(asyncio.Protocol):
                 self.writing = False
                 # Parked between units: reads may now take the fast path (see _fast_path).
                 self._fast_ready = not self._skip_to_sync
+                self._parked = True
                 try:
                     mtype, payload = await self.next_message()
                 finally:
-                    self._fast_ready = False
+                    self._fast_ready = self._parked = False
                 while self._fast_unit is not None:  # never overtake a unit in flight
                     await self._wait_data()
                 if self._fast_error is not None:
@@ -878,8 +907,14 @@ class ClientSession(asyncio.Protocol):
         return seq.deparse(stmts) if changed else None
 
     async def _fetch(self, sql: str) -> list[list[str | None]] | None:
-        """A catalog query of the router's own on the lead, between units."""
-        return await fetch_rows(self._lead(), sql)
+        """A catalog query of the router's own on the lead, between units (on the next lead
+        if the lead is lost: it only reads)."""
+        while True:
+            lead = self._lead()  # (PgError when no node is left)
+            try:
+                return await fetch_rows(lead, sql)
+            except NodeLost as e:
+                self.router.cluster.mark_failed(lead.node.name, e.reason)
 
     async def _give_values(self, calls: list[seq.SequenceCall]) -> None:
         tables = self.router.tables(self.database)
@@ -1414,7 +1449,8 @@ class ClientSession(asyncio.Protocol):
             await self._adopt_nodes()
 
     async def _adopt_nodes(self) -> None:
-        """Connect to ONLINE nodes this session has no connection to (a recovered node)."""
+        """Connect to ONLINE nodes this session has no connection to (a recovered node, or one
+        that closed an idle connection: see _idle_timeout)."""
         cluster = self.router.cluster
         self._adopted_generation = cluster.generation
         missing = [st.node for st in cluster.online() if st.node.name not in self.conns]
@@ -1428,10 +1464,11 @@ class ClientSession(asyncio.Protocol):
                     conn.send_unit(sql, [EXPECT_QUERY], relay=False)
                     await conn.wait()
             except (NodeLost, PgError, OSError) as e:
-                cluster.mark_failed(node.name, f"cannot connect after its recovery: {e}")
+                cluster.mark_failed(node.name, f"cannot connect to it again: {e}")
                 continue
             if self.txn_status != IDLE:  # a transaction that has only read so far
                 conn.pending_begin = self._begin_data or _BEGIN
+            conn.on_idle_timeout = self._idle_timeout
             self.conns[node.name] = conn
         order = [n.name for n in cluster.group.nodes]
         self.conns = {name: self.conns[name] for name in order if name in self.conns}

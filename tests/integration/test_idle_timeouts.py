@@ -1,0 +1,86 @@
+"""A node that ends an idle connection for one of its idle timeouts is well: it is never
+failed for that. idle_in_transaction_session_timeout ends the client's session (as on
+PostgreSQL), idle_session_timeout only makes the router connect to the node again."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+from router_harness import RouterThread, eventually, router_config
+
+from helpers import assert_nodes_identical
+from pgquorum.cluster.model import NodeState
+from pgquorum.local.instance import LocalNode
+
+
+@pytest.fixture
+def three(make_nodes) -> tuple[RouterThread, list[LocalNode]]:  # type: ignore[no-untyped-def]
+    """A router of its own: a wrong outcome here fails nodes, which no other test may see."""
+    nodes = make_nodes(3)
+    rt = RouterThread(router_config(nodes))
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE t (id int PRIMARY KEY, note text)")
+    yield rt, nodes
+    rt.stop()
+
+
+def all_online(rt: RouterThread) -> None:
+    states = {name: st.state for name, st in rt.router.cluster.status.items()}
+    assert set(states.values()) == {NodeState.ONLINE}, states
+
+
+def test_idle_in_transaction_timeout_ends_the_session_and_fails_no_node(three) -> None:  # type: ignore[no-untyped-def]
+    rt, nodes = three
+    conn = psycopg.connect(rt.dsn(), autocommit=True)
+    conn.execute("SET idle_in_transaction_session_timeout = '300ms'")
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO t VALUES (1, 'never committed')")
+    time.sleep(1.0)  # every node rolls the transaction back and ends its connection
+    with pytest.raises(psycopg.Error) as e:
+        conn.execute("SELECT 1")
+    assert e.value.sqlstate == "25P03", e.value
+    assert "idle-in-transaction timeout" in str(e.value)
+    conn.close()
+    eventually(lambda: not rt.router.sessions, what="the session is gone")
+    all_online(rt)
+    with psycopg.connect(rt.dsn(), autocommit=True) as other:
+        other.execute("INSERT INTO t VALUES (2, 'after')")
+        assert other.execute("SELECT id FROM t ORDER BY id").fetchall() == [(2,)]
+    for n in nodes:
+        assert n.psql("SELECT string_agg(id::text, ',') FROM t") == "2"
+    assert_nodes_identical(nodes, "postgres")
+
+
+def test_idle_session_timeout_keeps_the_session(three) -> None:  # type: ignore[no-untyped-def]
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("SET idle_session_timeout = '300ms'")
+        time.sleep(1.0)  # every node ends its connection of this session
+        conn.execute("INSERT INTO t VALUES (1, 'after the timeout')")
+        assert conn.execute("SELECT note FROM t").fetchall() == [("after the timeout",)]
+        # The session's settings went along to the new connections.
+        assert conn.execute("SHOW idle_session_timeout").fetchone() == ("300ms",)
+    all_online(rt)
+    assert_nodes_identical(nodes, "postgres")
+
+
+def test_nodes_a_session_does_not_read_from_may_close_its_idle_connections(three) -> None:  # type: ignore[no-untyped-def]
+    """Reads go to the session's home node; the others wait, and their idle_session_timeout
+    ends those connections while the session is busy. Its next write must still reach
+    every node, and no node may be failed."""
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("INSERT INTO t VALUES (1, 'before')")
+        conn.execute("SET idle_session_timeout = '400ms'")
+        until = time.monotonic() + 1.5
+        while time.monotonic() < until:
+            assert conn.execute("SELECT count(*) FROM t").fetchone() == (1,)
+            time.sleep(0.05)
+        conn.execute("INSERT INTO t VALUES (2, 'after')")
+        conn.execute("UPDATE t SET note = note || '!'")
+    all_online(rt)
+    for n in nodes:
+        assert n.psql("SELECT string_agg(note, ',' ORDER BY id) FROM t") == "before!,after!"
+    assert_nodes_identical(nodes, "postgres")

@@ -18,7 +18,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -75,6 +75,11 @@ IN_BLOCK = ord("T")
 FAILED_BLOCK = ord("E")
 _BEGIN = m.encode_query("BEGIN")
 _ROLLBACK = m.encode_query("ROLLBACK")
+# Conflicts between concurrent transactions, which each node judges by its own timing:
+# serialization failure, deadlock detected.
+CONFLICTS = frozenset({"40001", "40P01"})
+_TAKE_SNAPSHOT = m.encode_query("SELECT 1")  # (any statement takes the transaction's snapshot)
+PIN_BARRIER_S = 5.0
 ADMIN_DATABASE = "pgquorum"
 _READ_PAUSE_BYTES = 4 * 1024 * 1024
 # How many more statements in flight a session's home node may have than the least loaded
@@ -133,6 +138,7 @@ class ClientSession(asyncio.Protocol):
         self.txn_wrote = False
         self.txn_strict = False
         self.session_strict = False
+        self._snapshot_pinned = False  # see _pin_snapshot
         self.txn_node: NodeConnection | None = None
         self.read_home: NodeConnection | None = None  # where balanced reads go by preference
         # Extended protocol: statements and where portals were bound.
@@ -781,6 +787,8 @@ class ClientSession(asyncio.Protocol):
         if a.begin and self.txn_status == IDLE and not a.error:
             self._defer_begin(data, a.strict_isolation)
             return
+        if self._unpinned_snapshot((a,)):
+            await self._pin_snapshot()
         expect = [EXPECT_QUERY]
         if route is Route.WRITE and not self.txn_wrote and not self._may_write_now():
             await self._before_write()
@@ -1029,6 +1037,36 @@ class ClientSession(asyncio.Protocol):
         self.txn_time = datetime.now(UTC)
         self.write(m.encode_command_complete("BEGIN") + m.encode_ready(self.txn_status))
 
+    def _unpinned_snapshot(self, analyses: Iterable[Analysis]) -> bool:
+        """The first statement of a REPEATABLE READ or SERIALIZABLE transaction that takes a
+        snapshot (see _pin_snapshot)."""
+        return (
+            self.txn_status == IN_BLOCK
+            and (self.txn_strict or self.session_strict)
+            and not self._snapshot_pinned
+            and any(not (a.lock_free or a.txn_control) for a in analyses)
+        )
+
+    async def _pin_snapshot(self) -> None:
+        """Take the transaction's snapshot on every node at once, while no commit of this
+        router is half done (its commit barrier), so that each node's snapshot holds the same
+        committed transactions. Taken lazily, node by node, a snapshot could come a commit
+        later on one node than on another; the transaction would then read other rows there
+        (and write what it computed from them), or meet another conflict."""
+        conns = self._online_conns()
+        self._snapshot_pinned = True
+        try:
+            async with self.router.commits.barrier(PIN_BARRIER_S):
+                results = await self._run_on(conns, _TAKE_SNAPSHOT)
+        except TimeoutError:
+            # Commits in flight wait for a lock: take it without the barrier, as the
+            # transaction's statements would.
+            log.warning("session %d: snapshot taken without the commit barrier", self.id)
+            results = await self._run_on(conns, _TAKE_SNAPSHOT)
+        voters = [(c, r) for c, r in zip(conns, results, strict=True) if r is not None]
+        if voters:
+            self._vote(voters)  # (a node that answered otherwise is failed)
+
     def _after_unit(
         self, res: UnitResult | None, route: Route, strict: bool, catalog_change: bool
     ) -> None:
@@ -1068,6 +1106,7 @@ class ClientSession(asyncio.Protocol):
             self.txn_wrote = False
             self.txn_one_phase = False
             self.txn_strict = False
+            self._snapshot_pinned = False
             self.txn_node = None
             self.portals.clear()
 
@@ -1230,7 +1269,7 @@ class ClientSession(asyncio.Protocol):
                 return self._vote(voters)
             finally:
                 st.outstanding -= 1
-            return self._finish_write(lead, lead_res, started, await self._gather(started))
+            return await self._finish_write(lead, lead_res, started, await self._gather(started))
         if lead_res.error and ((lead_res.status == IDLE and single) or wrapped):
             # Work outside a transaction block that failed on the lead changed nothing there,
             # so it must change nothing elsewhere either (it may have failed for a reason of
@@ -1250,7 +1289,7 @@ class ClientSession(asyncio.Protocol):
                 lead_res, results = await self._copy_in(lead, lead_res, started, results)
         finally:
             followers.end(lead.node.name)
-        return self._finish_write(lead, lead_res, started, results)
+        return await self._finish_write(lead, lead_res, started, results)
 
     def _start_others(self, others: list[NodeConnection], build: BuildUnit) -> list[NodeConnection]:
         """Send the unit to these nodes at once; those that cannot take it are failed."""
@@ -1269,7 +1308,7 @@ class ClientSession(asyncio.Protocol):
             started.append(c)
         return started
 
-    def _finish_write(
+    async def _finish_write(
         self,
         lead: NodeConnection,
         lead_res: UnitResult,
@@ -1278,7 +1317,27 @@ class ClientSession(asyncio.Protocol):
     ) -> UnitResult:
         voters = [(lead, lead_res)]
         voters += [(c, r) for c, r in zip(others, results, strict=True) if r is not None]
-        return self._vote(voters)
+        conflict = _conflict(voters)
+        if conflict is None:
+            return self._vote(voters)
+        # Some node refused the transaction for a conflict with a concurrent one where the
+        # others, with their own timing, did not. Outvoting it would fail a healthy node and
+        # let the transaction past the isolation PostgreSQL keeps: the transaction fails
+        # instead, on every node alike (it is still open everywhere), for the client to
+        # retry, as on one server.
+        passed = [c for c, r in voters if not r.error]
+        log.info(
+            "session %d: SQLSTATE %s on some nodes: the transaction fails on %s too",
+            self.id,
+            conflict.error,
+            ", ".join(c.node.name for c in passed),
+        )
+        for c, r in zip(passed, await self._run_on(passed, _raise(conflict)), strict=True):
+            if r is not None and (r.error != conflict.error or r.status != FAILED_BLOCK):
+                self.router.cluster.mark_failed(
+                    c.node.name, f"could not fail its transaction like the others: {r.outcome()}"
+                )
+        return conflict
 
     def _reply(self, res: UnitResult) -> None:
         if res.chunks:
@@ -1662,6 +1721,13 @@ class ClientSession(asyncio.Protocol):
             ok = [c for c, r in voters if not r.error]
             failed = [(c, r) for c, r in voters if r.error]
             failpoints.hit(failpoints.AFTER_PREPARE)
+            conflict = next((r for _, r in failed if r.error in CONFLICTS), None)
+            if conflict is not None:
+                # A serialization failure at commit (SERIALIZABLE): the transaction's
+                # failure, not the node's (see _finish_write). Nothing commits.
+                undo = m.encode_query(f"ROLLBACK PREPARED {literal}")
+                self._check_finish(ok, await self._run_on(ok, undo), "ROLLBACK")
+                return conflict
             if len(ok) >= len(failed):
                 # More successes, or a tie (failures are rarer than successes): commit.
                 for c, r in failed:
@@ -1874,6 +1940,9 @@ class ClientSession(asyncio.Protocol):
                     info = c.name
             batch[i] = (mtype, payload, info)
 
+        if self._unpinned_snapshot(executed):
+            await self._pin_snapshot()
+
         def build(conn: NodeConnection) -> tuple[bytes, list[Expectation]]:
             return _build_batch(conn, batch)
 
@@ -2065,6 +2134,30 @@ def _set_ready(chunks: list[bytes], status: int) -> None:
         chunks[-1] = m.encode_ready(status)
     else:
         chunks.append(m.encode_ready(status))
+
+
+def _conflict(voters: list[tuple[NodeConnection, UnitResult]]) -> UnitResult | None:
+    """A node's conflict error (CONFLICTS) where others succeeded, when no node has ended the
+    transaction (each is in its block, failed or not): else None."""
+    conflict = next((r for _, r in voters if r.error in CONFLICTS), None)
+    if conflict is None or all(r.error for _, r in voters):
+        return None
+    for _, r in voters:
+        if r.status != (FAILED_BLOCK if r.error else IN_BLOCK):
+            return None
+        if r.error and r.error not in CONFLICTS:
+            return None
+    return conflict
+
+
+def _raise(conflict: UnitResult) -> bytes:
+    """A statement that fails its transaction the way ``conflict`` did on another node."""
+    code = conflict.error or "40001"
+    return m.encode_query(
+        "DO $pgquorum$BEGIN RAISE EXCEPTION USING ERRCODE = "
+        f"{quote_literal(code)}, MESSAGE = 'pgquorum: another node of the group refused this "
+        f"transaction with SQLSTATE {code}'; END$pgquorum$"
+    )
 
 
 def _describe(outcome: tuple[object, ...]) -> str:

@@ -1,0 +1,107 @@
+"""REPEATABLE READ and SERIALIZABLE through the router: the isolation PostgreSQL keeps on one
+server, and nodes that stay identical and ONLINE when it refuses a transaction.
+
+Each node judges conflicts between concurrent transactions by its own timing, so one node may
+refuse (SQLSTATE 40001) what another accepted. That is the transaction's failure, for the
+client to retry, never a reason to fail a node or to commit the transaction on the others."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from router_harness import RouterThread, router_config
+
+from helpers import assert_nodes_identical
+from pgquorum.cluster.model import NodeState
+from pgquorum.local.instance import LocalNode
+
+
+@pytest.fixture
+def three(make_nodes) -> Iterator[tuple[RouterThread, list[LocalNode]]]:  # type: ignore[no-untyped-def]
+    nodes = make_nodes(3)
+    rt = RouterThread(router_config(nodes))
+    yield rt, nodes
+    rt.stop()
+
+
+def all_online(rt: RouterThread) -> None:
+    states = {name: st.state for name, st in rt.router.cluster.status.items()}
+    assert set(states.values()) == {NodeState.ONLINE}, states
+
+
+def test_a_concurrent_update_fails_a_repeatable_read_transaction_everywhere(three) -> None:  # type: ignore[no-untyped-def]
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as other:
+        other.execute("CREATE TABLE acct (id int PRIMARY KEY, v int)")
+        other.execute("INSERT INTO acct VALUES (1, 0)")
+        with psycopg.connect(rt.dsn(), autocommit=True) as t1:
+            t1.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            assert t1.execute("SELECT v FROM acct WHERE id = 1").fetchone() == (0,)
+            other.execute("UPDATE acct SET v = v + 10 WHERE id = 1")
+            with pytest.raises(psycopg.errors.SerializationFailure):
+                t1.execute("UPDATE acct SET v = v + 1 WHERE id = 1")
+            with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+                t1.execute("SELECT 1")  # failed on every node, not only where it was refused
+            t1.execute("ROLLBACK")
+            t1.execute("UPDATE acct SET v = v + 1 WHERE id = 1")  # the retry
+    all_online(rt)
+    for n in nodes:
+        assert n.psql("SELECT v FROM acct") == "11"
+    assert_nodes_identical(nodes, "postgres")
+
+
+def test_a_repeatable_read_snapshot_is_the_same_on_every_node(three) -> None:  # type: ignore[no-untyped-def]
+    """The transaction reads on the lead only; the others must still take their snapshot
+    with it, not at its first write (after a commit the lead's snapshot does not hold)."""
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as other:
+        other.execute("CREATE TABLE item (id int PRIMARY KEY)")
+        other.execute("CREATE TABLE tally (n bigint)")
+        other.execute("INSERT INTO item VALUES (1), (2)")
+        with psycopg.connect(rt.dsn(), autocommit=True) as t1:
+            t1.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            assert t1.execute("SELECT count(*) FROM item").fetchone() == (2,)
+            other.execute("INSERT INTO item VALUES (3)")
+            t1.execute("INSERT INTO tally SELECT count(*) FROM item")
+            t1.execute("COMMIT")
+    all_online(rt)
+    for n in nodes:
+        assert n.psql("SELECT n FROM tally") == "2", n.name
+    assert_nodes_identical(nodes, "postgres")
+
+
+def test_serializable_write_skew_is_refused_and_no_node_fails(three) -> None:  # type: ignore[no-untyped-def]
+    """Two SERIALIZABLE transactions each read both rows and change one: PostgreSQL lets only
+    one commit. Their reads ran on the lead alone, so only the lead sees the conflict."""
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as setup:
+        setup.execute("CREATE TABLE duty (id int PRIMARY KEY, on_call bool)")
+        setup.execute("INSERT INTO duty VALUES (1, true), (2, true)")
+    t1 = psycopg.connect(rt.dsn(), autocommit=True)
+    t2 = psycopg.connect(rt.dsn(), autocommit=True)
+    refused = 0
+    try:
+        for t in (t1, t2):
+            t.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+            assert t.execute("SELECT count(*) FROM duty WHERE on_call").fetchone() == (2,)
+        t1.execute("UPDATE duty SET on_call = false WHERE id = 1")
+        try:
+            t2.execute("UPDATE duty SET on_call = false WHERE id = 2")
+        except psycopg.errors.SerializationFailure:
+            refused += 1
+            t2.execute("ROLLBACK")
+        t1.execute("COMMIT")
+        if not refused:
+            with pytest.raises(psycopg.errors.SerializationFailure):
+                t2.execute("COMMIT")
+    finally:
+        t1.close()
+        t2.close()
+    all_online(rt)
+    for n in nodes:
+        assert n.psql("SELECT string_agg(on_call::text, ',' ORDER BY id) FROM duty") == (
+            "false,true"
+        ), n.name
+    assert_nodes_identical(nodes, "postgres")

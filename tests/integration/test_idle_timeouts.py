@@ -4,6 +4,7 @@ PostgreSQL), idle_session_timeout only makes the router connect to the node agai
 
 from __future__ import annotations
 
+import threading
 import time
 
 import psycopg
@@ -83,4 +84,41 @@ def test_nodes_a_session_does_not_read_from_may_close_its_idle_connections(three
     all_online(rt)
     for n in nodes:
         assert n.psql("SELECT string_agg(note, ',' ORDER BY id) FROM t") == "before!,after!"
+    assert_nodes_identical(nodes, "postgres")
+
+
+def test_nodes_waiting_for_a_long_statement_on_the_lead_are_kept_alive(three) -> None:  # type: ignore[no-untyped-def]
+    """The lead waits for a lock for seconds; meanwhile the other nodes wait idle in the
+    transaction, longer than its idle_in_transaction_session_timeout: the router keeps
+    their connections alive, and the transaction commits on every node."""
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as setup:
+        setup.execute("INSERT INTO t VALUES (1, 'free')")
+    holder = psycopg.connect(rt.dsn())
+    holder.execute("UPDATE t SET note = 'held' WHERE id = 1")  # the row's lock, everywhere
+    conn = psycopg.connect(rt.dsn(), autocommit=True)
+    errors: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            conn.execute("SET idle_in_transaction_session_timeout = '1500ms'")
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO t VALUES (2, 'mine')")  # every node is in the transaction
+            conn.execute("UPDATE t SET note = note || ', then mine' WHERE id = 1")  # waits
+            conn.execute("COMMIT")
+        except BaseException as e:  # (reported by the test)
+            errors.append(e)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(4.0)  # the lead waits for the lock, the others idle for longer than 1.5 s
+    holder.commit()
+    holder.close()
+    thread.join(30)
+    conn.close()
+    assert not thread.is_alive()
+    assert not errors, errors
+    all_online(rt)
+    for n in nodes:
+        assert n.psql("SELECT string_agg(note, '|' ORDER BY id) FROM t") == "held, then mine|mine"
     assert_nodes_identical(nodes, "postgres")

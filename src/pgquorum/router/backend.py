@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from pgquorum.cluster.model import Node
 from pgquorum.protocol import messages as m
@@ -119,6 +119,7 @@ class NodeConnection(asyncio.Protocol):
         self._on_done: Callable[[UnitResult | None], None] | None = None
         self.pending_begin: bytes | None = None  # see ClientSession._defer_begin
         self.relayed = False  # the running unit's answer has (partly) reached the client
+        self.keepalive = False  # the running unit is a keepalive (ClientSession._keep_alive)
         self._lost: NodeLost | None = None
         # Told when the node ends the connection for an idle timeout (see NodeLost).
         self.on_idle_timeout: Callable[[NodeConnection, NodeLost], None] | None = None
@@ -236,6 +237,27 @@ class NodeConnection(asyncio.Protocol):
             raise self._lost
         assert self.transport is not None
         self.transport.write(data)
+
+    @property
+    def idle(self) -> bool:
+        """No unit running, and none whose answer is still to be collected."""
+        return (
+            not self._expect
+            and self._waiter is None
+            and self._on_done is None
+            and self._copy_result is None
+            and self._lost is None
+        )
+
+    @staticmethod
+    async def answered_within(conns: Iterable[NodeConnection], timeout: float) -> bool:
+        """Whether each of these units was answered (or its node lost) within ``timeout``; the
+        answers stay for wait()."""
+        pending = [c._waiter for c in conns if c._waiter is not None and not c._waiter.done()]
+        if not pending:
+            return True
+        _, late = await asyncio.wait(pending, timeout=timeout)
+        return not late
 
     async def wait(self) -> UnitResult:
         """Until the unit is answered, or the node asks for COPY data."""

@@ -18,7 +18,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -79,6 +79,10 @@ _ROLLBACK = m.encode_query("ROLLBACK")
 # serialization failure, deadlock detected.
 CONFLICTS = frozenset({"40001", "40P01"})
 _TAKE_SNAPSHOT = m.encode_query("SELECT 1")  # (any statement takes the transaction's snapshot)
+# While one node works for long, the session's other connections wait idle, maybe in its
+# transaction: an empty query this often resets the node's idle timeouts.
+KEEPALIVE_S = 1.0
+_KEEPALIVE = m.encode_query("")
 PIN_BARRIER_S = 5.0
 ADMIN_DATABASE = "pgquorum"
 _READ_PAUSE_BYTES = 4 * 1024 * 1024
@@ -1165,7 +1169,7 @@ class ClientSession(asyncio.Protocol):
             st.statements += 1
             try:
                 conn.send_unit(data, expect, relay=True)
-                res = await conn.wait()
+                res = await self._answer(conn)
                 break
             except NodeLost as e:
                 cluster.mark_failed(conn.node.name, e.reason)
@@ -1242,7 +1246,7 @@ class ClientSession(asyncio.Protocol):
                     # Nothing to order by the lead's locks: start the others at once.
                     break
                 began = time.monotonic()
-                lead_res = await lead.wait()
+                lead_res = await self._answer(lead)
                 lead_took = time.monotonic() - began
                 break
             except NodeLost as e:
@@ -1290,6 +1294,44 @@ class ClientSession(asyncio.Protocol):
         finally:
             followers.end(lead.node.name)
         return await self._finish_write(lead, lead_res, started, results)
+
+    async def _answer(self, conn: NodeConnection) -> UnitResult:
+        """``conn.wait()``, keeping the session's other connections alive meanwhile: a node
+        ends a connection that waits idle longer than its idle_session_timeout (or, in a
+        transaction, idle_in_transaction_session_timeout), and the others wait while the
+        lead runs a statement, or the lead while the others do."""
+        await self._answered((conn,))
+        return await conn.wait()
+
+    async def _answered(self, conns: Sequence[NodeConnection]) -> None:
+        """Until these units are answered, keeping the session's idle connections alive."""
+        if len(self.conns) > len(conns):
+            while not await NodeConnection.answered_within(conns, KEEPALIVE_S):
+                await self._keep_alive()
+
+    async def _keep_alive(self) -> None:
+        """An empty query on each idle connection of the session, answered before the caller
+        goes on (so that no keepalive is in the way of the next unit)."""
+        idle = [c for c in self.conns.values() if c.idle]
+        for c in idle:
+            c.keepalive = True
+            c.send_unit(_KEEPALIVE, [EXPECT_QUERY], relay=False)
+        limit = self.router.settings.node_timeout_s or 3600.0
+        lead = next(iter(self.conns.values()))
+        if not await NodeConnection.answered_within(idle, limit):
+            for c in idle:
+                if c.busy:
+                    c.give_up("no answer to a keepalive")
+        for c in idle:
+            try:
+                res = await c.wait()
+            except NodeLost:
+                continue  # the session's next unit there finds the node lost, and fails it
+            finally:
+                c.keepalive = False
+            notified = [x for x in res.chunks if x[0] == m.NOTIFICATION]
+            if notified and c is lead:  # the client's, as when the lead is idle
+                self.write(b"".join(notified))
 
     def _start_others(self, others: list[NodeConnection], build: BuildUnit) -> list[NodeConnection]:
         """Send the unit to these nodes at once; those that cannot take it are failed."""
@@ -1360,11 +1402,12 @@ class ClientSession(asyncio.Protocol):
 
             def expire() -> None:  # one timer for all: cheaper than a wait_for per node
                 for c in conns:
-                    if c.busy:
+                    if c.busy and not c.keepalive:
                         c.give_up(f"no answer {waited:.1f}s after the others")
 
             timer = asyncio.get_running_loop().call_later(waited, expire)
         try:
+            await self._answered(conns)
             for c in conns:
                 try:
                     out.append(await c.wait())

@@ -122,3 +122,28 @@ def test_nodes_waiting_for_a_long_statement_on_the_lead_are_kept_alive(three) ->
     for n in nodes:
         assert n.psql("SELECT string_agg(note, '|' ORDER BY id) FROM t") == "held, then mine|mine"
     assert_nodes_identical(nodes, "postgres")
+
+
+def test_a_node_too_full_to_connect_to_again_ends_the_session_not_the_node(three) -> None:  # type: ignore[no-untyped-def]
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as admin:
+        admin.execute("CREATE ROLE capped LOGIN CONNECTION LIMIT 2")
+        admin.execute("GRANT ALL ON t TO capped")
+    a = psycopg.connect(rt.dsn(user="capped"), autocommit=True)
+    a.execute("SET idle_session_timeout = '300ms'")
+    time.sleep(1.0)  # every node closed a's connections
+    others = [psycopg.connect(rt.dsn(user="capped"), autocommit=True) for _ in range(2)]
+    try:
+        with pytest.raises(psycopg.OperationalError) as e:
+            a.execute("INSERT INTO t VALUES (1, 'needs every node')")
+        assert e.value.sqlstate == "53300", e.value
+        assert "too many connections" in str(e.value)
+        others[0].execute("INSERT INTO t VALUES (2, 'through a session that has its nodes')")
+    finally:
+        a.close()
+        for o in others:
+            o.close()
+    all_online(rt)
+    for n in nodes:
+        assert n.psql("SELECT string_agg(id::text, ',') FROM t") == "2"
+    assert_nodes_identical(nodes, "postgres")

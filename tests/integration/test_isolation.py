@@ -105,3 +105,28 @@ def test_serializable_write_skew_is_refused_and_no_node_fails(three) -> None:  #
             "false,true"
         ), n.name
     assert_nodes_identical(nodes, "postgres")
+
+
+def test_a_lock_timeout_on_the_lead_alone_fails_the_transaction_not_the_lead(three) -> None:  # type: ignore[no-untyped-def]
+    """A lock only the lead has (taken there behind the router's back) makes the statement
+    time out on the lead alone; the others ran it. The transaction fails everywhere."""
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as setup:
+        setup.execute("CREATE TABLE acct (id int PRIMARY KEY, v int)")
+        setup.execute("INSERT INTO acct VALUES (1, 0)")
+    with psycopg.connect(nodes[0].dsn("postgres")) as direct:
+        direct.execute("SELECT * FROM acct WHERE id = 1 FOR UPDATE")  # held until the end
+        with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+            conn.execute("SET lock_timeout = '300ms'")
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO acct VALUES (2, 0)")
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                conn.execute("UPDATE acct SET v = 1 WHERE id = 1")
+            with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+                conn.execute("SELECT 1")
+            conn.execute("ROLLBACK")
+        direct.rollback()
+    all_online(rt)
+    for n in nodes:
+        assert n.psql("SELECT string_agg(id || ':' || v, ',') FROM acct") == "1:0", n.name
+    assert_nodes_identical(nodes, "postgres")

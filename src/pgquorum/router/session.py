@@ -36,6 +36,7 @@ from pgquorum.protocol.errors import (
     IO_ERROR,
     OBJECT_NOT_IN_PREREQUISITE_STATE,
     QUERY_CANCELED,
+    TOO_MANY_CONNECTIONS,
     PgError,
     ProtocolViolation,
 )
@@ -75,9 +76,10 @@ IN_BLOCK = ord("T")
 FAILED_BLOCK = ord("E")
 _BEGIN = m.encode_query("BEGIN")
 _ROLLBACK = m.encode_query("ROLLBACK")
-# Conflicts between concurrent transactions, which each node judges by its own timing:
-# serialization failure, deadlock detected.
-CONFLICTS = frozenset({"40001", "40P01"})
+# Failures of a transaction that one node may meet where the others do not, by its own
+# timing: serialization failure, deadlock detected, lock not available (lock_timeout,
+# NOWAIT), query canceled (statement_timeout, a cancel). The transaction's, not the node's.
+TIMING_FAILURES = frozenset({"40001", "40P01", "55P03", "57014"})
 _TAKE_SNAPSHOT = m.encode_query("SELECT 1")  # (any statement takes the transaction's snapshot)
 # While one node works for long, the session's other connections wait idle, maybe in its
 # transaction: an empty query this often resets the node's idle timeouts.
@@ -1362,11 +1364,11 @@ class ClientSession(asyncio.Protocol):
         conflict = _conflict(voters)
         if conflict is None:
             return self._vote(voters)
-        # Some node refused the transaction for a conflict with a concurrent one where the
-        # others, with their own timing, did not. Outvoting it would fail a healthy node and
-        # let the transaction past the isolation PostgreSQL keeps: the transaction fails
-        # instead, on every node alike (it is still open everywhere), for the client to
-        # retry, as on one server.
+        # Some node failed the statement for its own timing (a conflict with a concurrent
+        # transaction, a lock or statement timeout) where the others did not. Outvoting it
+        # would fail a healthy node, and for a conflict let the transaction past the
+        # isolation PostgreSQL keeps: the transaction fails instead, on every node alike (it
+        # is still open everywhere), for the client to retry, as on one server.
         passed = [c for c, r in voters if not r.error]
         log.info(
             "session %d: SQLSTATE %s on some nodes: the transaction fails on %s too",
@@ -1565,7 +1567,15 @@ class ClientSession(asyncio.Protocol):
                 for sql in self.settings.values():
                     conn.send_unit(sql, [EXPECT_QUERY], relay=False)
                     await conn.wait()
-            except (NodeLost, PgError, OSError) as e:
+            except PgError as e:
+                if e.sqlstate == TOO_MANY_CONNECTIONS:
+                    # The node is well, only full; this session cannot write without it.
+                    raise PgError(
+                        e.sqlstate, f"node {node.name}: {e.message}", severity="FATAL"
+                    ) from None
+                cluster.mark_failed(node.name, f"cannot connect to it again: {e}")
+                continue
+            except (NodeLost, OSError) as e:
                 cluster.mark_failed(node.name, f"cannot connect to it again: {e}")
                 continue
             if self.txn_status != IDLE:  # a transaction that has only read so far
@@ -1764,9 +1774,9 @@ class ClientSession(asyncio.Protocol):
             ok = [c for c, r in voters if not r.error]
             failed = [(c, r) for c, r in voters if r.error]
             failpoints.hit(failpoints.AFTER_PREPARE)
-            conflict = next((r for _, r in failed if r.error in CONFLICTS), None)
+            conflict = next((r for _, r in failed if r.error in TIMING_FAILURES), None)
             if conflict is not None:
-                # A serialization failure at commit (SERIALIZABLE): the transaction's
+                # E.g. a serialization failure at commit (SERIALIZABLE): the transaction's
                 # failure, not the node's (see _finish_write). Nothing commits.
                 undo = m.encode_query(f"ROLLBACK PREPARED {literal}")
                 self._check_finish(ok, await self._run_on(ok, undo), "ROLLBACK")
@@ -2180,15 +2190,15 @@ def _set_ready(chunks: list[bytes], status: int) -> None:
 
 
 def _conflict(voters: list[tuple[NodeConnection, UnitResult]]) -> UnitResult | None:
-    """A node's conflict error (CONFLICTS) where others succeeded, when no node has ended the
+    """A node's TIMING_FAILURES error where others succeeded, when no node has ended the
     transaction (each is in its block, failed or not): else None."""
-    conflict = next((r for _, r in voters if r.error in CONFLICTS), None)
+    conflict = next((r for _, r in voters if r.error in TIMING_FAILURES), None)
     if conflict is None or all(r.error for _, r in voters):
         return None
     for _, r in voters:
         if r.status != (FAILED_BLOCK if r.error else IN_BLOCK):
             return None
-        if r.error and r.error not in CONFLICTS:
+        if r.error and r.error not in TIMING_FAILURES:
             return None
     return conflict
 

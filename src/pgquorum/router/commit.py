@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from pgquorum import failpoints
@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 GID_PREFIX = "pgq/"
 RESOLVE_INTERVAL_S = 30.0
+# How long a commit waits for the quiet holds before it ends them (see quiet): a statement
+# in one may be waiting for a lock of the committing transaction.
+QUIET_PATIENCE_S = 0.02
 RESOLVE_RETRY_S = 1.0
 
 
@@ -56,7 +59,13 @@ class CommitCoordinator:
         self.resolved_once = asyncio.Event()
         self._active = 0  # sessions inside a commit slot
         self._barrier: asyncio.Event | None = None  # set when the barrier is released
-        self._drained: asyncio.Event | None = None
+        self._drained: asyncio.Event | None = None  # set when no one is in a slot any more
+        self._quiet = 0  # sessions inside a quiet hold
+        self._quiet_over: asyncio.Event | None = None  # set when the last one leaves
+        self._waiting = 0  # sessions waiting for a slot until quiet holds end
+        self._no_waiting: asyncio.Event | None = None  # set when none waits any more
+        self._holds: set[Callable[[], None]] = set()  # each quiet hold's release
+        self._impatience: asyncio.TimerHandle | None = None  # ends the holds (QUIET_PATIENCE_S)
 
     # -- the commit barrier ------------------------------------------------------------------
 
@@ -64,15 +73,98 @@ class CommitCoordinator:
     async def commit_slot(self) -> AsyncIterator[None]:
         """Around every point where a transaction becomes committed on some nodes and not yet
         on others (phase 2, one-phase commits): the barrier waits until no one is inside."""
-        while self._barrier is not None:
-            await self._barrier.wait()
+        while self._barrier is not None or self._quiet:
+            if self._barrier is not None:
+                await self._barrier.wait()
+                continue
+            # No new quiet hold begins while a commit waits (see quiet): no starving.
+            if self._quiet_over is None:
+                self._quiet_over = asyncio.Event()
+            if self._impatience is None:
+                self._impatience = asyncio.get_running_loop().call_later(
+                    QUIET_PATIENCE_S, self._end_holds
+                )
+            self._waiting += 1
+            try:
+                await self._quiet_over.wait()
+            finally:
+                self._waiting -= 1
+                if not self._waiting:
+                    if self._impatience is not None:
+                        self._impatience.cancel()
+                        self._impatience = None
+                    if self._no_waiting is not None:
+                        no_waiting, self._no_waiting = self._no_waiting, None
+                        no_waiting.set()
         self._active += 1
         try:
             yield
         finally:
             self._active -= 1
             if self._active == 0 and self._drained is not None:
-                self._drained.set()
+                drained, self._drained = self._drained, None
+                drained.set()
+
+    def _end_holds(self) -> None:
+        """A commit waited QUIET_PATIENCE_S for the quiet holds: the statements in them may
+        wait for its locks, so they go on without the hold."""
+        self._impatience = None
+        for release in list(self._holds):
+            release()
+
+    async def _wait_drained(self, timeout: float) -> None:
+        """Until no one is inside a commit slot; TimeoutError after ``timeout``."""
+        began = time.monotonic()
+        while self._active:
+            if self._drained is None:
+                self._drained = asyncio.Event()
+            left = began + timeout - time.monotonic()
+            await asyncio.wait_for(self._drained.wait(), max(left, 0.001))
+
+    @contextlib.asynccontextmanager
+    async def quiet(self, longest: float) -> AsyncIterator[bool]:
+        """No commit of this router is under way while inside (none in a slot), for
+        ``longest`` seconds at most, and no longer than QUIET_PATIENCE_S after a commit
+        began to wait: then commits go on again, and the hold is over. Yields False if the
+        commits in flight did not end within ``longest`` (nothing is held).
+
+        For a statement whose effect depends on its snapshot: it runs on the lead, then on
+        the others, and a commit in between would show on some of those snapshots only.
+        Several sessions may be inside at once. No new hold begins while a commit waits
+        for the holds to end, so a commit waits for one round of holds at most.
+        """
+        while self._barrier is not None or self._waiting:
+            if self._barrier is not None:
+                await self._barrier.wait()
+                continue
+            if self._no_waiting is None:
+                self._no_waiting = asyncio.Event()
+            await self._no_waiting.wait()  # the commits that wait for holds go first
+        self._quiet += 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if not held:
+                return
+            held = False
+            self._holds.discard(release)
+            self._quiet -= 1
+            if self._quiet == 0 and self._quiet_over is not None:
+                over, self._quiet_over = self._quiet_over, None
+                over.set()
+
+        self._holds.add(release)
+        timer = asyncio.get_running_loop().call_later(longest, release)
+        try:
+            try:
+                await self._wait_drained(longest)
+            except TimeoutError:
+                release()  # (a commit in flight waits for a lock: maybe this session's)
+            yield held
+        finally:
+            timer.cancel()
+            release()
 
     @contextlib.asynccontextmanager
     async def barrier(self, timeout: float = 5.0) -> AsyncIterator[float]:
@@ -88,14 +180,9 @@ class CommitCoordinator:
         self._barrier = asyncio.Event()
         began = time.monotonic()
         try:
-            while self._active:
-                self._drained = asyncio.Event()
-                left = began + timeout - time.monotonic()
-                await asyncio.wait_for(self._drained.wait(), max(left, 0.001))
-            self._drained = None
+            await self._wait_drained(timeout)
             yield time.monotonic() - began
         finally:
-            self._drained = None
             released, self._barrier = self._barrier, None
             released.set()
 

@@ -85,7 +85,9 @@ _TAKE_SNAPSHOT = m.encode_query("SELECT 1")  # (any statement takes the transact
 # transaction: an empty query this often resets the node's idle timeouts.
 KEEPALIVE_S = 1.0
 _KEEPALIVE = m.encode_query("")
-PIN_BARRIER_S = 5.0
+# At most how long a statement keeps this router's commits back (CommitCoordinator.quiet,
+# which also ends the hold once a commit has waited QUIET_PATIENCE_S for it).
+QUIET_LONGEST_S = 5.0
 ADMIN_DATABASE = "pgquorum"
 _READ_PAUSE_BYTES = 4 * 1024 * 1024
 # How many more statements in flight a session's home node may have than the least loaded
@@ -820,7 +822,7 @@ class ClientSession(asyncio.Protocol):
             if a.commit and self._commits_in_two_phases():
                 res = await self._commit_block()
             elif wrap:
-                res = await self._autocommit(build)
+                res = await self._autocommit(build, quiet=a.reads_others)
             elif (self.txn_status == IDLE or a.txn_control) and not a.lock_free:
                 # A one-phase commit, lead first: inside the commit barrier's slot (SET,
                 # SAVEPOINT, ROLLBACK and the like commit nothing and need none).
@@ -831,7 +833,9 @@ class ClientSession(asyncio.Protocol):
                         build, single=a.statements == 1, lock_free=a.lock_free
                     )
             else:
-                res = await self._write_unit(build, single=a.statements == 1, lock_free=a.lock_free)
+                res = await self._write_unit(
+                    build, single=a.statements == 1, lock_free=a.lock_free, quiet=a.reads_others
+                )
             if a.settings and not res.error:
                 self._note_settings(a, sql)
             self._reply(res)
@@ -1055,19 +1059,15 @@ class ClientSession(asyncio.Protocol):
 
     async def _pin_snapshot(self) -> None:
         """Take the transaction's snapshot on every node at once, while no commit of this
-        router is half done (its commit barrier), so that each node's snapshot holds the same
+        router is under way (a quiet hold), so that each node's snapshot holds the same
         committed transactions. Taken lazily, node by node, a snapshot could come a commit
         later on one node than on another; the transaction would then read other rows there
         (and write what it computed from them), or meet another conflict."""
         conns = self._online_conns()
         self._snapshot_pinned = True
-        try:
-            async with self.router.commits.barrier(PIN_BARRIER_S):
-                results = await self._run_on(conns, _TAKE_SNAPSHOT)
-        except TimeoutError:
-            # Commits in flight wait for a lock: take it without the barrier, as the
-            # transaction's statements would.
-            log.warning("session %d: snapshot taken without the commit barrier", self.id)
+        async with self.router.commits.quiet(QUIET_LONGEST_S) as held:
+            if not held:  # commits in flight wait for a lock (maybe this session's)
+                log.warning("session %d: snapshot taken while commits were under way", self.id)
             results = await self._run_on(conns, _TAKE_SNAPSHOT)
         voters = [(c, r) for c, r in zip(conns, results, strict=True) if r is not None]
         if voters:
@@ -1207,11 +1207,26 @@ class ClientSession(asyncio.Protocol):
                 self.router.cluster.mark_failed(c.node.name, r.reason)
 
     async def _write_unit(
-        self, build: BuildUnit, *, single: bool, lock_free: bool = False, wrapped: bool = False
+        self,
+        build: BuildUnit,
+        *,
+        single: bool,
+        lock_free: bool = False,
+        wrapped: bool = False,
+        quiet: bool = False,
     ) -> UnitResult:
-        """_run_write, and the unit kept in the transaction's journal."""
+        """_run_write, and the unit kept in the transaction's journal. ``quiet``: the unit
+        reads rows it does not lock (Analysis.reads_others), outside a commit slot."""
         self._cancel_build = None
-        res = await self._run_write(build, single=single, lock_free=lock_free, wrapped=wrapped)
+        if quiet and not self._snapshot_pinned and len(self._online_conns()) > 1:
+            # Its snapshot on the lead and on the others must hold the same commits: none
+            # of this router's may land in between (not covered: a peer router's).
+            async with self.router.commits.quiet(QUIET_LONGEST_S):
+                res = await self._run_write(
+                    build, single=single, lock_free=lock_free, wrapped=wrapped
+                )
+        else:
+            res = await self._run_write(build, single=single, lock_free=lock_free, wrapped=wrapped)
         copy, missing = b"", ""
         if self._copy_seen:
             self._copy_seen = False
@@ -1701,13 +1716,13 @@ class ClientSession(asyncio.Protocol):
             and self._two_phase_possible()
         )
 
-    async def _autocommit(self, build: BuildUnit) -> UnitResult:
+    async def _autocommit(self, build: BuildUnit, *, quiet: bool = False) -> UnitResult:
         conns = self._online_conns()
         for c in conns:
             c.pending_begin = _BEGIN
         self.journal.begin(_BEGIN)
         try:
-            res = await self._write_unit(build, single=True, wrapped=True)
+            res = await self._write_unit(build, single=True, wrapped=True, quiet=quiet)
             # The nodes that ran it (a node the lead's failure spared still holds BEGIN).
             participants = [c for c in self._online_conns() if c.pending_begin is None]
         finally:
@@ -2011,7 +2026,10 @@ class ClientSession(asyncio.Protocol):
                 res = await self._commit_extended(batch)
                 targets = ()
             elif synced and executed and all(map(self._autocommit_in_two_phases, executed)):
-                res = await self._autocommit(self._with_seq_locks(build, True))
+                res = await self._autocommit(
+                    self._with_seq_locks(build, True),
+                    quiet=any(a.reads_others for a in executed),
+                )
                 targets = tuple(self._online_conns())
             else:
                 try:
@@ -2025,7 +2043,11 @@ class ClientSession(asyncio.Protocol):
                             await self._reserve()
                         res = await self._write_unit(locked, single=executes == 1)
                 else:
-                    res = await self._write_unit(locked, single=executes == 1)
+                    res = await self._write_unit(
+                        locked,
+                        single=executes == 1,
+                        quiet=any(a.reads_others for a in executed),
+                    )
                 targets = tuple(self._online_conns())
             if settings and not res.error:
                 for stmt, bind in settings:

@@ -94,6 +94,9 @@ class Analysis:
     inserts: frozenset[str] = _EMPTY
     copy_into: str | None = None
     ddl: bool = False  # anything but DML, SELECT, SET, transaction control: catalogs may change
+    # A write that names a second relation (INSERT ... SELECT, a subquery, UPDATE ... FROM):
+    # it reads rows it does not lock, so what it writes depends on its snapshot.
+    reads_others: bool = False
 
 
 _NO_STATEMENTS = Analysis(Route.READ, _EMPTY, statements=0)
@@ -257,12 +260,14 @@ class _Scan:
         "depth",
         "functions",
         "inserts",
+        "relations",
         "strict",
         "time_values",
         "writes",
     )
 
     def __init__(self) -> None:
+        self.relations = 0  # RangeVar nodes
         self.arbitrary = False
         self.inserts: set[str] = set()
         self.functions: set[str] = set()
@@ -299,6 +304,8 @@ def _scan(root: Any, depth: int) -> _Scan:
             if name in _SET_CONFIG:
                 result.const_dependent = True
                 result.strict = result.strict or _set_config_strict(obj.args)
+        elif cls is ast.RangeVar:
+            result.relations += 1
         elif cls in _WRITE_NODES:
             # No early exit: a later set_config() may still set strict_isolation.
             result.writes = True
@@ -339,6 +346,7 @@ class _Part:
         "lock_free",
         "no_block",
         "notify",
+        "reads_others",
         "route",
         "settings",
         "strict",
@@ -370,7 +378,9 @@ class _Part:
         copy_into: str | None = None,
         ddl: bool = False,
         settings: tuple[tuple[str, str, str | None], ...] = (),
+        reads_others: bool = False,
     ) -> None:
+        self.reads_others = reads_others
         self.settings = settings
         self.arbitrary = arbitrary
         self.inserts = inserts
@@ -588,6 +598,7 @@ def _query_part(query: Any, depth: int) -> _Part:
             time_values=scan.time_values,
             arbitrary=scan.arbitrary,
             inserts=_frozen(scan.inserts),
+            reads_others=scan.relations > 1,
         )
     return _Part(
         Route.READ,
@@ -612,6 +623,7 @@ def _walked_part(stmt: Any, depth: int, route: Route, **kwargs: Any) -> _Part:
         time_values=scan.time_values,
         arbitrary=scan.arbitrary,
         inserts=_frozen(scan.inserts),
+        reads_others=route is Route.WRITE and scan.relations > 1,
         **kwargs,
     )
 
@@ -809,6 +821,7 @@ def _combine(parts: list[_Part]) -> tuple[Analysis, bool]:
         inserts=frozenset().union(*(part.inserts for part in parts)),
         copy_into=next((part.copy_into for part in parts if part.copy_into), None),
         ddl=any(part.ddl for part in parts),
+        reads_others=any(part.reads_others for part in parts),
     )
     return analysis, all(part.fp_safe for part in parts)
 

@@ -145,7 +145,7 @@ def test_writes_computed_from_rows_others_commit_meanwhile_stay_identical(three)
         setup.execute("INSERT INTO src SELECT g, 0 FROM generate_series(1, 4) g")
         setup.execute("CREATE TABLE tally (s bigint)")
         setup.execute("CREATE TABLE latest (id int PRIMARY KEY, s bigint)")
-        setup.execute("INSERT INTO latest VALUES (1, 0)")
+        setup.execute("INSERT INTO latest VALUES (0, 0), (1, 0)")
     stop = time.monotonic() + 5.0
     errors: list[BaseException] = []
 
@@ -158,7 +158,10 @@ def test_writes_computed_from_rows_others_commit_meanwhile_stay_identical(three)
         with psycopg.connect(rt.dsn(), autocommit=not in_block) as c:
             while time.monotonic() < stop:
                 c.execute("INSERT INTO tally SELECT sum(v) FROM src")
-                c.execute("UPDATE latest SET s = (SELECT sum(v) FROM src) WHERE id = 1")
+                c.execute(
+                    "UPDATE latest SET s = (SELECT sum(v) FROM src) WHERE id = %s",
+                    (int(in_block),),
+                )
                 if in_block:
                     c.commit()
 
@@ -180,4 +183,54 @@ def test_writes_computed_from_rows_others_commit_meanwhile_stay_identical(three)
     # transaction whose commit it holds back lets it go (QUIET_PATIENCE_S). (About 250 rows
     # here with or without the holds; some 50 when a hold kept commits back for 250 ms.)
     assert int(nodes[0].psql("SELECT count(*) FROM tally")) > 100
+    assert_nodes_identical(nodes, "postgres")
+
+
+def test_updates_by_a_condition_rows_commit_into_meanwhile_stay_identical(three) -> None:  # type: ignore[no-untyped-def]
+    """An UPDATE whose WHERE does not pin a unique key (`WHERE state = 'new'`) while other
+    sessions commit rows that match it: every node must change the same rows (a commit
+    landing between the lead's run and the others' would be matched on some nodes only,
+    and the vote would fail the rest)."""
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as setup:
+        setup.execute("CREATE TABLE jobs (id int PRIMARY KEY, state text)")
+    stop = time.monotonic() + 5.0
+    errors: list[BaseException] = []
+
+    def add(first: int) -> None:
+        with psycopg.connect(rt.dsn(), autocommit=True) as c:
+            n = first
+            while time.monotonic() < stop:
+                c.execute(f"INSERT INTO jobs VALUES ({n}, 'new')")
+                n += 2
+
+    retried = []
+
+    def take() -> None:
+        with psycopg.connect(rt.dsn(), autocommit=True) as c:
+            while time.monotonic() < stop:
+                try:
+                    c.execute("UPDATE jobs SET state = 'taken' WHERE state = 'new'")
+                except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected):
+                    # Two takers wait for each other's rows on the lead: commits then go
+                    # on under the one that waits, so the nodes may see different rows (the
+                    # statement fails for the client to retry, never a node), and the two
+                    # may lock rows in opposite orders on two nodes (one is cancelled).
+                    retried.append(1)
+
+    def run(target, *args) -> None:  # type: ignore[no-untyped-def]
+        try:
+            target(*args)
+        except BaseException as e:  # (reported by the test)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(add, i)) for i in (0, 1)]
+    threads += [threading.Thread(target=run, args=(take,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    all_online(rt)
+    assert int(nodes[0].psql("SELECT count(*) FROM jobs WHERE state = 'taken'")) > 50
     assert_nodes_identical(nodes, "postgres")

@@ -5,6 +5,7 @@ No database needed: lookup_sql's quoting is checked by parsing its output with p
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from pglast.parser import fingerprint, parse_sql
 
 from pgquorum.sql import analyze as analyze_mod
 from pgquorum.sql.analyze import Analysis, Analyzer, CopyDirection, Route
-from pgquorum.sql.catalog import FunctionCatalog
+from pgquorum.sql.catalog import FunctionCatalog, TableCatalog
 
 READ, WRITE, LEAD = Route.READ, Route.WRITE, Route.LEAD
 
@@ -321,6 +322,51 @@ def test_set_config_isolation(sql: str, strict: bool) -> None:
 def test_strict_isolation_in_multi_statement() -> None:
     a = analyze("SELECT 1; BEGIN ISOLATION LEVEL SERIALIZABLE; SELECT 2")
     assert (a.route, a.strict_isolation, a.statements) == (WRITE, True, 3)
+
+
+@pytest.mark.parametrize(
+    ("sql", "reads"),
+    [
+        ("INSERT INTO t SELECT sum(v) FROM s", True),
+        ("INSERT INTO t SELECT * FROM t WHERE id < 10", True),  # its own other rows
+        ("UPDATE t SET v = (SELECT max(v) FROM s) WHERE id = 1", True),
+        ("UPDATE t SET v = s.v FROM s WHERE s.id = t.id", True),
+        ("DELETE FROM t USING s WHERE t.id = s.id", True),
+        ("DELETE FROM t WHERE id IN (SELECT id FROM s)", True),
+        ("WITH d AS (DELETE FROM q RETURNING *) INSERT INTO arch SELECT * FROM d", True),
+        ("CREATE TABLE c AS SELECT * FROM s", True),
+        ("BEGIN; INSERT INTO t SELECT 1 FROM s; COMMIT", True),
+        ("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 7", False),
+        ("INSERT INTO t VALUES (1, now())", False),
+        ("INSERT INTO t VALUES (1) ON CONFLICT (id) DO UPDATE SET v = EXCLUDED.v", False),
+        ("DELETE FROM t WHERE id = 3", False),
+        ("SELECT * FROM a JOIN b USING (id)", False),  # a read: nothing written
+    ],
+)
+def test_writes_that_read_other_rows(sql: str, reads: bool) -> None:
+    assert analyze(sql).reads_others is reads
+
+
+@pytest.mark.parametrize(
+    ("sql", "filters"),
+    [
+        ("UPDATE a SET v = v + 1 WHERE aid = 7", (("a", {"aid"}),)),
+        ("UPDATE t SET v = 1 WHERE t.id = 3 AND k = $1 AND x > 2", (("t", {"id", "k"}),)),
+        ("DELETE FROM jobs j WHERE j.state = CAST('new' AS text)", (("jobs", {"state"}),)),
+        ("DELETE FROM jobs j WHERE other.id = 1", (("jobs", set()),)),  # not its column
+        ("UPDATE t SET v = 0", (("t", set()),)),
+        ("UPDATE t SET v = 0 WHERE id = 1 OR id = 2", (("t", set()),)),
+        ("UPDATE t SET v = 0 WHERE id = v", (("t", set()),)),  # not a constant
+        (
+            "BEGIN; UPDATE a SET v = 1 WHERE id = 1; DELETE FROM b; COMMIT",
+            (("a", {"id"}), ("b", set())),
+        ),
+        ("INSERT INTO t VALUES (1)", ()),
+        ("SELECT * FROM t WHERE id = 1", ()),
+    ],
+)
+def test_update_and_delete_filters(sql: str, filters: tuple[tuple[str, set[str]], ...]) -> None:
+    assert analyze(sql).filters == tuple((t, frozenset(c)) for t, c in filters)
 
 
 # -- fingerprint cache traps -----------------------------------------------------------------
@@ -1330,3 +1376,29 @@ def test_session_settings_of_several_statements() -> None:
         ("savepoint", "s", "SAVEPOINT s"),
         ("reset", "c.z", "RESET c.z"),
     ]
+
+
+def test_unique_keys_are_grouped_cached_and_a_failed_lookup_is_not_kept() -> None:
+    asked: list[str] = []
+    answers: list[list[list[str | None]] | None] = [
+        None,  # the first lookup fails (an aborted transaction, say)
+        [["101", "id"], ["102", "a"], ["102", "b"]],
+    ]
+
+    async def fetch(sql: str) -> list[list[str | None]] | None:
+        asked.append(sql)
+        return answers.pop(0)
+
+    async def go() -> tuple[list[frozenset[str]], ...]:
+        tables = TableCatalog()
+        failed = await tables.unique_keys(fetch, "t")
+        keys = await tables.unique_keys(fetch, "t")
+        again = await tables.unique_keys(fetch, "t")  # (cached: no third query)
+        return failed, keys, again
+
+    failed, keys, again = asyncio.run(go())
+    assert failed == []
+    assert sorted(keys, key=len) == [frozenset({"id"}), frozenset({"a", "b"})]
+    assert again == keys
+    assert len(asked) == 2
+    assert "indisunique" in asked[0] and "'t'" in asked[0]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from pgquorum.cluster.model import Node
 from pgquorum.protocol import messages as m
 
-from .backend import EXPECT_QUERY, NodeConnection
+from .backend import EXPECT_QUERY, NodeConnection, open_transport
 
 Table = tuple[list[str], list[list[str | None]]]
 K = TypeVar("K")
@@ -108,3 +108,12 @@ def _console(host: str, port: int, user: str) -> tuple[Node, dict[str, str]]:
 
 def discard(data: bytes) -> None:
     """Where a connection of the router's own sends what it would relay: nowhere."""
+
+
+async def send_cancel(node: Node, pid: int, secret: int) -> None:
+    """A CancelRequest for the backend ``pid`` of ``node``."""
+    transport, _ = await asyncio.wait_for(open_transport(node, asyncio.Protocol), 5)
+    try:
+        cast(asyncio.WriteTransport, transport).write(m.encode_cancel_request(pid, secret))
+    finally:
+        transport.close()  # after the buffered request is sent

@@ -42,6 +42,16 @@ QUIET_PATIENCE_S = 0.02
 RESOLVE_RETRY_S = 1.0
 
 
+class Hold:
+    """A quiet hold (CommitCoordinator.quiet): ``kept`` unless it ended before its owner left
+    it (it gave way to a commit, or ran out of time)."""
+
+    __slots__ = ("kept",)
+
+    def __init__(self) -> None:
+        self.kept = True
+
+
 class CommitCoordinator:
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -64,7 +74,7 @@ class CommitCoordinator:
         self._quiet_over: asyncio.Event | None = None  # set when the last one leaves
         self._waiting = 0  # sessions waiting for a slot until quiet holds end
         self._no_waiting: asyncio.Event | None = None  # set when none waits any more
-        self._holds: set[Callable[[], None]] = set()  # each quiet hold's release
+        self._holds: dict[Hold, Callable[[], None]] = {}  # each quiet hold's release
         self._impatience: asyncio.TimerHandle | None = None  # ends the holds (QUIET_PATIENCE_S)
 
     # -- the commit barrier ------------------------------------------------------------------
@@ -107,9 +117,10 @@ class CommitCoordinator:
 
     def _end_holds(self) -> None:
         """A commit waited QUIET_PATIENCE_S for the quiet holds: the statements in them may
-        wait for its locks, so they go on without the hold."""
+        wait for its locks (on any node: concurrent holds need not take their locks in the
+        same order everywhere), so they go on without their holds."""
         self._impatience = None
-        for release in list(self._holds):
+        for release in list(self._holds.values()):
             release()
 
     async def _wait_drained(self, timeout: float) -> None:
@@ -122,11 +133,11 @@ class CommitCoordinator:
             await asyncio.wait_for(self._drained.wait(), max(left, 0.001))
 
     @contextlib.asynccontextmanager
-    async def quiet(self, longest: float) -> AsyncIterator[bool]:
+    async def quiet(self, longest: float) -> AsyncIterator[Hold]:
         """No commit of this router is under way while inside (none in a slot), for
         ``longest`` seconds at most, and no longer than QUIET_PATIENCE_S after a commit
-        began to wait: then commits go on again, and the hold is over. Yields False if the
-        commits in flight did not end within ``longest`` (nothing is held).
+        began to wait: then commits go on again, and the hold is over (``Hold.kept`` turns
+        False; it is False at once if the commits in flight did not end within ``longest``).
 
         For a statement whose effect depends on its snapshot: it runs on the lead, then on
         the others, and a commit in between would show on some of those snapshots only.
@@ -141,30 +152,31 @@ class CommitCoordinator:
                 self._no_waiting = asyncio.Event()
             await self._no_waiting.wait()  # the commits that wait for holds go first
         self._quiet += 1
-        held = True
+        hold = Hold()
 
         def release() -> None:
-            nonlocal held
-            if not held:
+            if not hold.kept:
                 return
-            held = False
-            self._holds.discard(release)
+            hold.kept = False
+            self._holds.pop(hold, None)
             self._quiet -= 1
             if self._quiet == 0 and self._quiet_over is not None:
                 over, self._quiet_over = self._quiet_over, None
                 over.set()
 
-        self._holds.add(release)
+        self._holds[hold] = release
         timer = asyncio.get_running_loop().call_later(longest, release)
         try:
             try:
                 await self._wait_drained(longest)
             except TimeoutError:
                 release()  # (a commit in flight waits for a lock: maybe this session's)
-            yield held
+            yield hold
         finally:
             timer.cancel()
-            release()
+            if hold.kept:
+                release()
+                hold.kept = True  # (it lasted as long as it was needed)
 
     @contextlib.asynccontextmanager
     async def barrier(self, timeout: float = 5.0) -> AsyncIterator[float]:

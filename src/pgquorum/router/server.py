@@ -7,7 +7,6 @@ import logging
 import secrets
 import socket
 import ssl
-from typing import cast
 
 from pgquorum.cluster.model import Node, NodeState
 from pgquorum.cluster.state import ClusterView
@@ -29,8 +28,7 @@ from pgquorum.sql.catalog import FunctionCatalog, TableCatalog
 from pgquorum.sql.quoting import quote_ident
 
 from .admin import AdminConsole
-from .backend import open_transport
-from .client import console_literal
+from .client import console_literal, send_cancel
 from .commit import CommitCoordinator
 from .peers import Peers
 from .sequences import SequenceAllocator
@@ -314,7 +312,7 @@ class Router:
                 # The kernel gave the request to this worker; the session may be a sibling's.
                 await asyncio.gather(
                     *(
-                        _send_cancel(Node("worker", host, port), pid, secret)
+                        send_cancel(Node("worker", host, port), pid, secret)
                         for host, port in self.settings.peers
                         if host.startswith("/")
                     ),
@@ -327,17 +325,9 @@ class Router:
         # Only nodes still working on the session's unit: a cancel that reaches an idle node
         # late would cancel whatever the session sends it next.
         await asyncio.gather(
-            *(_send_cancel(c.node, c.pid, c.secret) for c in session.conns.values() if c.busy),
+            *(send_cancel(c.node, c.pid, c.secret) for c in session.conns.values() if c.busy),
             return_exceptions=True,
         )
-
-
-async def _send_cancel(node: Node, pid: int, secret: int) -> None:
-    transport, _ = await asyncio.wait_for(open_transport(node, asyncio.Protocol), 5)
-    try:
-        cast(asyncio.WriteTransport, transport).write(m.encode_cancel_request(pid, secret))
-    finally:
-        transport.close()  # after the buffered request is sent
 
 
 def _shutdown_error() -> m.PgError:

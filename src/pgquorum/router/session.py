@@ -64,6 +64,8 @@ from .backend import (
     NodeLost,
     UnitResult,
 )
+from .client import query, send_cancel
+from .commit import Hold
 from .sequences import lock_sql
 
 if TYPE_CHECKING:
@@ -81,6 +83,8 @@ _ROLLBACK = m.encode_query("ROLLBACK")
 # NOWAIT), query canceled (statement_timeout, a cancel). The transaction's, not the node's.
 TIMING_FAILURES = frozenset({"40001", "40P01", "55P03", "57014"})
 _TAKE_SNAPSHOT = m.encode_query("SELECT 1")  # (any statement takes the transaction's snapshot)
+# How much longer than the lead the others may wait for a lock (see _break_cross_waits).
+CROSS_WAIT_S = 1.0
 # While one node works for long, the session's other connections wait idle, maybe in its
 # transaction: an empty query this often resets the node's idle timeouts.
 KEEPALIVE_S = 1.0
@@ -147,6 +151,8 @@ class ClientSession(asyncio.Protocol):
         self.txn_strict = False
         self.session_strict = False
         self._snapshot_pinned = False  # see _pin_snapshot
+        self._hold: Hold | None = None  # the quiet hold of the unit running (_write_unit)
+        self._cross_cancelled: set[NodeConnection] = set()  # see _break_cross_waits
         self.txn_node: NodeConnection | None = None
         self.read_home: NodeConnection | None = None  # where balanced reads go by preference
         # Extended protocol: statements and where portals were bound.
@@ -822,7 +828,7 @@ class ClientSession(asyncio.Protocol):
             if a.commit and self._commits_in_two_phases():
                 res = await self._commit_block()
             elif wrap:
-                res = await self._autocommit(build, quiet=a.reads_others)
+                res = await self._autocommit(build, quiet=await self._quiet_needed((a,)))
             elif (self.txn_status == IDLE or a.txn_control) and not a.lock_free:
                 # A one-phase commit, lead first: inside the commit barrier's slot (SET,
                 # SAVEPOINT, ROLLBACK and the like commit nothing and need none).
@@ -834,7 +840,10 @@ class ClientSession(asyncio.Protocol):
                     )
             else:
                 res = await self._write_unit(
-                    build, single=a.statements == 1, lock_free=a.lock_free, quiet=a.reads_others
+                    build,
+                    single=a.statements == 1,
+                    lock_free=a.lock_free,
+                    quiet=await self._quiet_needed((a,)),
                 )
             if a.settings and not res.error:
                 self._note_settings(a, sql)
@@ -1065,8 +1074,8 @@ class ClientSession(asyncio.Protocol):
         (and write what it computed from them), or meet another conflict."""
         conns = self._online_conns()
         self._snapshot_pinned = True
-        async with self.router.commits.quiet(QUIET_LONGEST_S) as held:
-            if not held:  # commits in flight wait for a lock (maybe this session's)
+        async with self.router.commits.quiet(QUIET_LONGEST_S) as hold:
+            if not hold.kept:  # commits in flight wait for a lock (maybe this session's)
                 log.warning("session %d: snapshot taken while commits were under way", self.id)
             results = await self._run_on(conns, _TAKE_SNAPSHOT)
         voters = [(c, r) for c, r in zip(conns, results, strict=True) if r is not None]
@@ -1206,6 +1215,23 @@ class ClientSession(asyncio.Protocol):
             if isinstance(r, NodeLost):
                 self.router.cluster.mark_failed(c.node.name, r.reason)
 
+    async def _quiet_needed(self, analyses: Iterable[Analysis]) -> bool:
+        """Whether a write's effect depends on its snapshot beyond the rows it locks: it reads
+        other rows (Analysis.reads_others), or it is an UPDATE or DELETE whose WHERE does not
+        pin a unique key (a row another transaction commits meanwhile may match it on some
+        nodes only). See _write_unit."""
+        tables = None
+        for a in analyses:
+            if a.reads_others:
+                return True
+            for table, columns in a.filters:
+                if tables is None:
+                    tables = self.router.tables(self.database)
+                keys = await tables.unique_keys(self._fetch, table)
+                if not any(key <= columns for key in keys):
+                    return True
+        return False
+
     async def _write_unit(
         self,
         build: BuildUnit,
@@ -1215,16 +1241,19 @@ class ClientSession(asyncio.Protocol):
         wrapped: bool = False,
         quiet: bool = False,
     ) -> UnitResult:
-        """_run_write, and the unit kept in the transaction's journal. ``quiet``: the unit
-        reads rows it does not lock (Analysis.reads_others), outside a commit slot."""
+        """_run_write, and the unit kept in the transaction's journal. ``quiet``: its effect
+        depends on its snapshot (_quiet_needed), and it runs outside a commit slot."""
         self._cancel_build = None
         if quiet and not self._snapshot_pinned and len(self._online_conns()) > 1:
             # Its snapshot on the lead and on the others must hold the same commits: none
             # of this router's may land in between (not covered: a peer router's).
-            async with self.router.commits.quiet(QUIET_LONGEST_S):
-                res = await self._run_write(
-                    build, single=single, lock_free=lock_free, wrapped=wrapped
-                )
+            async with self.router.commits.quiet(QUIET_LONGEST_S) as self._hold:
+                try:
+                    res = await self._run_write(
+                        build, single=single, lock_free=lock_free, wrapped=wrapped
+                    )
+                finally:
+                    self._hold = None
         else:
             res = await self._run_write(build, single=single, lock_free=lock_free, wrapped=wrapped)
         copy, missing = b"", ""
@@ -1305,7 +1334,7 @@ class ClientSession(asyncio.Protocol):
         followers.begin(lead.node.name)
         try:
             started = self._start_others(others, build)
-            results = await self._gather(started, lead_took)
+            results = await self._gather(started, lead_took, after_lead=True)
             if lead_res.copy_in:
                 lead_res, results = await self._copy_in(lead, lead_res, started, results)
         finally:
@@ -1377,6 +1406,11 @@ class ClientSession(asyncio.Protocol):
         voters = [(lead, lead_res)]
         voters += [(c, r) for c, r in zip(others, results, strict=True) if r is not None]
         conflict = _conflict(voters)
+        if conflict is None and self._hold is not None and not self._hold.kept:
+            conflict = _skewed(voters)
+        cancelled, self._cross_cancelled = self._cross_cancelled, set()
+        if conflict is not None and any(c in cancelled for c, r in voters if r.error):
+            conflict = _synthesized(DEADLOCK_DETECTED)  # (not the cancel we sent)
         if conflict is None:
             return self._vote(voters)
         # Some node failed the statement for its own timing (a conflict with a concurrent
@@ -1391,11 +1425,18 @@ class ClientSession(asyncio.Protocol):
             conflict.error,
             ", ".join(c.node.name for c in passed),
         )
+        failed = None
         for c, r in zip(passed, await self._run_on(passed, _raise(conflict)), strict=True):
             if r is not None and (r.error != conflict.error or r.status != FAILED_BLOCK):
                 self.router.cluster.mark_failed(
                     c.node.name, f"could not fail its transaction like the others: {r.outcome()}"
                 )
+            elif failed is None:
+                failed = r
+        if not conflict.chunks:  # (_skewed: no node's reply to pass on)
+            if failed is None:
+                raise _served_node_lost(lead, "no node could report the failure")
+            return failed
         return conflict
 
     def _reply(self, res: UnitResult) -> None:
@@ -1405,14 +1446,29 @@ class ClientSession(asyncio.Protocol):
                 self.transport.writelines(res.chunks)
 
     async def _gather(
-        self, conns: list[NodeConnection], lead_took: float = 0.0
+        self, conns: list[NodeConnection], lead_took: float = 0.0, *, after_lead: bool = False
     ) -> list[UnitResult | None]:
         """Wait for each node's answer; a node that breaks, or that has not answered
         ``node_timeout_s`` (plus ``lead_took``, what the same work took the lead) from now,
-        is failed and gives None."""
+        is failed and gives None. ``after_lead``: the nodes run what the lead ran; one that
+        waits for a lock CROSS_WAIT_S longer than the lead took is cancelled (see
+        _break_cross_waits)."""
         out: list[UnitResult | None] = []
         cluster = self.router.cluster
         limit = self.router.settings.node_timeout_s
+        loop = asyncio.get_running_loop()
+        probes: list[asyncio.Task[None]] = []
+        probe: asyncio.TimerHandle | None = None
+        if after_lead and conns:
+
+            def look() -> None:
+                nonlocal probe
+                busy = [c for c in conns if c.busy and not c.keepalive]
+                if busy:
+                    probes.append(loop.create_task(self._break_cross_waits(busy)))
+                    probe = loop.call_later(CROSS_WAIT_S, look)
+
+            probe = loop.call_later(lead_took + CROSS_WAIT_S, look)
         timer = None
         if limit and conns:
             waited = limit + lead_took
@@ -1422,7 +1478,7 @@ class ClientSession(asyncio.Protocol):
                     if c.busy and not c.keepalive:
                         c.give_up(f"no answer {waited:.1f}s after the others")
 
-            timer = asyncio.get_running_loop().call_later(waited, expire)
+            timer = loop.call_later(waited, expire)
         try:
             await self._answered(conns)
             for c in conns:
@@ -1436,7 +1492,35 @@ class ClientSession(asyncio.Protocol):
         finally:
             if timer is not None:
                 timer.cancel()
+            if probe is not None:
+                probe.cancel()
+            for task in probes:
+                task.cancel()
         return out
+
+    async def _break_cross_waits(self, conns: list[NodeConnection]) -> None:
+        """These nodes still run a statement the lead finished, waiting for a lock there:
+        two statements that did not meet on the lead (their snapshots or their order differ
+        on the others) took locks in opposite orders on two nodes, a deadlock no PostgreSQL
+        sees. Cancelled there, the statement fails with 57014, and the transaction fails on
+        every node for the client to retry (TIMING_FAILURES), failing no node."""
+        user, password = self.router.internal_credentials()
+        params = {"user": user, "database": "postgres", "application_name": "pgquorum"}
+        for c in conns:
+            sql = f"SELECT wait_event_type FROM pg_catalog.pg_stat_activity WHERE pid = {c.pid}"
+            try:
+                _, rows = await query(c.node, params, password, sql)
+                if rows and rows[0][0] == "Lock" and c.busy:
+                    log.warning(
+                        "session %d: node %s waits for a lock its lead did not wait for: "
+                        "cancelling the statement there (a deadlock across nodes)",
+                        self.id,
+                        c.node.name,
+                    )
+                    self._cross_cancelled.add(c)
+                    await send_cancel(c.node, c.pid, c.secret)
+            except (NodeLost, PgError, OSError, TimeoutError) as e:
+                log.info("session %d: cannot look at node %s: %s", self.id, c.node.name, e)
 
     async def _copy_in(
         self,
@@ -2027,8 +2111,7 @@ class ClientSession(asyncio.Protocol):
                 targets = ()
             elif synced and executed and all(map(self._autocommit_in_two_phases, executed)):
                 res = await self._autocommit(
-                    self._with_seq_locks(build, True),
-                    quiet=any(a.reads_others for a in executed),
+                    self._with_seq_locks(build, True), quiet=await self._quiet_needed(executed)
                 )
                 targets = tuple(self._online_conns())
             else:
@@ -2044,9 +2127,7 @@ class ClientSession(asyncio.Protocol):
                         res = await self._write_unit(locked, single=executes == 1)
                 else:
                     res = await self._write_unit(
-                        locked,
-                        single=executes == 1,
-                        quiet=any(a.reads_others for a in executed),
+                        locked, single=executes == 1, quiet=await self._quiet_needed(executed)
                     )
                 targets = tuple(self._online_conns())
             if settings and not res.error:
@@ -2225,13 +2306,49 @@ def _conflict(voters: list[tuple[NodeConnection, UnitResult]]) -> UnitResult | N
     return conflict
 
 
+def _skewed(voters: list[tuple[NodeConnection, UnitResult]]) -> UnitResult | None:
+    """Outcomes that differ although every node still has the transaction open and none
+    failed, from a statement whose quiet hold gave way: a commit landed between the nodes'
+    runs, so they saw different rows. The transaction's failure (a serialization failure,
+    as PostgreSQL reports a concurrent update), not a node's: the result to report, or None
+    if the outcomes agree or some node's transaction ended."""
+    if len({r.outcome() for _, r in voters}) < 2:
+        return None
+    if any(r.error or r.status != IN_BLOCK for _, r in voters):
+        return None
+    return _synthesized(SERIALIZATION_FAILURE)
+
+
+# Failures the router reports for the transaction itself (no node's reply says it).
+SERIALIZATION_FAILURE = "40001"
+DEADLOCK_DETECTED = "40P01"
+_SYNTHESIZED = {
+    SERIALIZATION_FAILURE: "could not serialize access due to a concurrent commit (the nodes "
+    "of the group saw different rows); retry the transaction",
+    DEADLOCK_DETECTED: "deadlock detected across the nodes of the group (two statements "
+    "took their locks in opposite orders on two nodes); retry the transaction",
+}
+
+
+def _synthesized(code: str) -> UnitResult:
+    failure = UnitResult()
+    failure.error = code
+    failure.status = FAILED_BLOCK
+    return failure
+
+
 def _raise(conflict: UnitResult) -> bytes:
-    """A statement that fails its transaction the way ``conflict`` did on another node."""
-    code = conflict.error or "40001"
+    """A statement that fails its transaction the way ``conflict`` did on another node (or,
+    with no node's reply, as _skewed says)."""
+    code = conflict.error or SERIALIZATION_FAILURE
+    if conflict.chunks:
+        message = f"another node of the group refused this transaction with SQLSTATE {code}"
+    else:
+        message = _SYNTHESIZED[code]
     return m.encode_query(
         "DO $pgquorum$BEGIN RAISE EXCEPTION USING ERRCODE = "
-        f"{quote_literal(code)}, MESSAGE = 'pgquorum: another node of the group refused this "
-        f"transaction with SQLSTATE {code}'; END$pgquorum$"
+        f"{quote_literal(code)}, MESSAGE = {quote_literal('pgquorum: ' + message)}; "
+        "END$pgquorum$"
     )
 
 

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 from pglast import Error as PglastError
 from pglast import ast
 from pglast.enums import (
+    A_Expr_Kind,
+    BoolExprType,
     DiscardMode,
     ObjectType,
     SetOperation,
@@ -97,6 +99,10 @@ class Analysis:
     # A write that names a second relation (INSERT ... SELECT, a subquery, UPDATE ... FROM):
     # it reads rows it does not lock, so what it writes depends on its snapshot.
     reads_others: bool = False
+    # Each UPDATE or DELETE: its table (name without schema, as `inserts`) and the columns
+    # its WHERE clause compares with a constant at the top level (`id = 3 AND k = $1`).
+    # Unless those hold a unique key, which rows it changes depends on its snapshot too.
+    filters: tuple[tuple[str, frozenset[str]], ...] = ()
 
 
 _NO_STATEMENTS = Analysis(Route.READ, _EMPTY, statements=0)
@@ -340,6 +346,7 @@ class _Part:
         "copy",
         "copy_into",
         "ddl",
+        "filters",
         "fp_safe",
         "functions",
         "inserts",
@@ -379,7 +386,9 @@ class _Part:
         ddl: bool = False,
         settings: tuple[tuple[str, str, str | None], ...] = (),
         reads_others: bool = False,
+        filters: tuple[tuple[str, frozenset[str]], ...] = (),
     ) -> None:
+        self.filters = filters
         self.reads_others = reads_others
         self.settings = settings
         self.arbitrary = arbitrary
@@ -712,10 +721,47 @@ def _classify(stmt: Any, depth: int) -> _Part:
         depth,
         Route.WRITE,
         ddl=cls not in _DML,
+        filters=_filters(stmt) if cls is ast.UpdateStmt or cls is ast.DeleteStmt else (),
         catalog=_catalog_change(stmt, cls),
         no_block=_outside_block_only(stmt, cls),
         temp=_creates_temp(stmt, cls),
     )
+
+
+def _filters(stmt: Any) -> tuple[tuple[str, frozenset[str]], ...]:
+    """An UPDATE's or DELETE's table and the columns its WHERE compares with a constant
+    (see Analysis.filters)."""
+    rel = stmt.relation
+    names = {rel.relname}
+    if rel.alias is not None:
+        names.add(rel.alias.aliasname)
+    where: Any = stmt.whereClause
+    terms: tuple[Any, ...]
+    if type(where) is ast.BoolExpr and where.boolop == BoolExprType.AND_EXPR:
+        terms = where.args or ()
+    else:
+        terms = () if where is None else (where,)
+    columns: set[str] = set()
+    for term in terms:
+        if type(term) is not ast.A_Expr or term.kind != A_Expr_Kind.AEXPR_OP:
+            continue
+        operator: Any = term.name
+        if len(operator) != 1 or operator[0].sval != "=":
+            continue
+        for side, other in ((term.lexpr, term.rexpr), (term.rexpr, term.lexpr)):
+            if type(side) is ast.ColumnRef and _constant(other):
+                fields: Any = side.fields
+                if all(type(f) is ast.String for f in fields) and (
+                    len(fields) == 1 or (len(fields) == 2 and fields[0].sval in names)
+                ):
+                    columns.add(fields[-1].sval)
+    return ((rel.relname, frozenset(columns)),)
+
+
+def _constant(node: Any) -> bool:
+    while type(node) is ast.TypeCast:
+        node = node.arg
+    return type(node) is ast.A_Const or type(node) is ast.ParamRef
 
 
 def _creates_temp(stmt: Any, cls: type) -> bool:
@@ -822,6 +868,7 @@ def _combine(parts: list[_Part]) -> tuple[Analysis, bool]:
         copy_into=next((part.copy_into for part in parts if part.copy_into), None),
         ddl=any(part.ddl for part in parts),
         reads_others=any(part.reads_others for part in parts),
+        filters=tuple(f for part in parts for f in part.filters),
     )
     return analysis, all(part.fp_safe for part in parts)
 

@@ -138,11 +138,13 @@ class TableCatalog:
         self._known: frozenset[str] = frozenset()
         self._columns: dict[str, tuple[float, list[Column]]] = {}
         self._sequences: dict[str, str] = {}
+        self._keys: dict[str, tuple[float, list[frozenset[str]]]] = {}
 
     def clear(self) -> None:
         self._filled = None
         self._columns.clear()
         self._sequences.clear()
+        self._keys.clear()
 
     async def filled(self, fetch: Fetch, tables: frozenset[str] = frozenset()) -> frozenset[str]:
         now = time.monotonic()
@@ -164,6 +166,28 @@ class TableCatalog:
         columns = [Column.from_row(r) for r in rows or ()]
         self._columns[table] = (now, columns)
         return columns
+
+    async def unique_keys(self, fetch: Fetch, table: str) -> list[frozenset[str]]:
+        """The column sets of ``table``'s unique indexes (plain columns, no predicate)."""
+        now = time.monotonic()
+        hit = self._keys.get(table)
+        if hit is not None and now - hit[0] <= self.ttl:
+            return hit[1]
+        rows = await fetch(
+            "SELECT i.indexrelid::pg_catalog.int8, a.attname FROM pg_catalog.pg_index i "
+            "JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid "
+            "AND a.attnum = ANY (i.indkey) "
+            f"WHERE i.indrelid = pg_catalog.to_regclass({_literal(table)}) "
+            "AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL"
+        )
+        if rows is None:  # (the query failed: an aborted transaction, say) no key known
+            return []
+        by_index: dict[str, set[str]] = {}
+        for index, column in rows:
+            by_index.setdefault(str(index), set()).add(str(column))
+        keys = [frozenset(columns) for columns in by_index.values()]
+        self._keys[table] = (now, keys)
+        return keys
 
     async def sequence(self, fetch: Fetch, name: str) -> str:
         """The schema-qualified name of the sequence ``name`` (as a statement wrote it)."""

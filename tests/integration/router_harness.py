@@ -173,6 +173,14 @@ def wait_resolved(nodes: list[LocalNode], timeout: float = 30) -> None:
         time.sleep(0.2)
 
 
+def assert_all_online(rt: RouterThread) -> None:
+    """Every node of the router's group is ONLINE (none was failed)."""
+    from pgquorum.cluster.model import NodeState
+
+    states = {name: st.state for name, st in rt.router.cluster.status.items()}
+    assert set(states.values()) == {NodeState.ONLINE}, states
+
+
 def eventually(check: Callable[[], bool], timeout: float = 10, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not check():

@@ -9,10 +9,9 @@ import time
 
 import psycopg
 import pytest
-from router_harness import RouterThread, eventually, router_config
+from router_harness import RouterThread, assert_all_online, eventually, router_config
 
 from helpers import assert_nodes_identical
-from pgquorum.cluster.model import NodeState
 from pgquorum.local.instance import LocalNode
 
 
@@ -25,11 +24,6 @@ def three(make_nodes) -> tuple[RouterThread, list[LocalNode]]:  # type: ignore[n
         conn.execute("CREATE TABLE t (id int PRIMARY KEY, note text)")
     yield rt, nodes
     rt.stop()
-
-
-def all_online(rt: RouterThread) -> None:
-    states = {name: st.state for name, st in rt.router.cluster.status.items()}
-    assert set(states.values()) == {NodeState.ONLINE}, states
 
 
 def test_idle_in_transaction_timeout_ends_the_session_and_fails_no_node(three) -> None:  # type: ignore[no-untyped-def]
@@ -45,7 +39,7 @@ def test_idle_in_transaction_timeout_ends_the_session_and_fails_no_node(three) -
     assert "idle-in-transaction timeout" in str(e.value)
     conn.close()
     eventually(lambda: not rt.router.sessions, what="the session is gone")
-    all_online(rt)
+    assert_all_online(rt)
     with psycopg.connect(rt.dsn(), autocommit=True) as other:
         other.execute("INSERT INTO t VALUES (2, 'after')")
         assert other.execute("SELECT id FROM t ORDER BY id").fetchall() == [(2,)]
@@ -63,7 +57,7 @@ def test_idle_session_timeout_keeps_the_session(three) -> None:  # type: ignore[
         assert conn.execute("SELECT note FROM t").fetchall() == [("after the timeout",)]
         # The session's settings went along to the new connections.
         assert conn.execute("SHOW idle_session_timeout").fetchone() == ("300ms",)
-    all_online(rt)
+    assert_all_online(rt)
     assert_nodes_identical(nodes, "postgres")
 
 
@@ -81,7 +75,7 @@ def test_nodes_a_session_does_not_read_from_may_close_its_idle_connections(three
             time.sleep(0.05)
         conn.execute("INSERT INTO t VALUES (2, 'after')")
         conn.execute("UPDATE t SET note = note || '!'")
-    all_online(rt)
+    assert_all_online(rt)
     for n in nodes:
         assert n.psql("SELECT string_agg(note, ',' ORDER BY id) FROM t") == "before!,after!"
     assert_nodes_identical(nodes, "postgres")
@@ -118,7 +112,7 @@ def test_nodes_waiting_for_a_long_statement_on_the_lead_are_kept_alive(three) ->
     conn.close()
     assert not thread.is_alive()
     assert not errors, errors
-    all_online(rt)
+    assert_all_online(rt)
     for n in nodes:
         assert n.psql("SELECT string_agg(note, '|' ORDER BY id) FROM t") == "held, then mine|mine"
     assert_nodes_identical(nodes, "postgres")
@@ -143,7 +137,7 @@ def test_a_node_too_full_to_connect_to_again_ends_the_session_not_the_node(three
         a.close()
         for o in others:
             o.close()
-    all_online(rt)
+    assert_all_online(rt)
     for n in nodes:
         assert n.psql("SELECT string_agg(id::text, ',') FROM t") == "2"
     assert_nodes_identical(nodes, "postgres")

@@ -9,15 +9,32 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
-from router_harness import RouterThread, router_config
+from router_harness import RouterThread, assert_all_online, router_config
 
 from helpers import assert_nodes_identical
-from pgquorum.cluster.model import NodeState
 from pgquorum.local.instance import LocalNode
+
+
+def at_once(calls: list[tuple[Callable[..., None], tuple[object, ...]]]) -> None:
+    """Run each call in a thread of its own; fail with what any of them raised."""
+    errors: list[BaseException] = []
+
+    def run(target: Callable[..., None], args: tuple[object, ...]) -> None:
+        try:
+            target(*args)
+        except BaseException as e:  # (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=call) for call in calls]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
 
 
 @pytest.fixture
@@ -26,11 +43,6 @@ def three(make_nodes) -> Iterator[tuple[RouterThread, list[LocalNode]]]:  # type
     rt = RouterThread(router_config(nodes))
     yield rt, nodes
     rt.stop()
-
-
-def all_online(rt: RouterThread) -> None:
-    states = {name: st.state for name, st in rt.router.cluster.status.items()}
-    assert set(states.values()) == {NodeState.ONLINE}, states
 
 
 def test_a_concurrent_update_fails_a_repeatable_read_transaction_everywhere(three) -> None:  # type: ignore[no-untyped-def]
@@ -48,7 +60,7 @@ def test_a_concurrent_update_fails_a_repeatable_read_transaction_everywhere(thre
                 t1.execute("SELECT 1")  # failed on every node, not only where it was refused
             t1.execute("ROLLBACK")
             t1.execute("UPDATE acct SET v = v + 1 WHERE id = 1")  # the retry
-    all_online(rt)
+    assert_all_online(rt)
     for n in nodes:
         assert n.psql("SELECT v FROM acct") == "11"
     assert_nodes_identical(nodes, "postgres")
@@ -68,7 +80,7 @@ def test_a_repeatable_read_snapshot_is_the_same_on_every_node(three) -> None:  #
             other.execute("INSERT INTO item VALUES (3)")
             t1.execute("INSERT INTO tally SELECT count(*) FROM item")
             t1.execute("COMMIT")
-    all_online(rt)
+    assert_all_online(rt)
     for n in nodes:
         assert n.psql("SELECT n FROM tally") == "2", n.name
     assert_nodes_identical(nodes, "postgres")
@@ -101,7 +113,7 @@ def test_serializable_write_skew_is_refused_and_no_node_fails(three) -> None:  #
     finally:
         t1.close()
         t2.close()
-    all_online(rt)
+    assert_all_online(rt)
     for n in nodes:
         assert n.psql("SELECT string_agg(on_call::text, ',' ORDER BY id) FROM duty") == (
             "false,true"
@@ -128,7 +140,7 @@ def test_a_lock_timeout_on_the_lead_alone_fails_the_transaction_not_the_lead(thr
                 conn.execute("SELECT 1")
             conn.execute("ROLLBACK")
         direct.rollback()
-    all_online(rt)
+    assert_all_online(rt)
     for n in nodes:
         assert n.psql("SELECT string_agg(id || ':' || v, ',') FROM acct") == "1:0", n.name
     assert_nodes_identical(nodes, "postgres")
@@ -147,7 +159,6 @@ def test_writes_computed_from_rows_others_commit_meanwhile_stay_identical(three)
         setup.execute("CREATE TABLE latest (id int PRIMARY KEY, s bigint)")
         setup.execute("INSERT INTO latest VALUES (0, 0), (1, 0)")
     stop = time.monotonic() + 5.0
-    errors: list[BaseException] = []
 
     def bump(i: int) -> None:
         with psycopg.connect(rt.dsn(), autocommit=True) as c:
@@ -165,20 +176,8 @@ def test_writes_computed_from_rows_others_commit_meanwhile_stay_identical(three)
                 if in_block:
                     c.commit()
 
-    def run(target, *args) -> None:  # type: ignore[no-untyped-def]
-        try:
-            target(*args)
-        except BaseException as e:  # (reported by the test)
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(bump, i)) for i in (1, 2, 3)]
-    threads += [threading.Thread(target=run, args=(tally, b)) for b in (False, True)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    all_online(rt)
+    at_once([(bump, (1,)), (bump, (2,)), (bump, (3,)), (tally, (False,)), (tally, (True,))])
+    assert_all_online(rt)
     # It ran, and the holds did not slow it much: a statement that waits for a lock of a
     # transaction whose commit it holds back lets it go (QUIET_PATIENCE_S). (About 250 rows
     # here with or without the holds; some 50 when a hold kept commits back for 250 ms.)
@@ -195,7 +194,6 @@ def test_updates_by_a_condition_rows_commit_into_meanwhile_stay_identical(three)
     with psycopg.connect(rt.dsn(), autocommit=True) as setup:
         setup.execute("CREATE TABLE jobs (id int PRIMARY KEY, state text)")
     stop = time.monotonic() + 5.0
-    errors: list[BaseException] = []
 
     def add(first: int) -> None:
         with psycopg.connect(rt.dsn(), autocommit=True) as c:
@@ -218,19 +216,7 @@ def test_updates_by_a_condition_rows_commit_into_meanwhile_stay_identical(three)
                     # may lock rows in opposite orders on two nodes (one is cancelled).
                     retried.append(1)
 
-    def run(target, *args) -> None:  # type: ignore[no-untyped-def]
-        try:
-            target(*args)
-        except BaseException as e:  # (reported by the test)
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(add, i)) for i in (0, 1)]
-    threads += [threading.Thread(target=run, args=(take,)) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    all_online(rt)
+    at_once([(add, (0,)), (add, (1,)), (take, ()), (take, ())])
+    assert_all_online(rt)
     assert int(nodes[0].psql("SELECT count(*) FROM jobs WHERE state = 'taken'")) > 50
     assert_nodes_identical(nodes, "postgres")

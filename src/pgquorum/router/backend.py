@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from pgquorum.cluster.model import Node
 from pgquorum.protocol import messages as m
@@ -46,6 +46,8 @@ _COPY_IN, _COPY_BOTH, _PARAMETER_STATUS = (
 _PARSE, _CLOSE, _SYNC, _QUERY = m.PARSE, m.CLOSE, m.SYNC, m.QUERY
 # Messages a node may send at any time, also between units.
 _ASYNC = frozenset((m.NOTICE_RESPONSE, m.NOTIFICATION, m.PARAMETER_STATUS))
+_EMPTY_QUERY = m.EMPTY_QUERY
+_PING = m.encode_query("")
 
 
 class NodeLost(Exception):
@@ -119,7 +121,7 @@ class NodeConnection(asyncio.Protocol):
         self._on_done: Callable[[UnitResult | None], None] | None = None
         self.pending_begin: bytes | None = None  # see ClientSession._defer_begin
         self.relayed = False  # the running unit's answer has (partly) reached the client
-        self.keepalive = False  # the running unit is a keepalive (ClientSession._keep_alive)
+        self._pings = 0  # pings whose ReadyForQuery has not come yet (see ping)
         self._lost: NodeLost | None = None
         # Told when the node ends the connection for an idle timeout (see NodeLost).
         self.on_idle_timeout: Callable[[NodeConnection, NodeLost], None] | None = None
@@ -217,6 +219,9 @@ class NodeConnection(asyncio.Protocol):
         if self._lost:
             raise self._lost
         assert self.transport is not None and not self._expect
+        if self._pings:  # their answers come first
+            self._expect.extend([EXPECT_QUERY_SWALLOWED] * self._pings)
+            self._pings = 0
         if self.pending_begin is not None:
             # The client's BEGIN, held back until this node gets work in the transaction.
             data = self.pending_begin + data
@@ -238,26 +243,14 @@ class NodeConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
-    @property
-    def idle(self) -> bool:
-        """No unit running, and none whose answer is still to be collected."""
-        return (
-            not self._expect
-            and self._waiter is None
-            and self._on_done is None
-            and self._copy_result is None
-            and self._lost is None
-        )
-
-    @staticmethod
-    async def answered_within(conns: Iterable[NodeConnection], timeout: float) -> bool:
-        """Whether each of these units was answered (or its node lost) within ``timeout``; the
-        answers stay for wait()."""
-        pending = [c._waiter for c in conns if c._waiter is not None and not c._waiter.done()]
-        if not pending:
-            return True
-        _, late = await asyncio.wait(pending, timeout=timeout)
-        return not late
+    def ping(self) -> None:
+        """An empty query while no unit runs, its answer swallowed: it resets the node's idle
+        timeouts (idle_session_timeout, idle_in_transaction_session_timeout). A unit sent
+        before the answer came waits behind it (send_unit)."""
+        if self._expect or self._lost is not None or self.transport is None:
+            return
+        self._pings += 1
+        self.transport.write(_PING)
 
     async def wait(self) -> UnitResult:
         """Until the unit is answered, or the node asks for COPY data."""
@@ -329,7 +322,12 @@ class NodeConnection(asyncio.Protocol):
             res = self._result
             expect = self._expect
             if res is None or (not expect and not res.copy_in):
-                # Between units: only asynchronous messages are allowed.
+                # Between units: only asynchronous messages are allowed, and pings' answers.
+                if self._pings and mtype in (_EMPTY_QUERY, _READY):
+                    if mtype == _READY:
+                        self._pings -= 1
+                    pos = end
+                    continue
                 if mtype not in _ASYNC:
                     if mtype == _ERROR:
                         f = m.parse_error_fields(bytes(buf[pos + 5 : end]))

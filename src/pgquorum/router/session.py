@@ -18,7 +18,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -88,7 +88,6 @@ CROSS_WAIT_S = 1.0
 # While one node works for long, the session's other connections wait idle, maybe in its
 # transaction: an empty query this often resets the node's idle timeouts.
 KEEPALIVE_S = 1.0
-_KEEPALIVE = m.encode_query("")
 # At most how long a statement keeps this router's commits back (CommitCoordinator.quiet,
 # which also ends the hold once a commit has waited QUIET_PATIENCE_S for it).
 QUIET_LONGEST_S = 5.0
@@ -1342,42 +1341,29 @@ class ClientSession(asyncio.Protocol):
         return await self._finish_write(lead, lead_res, started, results)
 
     async def _answer(self, conn: NodeConnection) -> UnitResult:
-        """``conn.wait()``, keeping the session's other connections alive meanwhile: a node
-        ends a connection that waits idle longer than its idle_session_timeout (or, in a
-        transaction, idle_in_transaction_session_timeout), and the others wait while the
-        lead runs a statement, or the lead while the others do."""
-        await self._answered((conn,))
-        return await conn.wait()
+        """``conn.wait()``, keeping the session's other connections alive meanwhile."""
+        stop = self._keep_alive()
+        try:
+            return await conn.wait()
+        finally:
+            stop()
 
-    async def _answered(self, conns: Sequence[NodeConnection]) -> None:
-        """Until these units are answered, keeping the session's idle connections alive."""
-        if len(self.conns) > len(conns):
-            while not await NodeConnection.answered_within(conns, KEEPALIVE_S):
-                await self._keep_alive()
+    def _keep_alive(self) -> Callable[[], None]:
+        """Until the returned function is called, every KEEPALIVE_S a ping on each connection
+        of the session that runs no unit: a node ends a connection that waits idle longer than
+        its idle_session_timeout (in a transaction, idle_in_transaction_session_timeout), and
+        the others wait while the lead runs a statement, the lead while the others do."""
+        loop = asyncio.get_running_loop()
+        handle: asyncio.TimerHandle
 
-    async def _keep_alive(self) -> None:
-        """An empty query on each idle connection of the session, answered before the caller
-        goes on (so that no keepalive is in the way of the next unit)."""
-        idle = [c for c in self.conns.values() if c.idle]
-        for c in idle:
-            c.keepalive = True
-            c.send_unit(_KEEPALIVE, [EXPECT_QUERY], relay=False)
-        limit = self.router.settings.node_timeout_s or 3600.0
-        lead = next(iter(self.conns.values()))
-        if not await NodeConnection.answered_within(idle, limit):
-            for c in idle:
-                if c.busy:
-                    c.give_up("no answer to a keepalive")
-        for c in idle:
-            try:
-                res = await c.wait()
-            except NodeLost:
-                continue  # the session's next unit there finds the node lost, and fails it
-            finally:
-                c.keepalive = False
-            notified = [x for x in res.chunks if x[0] == m.NOTIFICATION]
-            if notified and c is lead:  # the client's, as when the lead is idle
-                self.write(b"".join(notified))
+        def tick() -> None:
+            nonlocal handle
+            for c in self.conns.values():
+                c.ping()  # (nothing where a unit runs)
+            handle = loop.call_later(KEEPALIVE_S, tick)
+
+        handle = loop.call_later(KEEPALIVE_S, tick)
+        return lambda: handle.cancel()
 
     def _start_others(self, others: list[NodeConnection], build: BuildUnit) -> list[NodeConnection]:
         """Send the unit to these nodes at once; those that cannot take it are failed."""
@@ -1463,7 +1449,7 @@ class ClientSession(asyncio.Protocol):
 
             def look() -> None:
                 nonlocal probe
-                busy = [c for c in conns if c.busy and not c.keepalive]
+                busy = [c for c in conns if c.busy]
                 if busy:
                     probes.append(loop.create_task(self._break_cross_waits(busy)))
                     probe = loop.call_later(CROSS_WAIT_S, look)
@@ -1475,12 +1461,12 @@ class ClientSession(asyncio.Protocol):
 
             def expire() -> None:  # one timer for all: cheaper than a wait_for per node
                 for c in conns:
-                    if c.busy and not c.keepalive:
+                    if c.busy:
                         c.give_up(f"no answer {waited:.1f}s after the others")
 
             timer = loop.call_later(waited, expire)
+        stop = self._keep_alive()
         try:
-            await self._answered(conns)
             for c in conns:
                 try:
                     out.append(await c.wait())
@@ -1490,6 +1476,7 @@ class ClientSession(asyncio.Protocol):
                 finally:
                     cluster.status[c.node.name].outstanding -= 1
         finally:
+            stop()
             if timer is not None:
                 timer.cancel()
             if probe is not None:

@@ -42,6 +42,25 @@ QUIET_PATIENCE_S = 0.02
 RESOLVE_RETRY_S = 1.0
 
 
+class _Signal:
+    """Wakes whoever waits at the time it fires (an Event made on demand, dropped when set)."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event: asyncio.Event | None = None
+
+    async def wait(self) -> None:
+        if self._event is None:
+            self._event = asyncio.Event()
+        await self._event.wait()
+
+    def fire(self) -> None:
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
+
+
 class Hold:
     """A quiet hold (CommitCoordinator.quiet): ``kept`` unless it ended before its owner left
     it (it gave way to a commit, or ran out of time)."""
@@ -69,12 +88,11 @@ class CommitCoordinator:
         self.resolved_once = asyncio.Event()
         self._active = 0  # sessions inside a commit slot
         self._barrier: asyncio.Event | None = None  # set when the barrier is released
-        self._drained: asyncio.Event | None = None  # set when no one is in a slot any more
-        self._quiet = 0  # sessions inside a quiet hold
-        self._quiet_over: asyncio.Event | None = None  # set when the last one leaves
+        self._drained = _Signal()  # no one is in a slot any more
+        self._holds: dict[Hold, Callable[[], None]] = {}  # each quiet hold's give_way
+        self._quiet_over = _Signal()  # the last quiet hold ended
         self._waiting = 0  # sessions waiting for a slot until quiet holds end
-        self._no_waiting: asyncio.Event | None = None  # set when none waits any more
-        self._holds: dict[Hold, Callable[[], None]] = {}  # each quiet hold's release
+        self._no_waiting = _Signal()  # none waits any more
         self._impatience: asyncio.TimerHandle | None = None  # ends the holds (QUIET_PATIENCE_S)
 
     # -- the commit barrier ------------------------------------------------------------------
@@ -83,13 +101,11 @@ class CommitCoordinator:
     async def commit_slot(self) -> AsyncIterator[None]:
         """Around every point where a transaction becomes committed on some nodes and not yet
         on others (phase 2, one-phase commits): the barrier waits until no one is inside."""
-        while self._barrier is not None or self._quiet:
+        while self._barrier is not None or self._holds:
             if self._barrier is not None:
                 await self._barrier.wait()
                 continue
             # No new quiet hold begins while a commit waits (see quiet): no starving.
-            if self._quiet_over is None:
-                self._quiet_over = asyncio.Event()
             if self._impatience is None:
                 self._impatience = asyncio.get_running_loop().call_later(
                     QUIET_PATIENCE_S, self._end_holds
@@ -103,32 +119,27 @@ class CommitCoordinator:
                     if self._impatience is not None:
                         self._impatience.cancel()
                         self._impatience = None
-                    if self._no_waiting is not None:
-                        no_waiting, self._no_waiting = self._no_waiting, None
-                        no_waiting.set()
+                    self._no_waiting.fire()
         self._active += 1
         try:
             yield
         finally:
             self._active -= 1
-            if self._active == 0 and self._drained is not None:
-                drained, self._drained = self._drained, None
-                drained.set()
+            if self._active == 0:
+                self._drained.fire()
 
     def _end_holds(self) -> None:
         """A commit waited QUIET_PATIENCE_S for the quiet holds: the statements in them may
         wait for its locks (on any node: concurrent holds need not take their locks in the
         same order everywhere), so they go on without their holds."""
         self._impatience = None
-        for release in list(self._holds.values()):
-            release()
+        for give_way in list(self._holds.values()):
+            give_way()
 
     async def _wait_drained(self, timeout: float) -> None:
         """Until no one is inside a commit slot; TimeoutError after ``timeout``."""
         began = time.monotonic()
         while self._active:
-            if self._drained is None:
-                self._drained = asyncio.Event()
             left = began + timeout - time.monotonic()
             await asyncio.wait_for(self._drained.wait(), max(left, 0.001))
 
@@ -147,36 +158,30 @@ class CommitCoordinator:
         while self._barrier is not None or self._waiting:
             if self._barrier is not None:
                 await self._barrier.wait()
-                continue
-            if self._no_waiting is None:
-                self._no_waiting = asyncio.Event()
-            await self._no_waiting.wait()  # the commits that wait for holds go first
-        self._quiet += 1
+            else:
+                await self._no_waiting.wait()  # the commits that wait for holds go first
         hold = Hold()
 
-        def release() -> None:
-            if not hold.kept:
-                return
-            hold.kept = False
-            self._holds.pop(hold, None)
-            self._quiet -= 1
-            if self._quiet == 0 and self._quiet_over is not None:
-                over, self._quiet_over = self._quiet_over, None
-                over.set()
+        def leave() -> None:
+            if self._holds.pop(hold, None) is not None and not self._holds:
+                self._quiet_over.fire()
 
-        self._holds[hold] = release
-        timer = asyncio.get_running_loop().call_later(longest, release)
+        def give_way() -> None:  # before its owner is done
+            if hold in self._holds:
+                hold.kept = False
+                leave()
+
+        self._holds[hold] = give_way
+        timer = asyncio.get_running_loop().call_later(longest, give_way)
         try:
             try:
                 await self._wait_drained(longest)
             except TimeoutError:
-                release()  # (a commit in flight waits for a lock: maybe this session's)
+                give_way()  # (a commit in flight waits for a lock: maybe this session's)
             yield hold
         finally:
             timer.cancel()
-            if hold.kept:
-                release()
-                hold.kept = True  # (it lasted as long as it was needed)
+            leave()
 
     @contextlib.asynccontextmanager
     async def barrier(self, timeout: float = 5.0) -> AsyncIterator[float]:

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 import uvloop
 
+from helpers import assert_nodes_identical
 from pgquorum.cluster.model import Group, Node, NodeState
 from pgquorum.config import Config, RouterSettings
 from pgquorum.local.binaries import PgBinaries
@@ -175,10 +176,15 @@ def wait_resolved(nodes: list[LocalNode], timeout: float = 30) -> None:
 
 def assert_all_online(rt: RouterThread) -> None:
     """Every node of the router's group is ONLINE (none was failed)."""
-    from pgquorum.cluster.model import NodeState
-
     states = {name: st.state for name, st in rt.router.cluster.status.items()}
     assert set(states.values()) == {NodeState.ONLINE}, states
+
+
+def assert_settled(rt: RouterThread, nodes: list[LocalNode], sql: str, expected: str) -> None:
+    """No node was failed, ``sql`` answers ``expected``, and every node holds the same."""
+    assert_all_online(rt)
+    assert nodes[0].psql(sql) == expected
+    assert_nodes_identical(nodes, "postgres")
 
 
 def eventually(check: Callable[[], bool], timeout: float = 10, what: str = "") -> None:

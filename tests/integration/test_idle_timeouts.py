@@ -9,7 +9,13 @@ import time
 
 import psycopg
 import pytest
-from router_harness import RouterThread, assert_all_online, eventually, router_config
+from router_harness import (
+    RouterThread,
+    assert_all_online,
+    assert_settled,
+    eventually,
+    router_config,
+)
 
 from helpers import assert_nodes_identical
 from pgquorum.local.instance import LocalNode
@@ -43,9 +49,7 @@ def test_idle_in_transaction_timeout_ends_the_session_and_fails_no_node(three) -
     with psycopg.connect(rt.dsn(), autocommit=True) as other:
         other.execute("INSERT INTO t VALUES (2, 'after')")
         assert other.execute("SELECT id FROM t ORDER BY id").fetchall() == [(2,)]
-    for n in nodes:
-        assert n.psql("SELECT string_agg(id::text, ',') FROM t") == "2"
-    assert_nodes_identical(nodes, "postgres")
+    assert_settled(rt, nodes, "SELECT string_agg(id::text, ',') FROM t", "2")
 
 
 def test_idle_session_timeout_keeps_the_session(three) -> None:  # type: ignore[no-untyped-def]
@@ -75,10 +79,7 @@ def test_nodes_a_session_does_not_read_from_may_close_its_idle_connections(three
             time.sleep(0.05)
         conn.execute("INSERT INTO t VALUES (2, 'after')")
         conn.execute("UPDATE t SET note = note || '!'")
-    assert_all_online(rt)
-    for n in nodes:
-        assert n.psql("SELECT string_agg(note, ',' ORDER BY id) FROM t") == "before!,after!"
-    assert_nodes_identical(nodes, "postgres")
+    assert_settled(rt, nodes, "SELECT string_agg(note, ',' ORDER BY id) FROM t", "before!,after!")
 
 
 def test_nodes_waiting_for_a_long_statement_on_the_lead_are_kept_alive(three) -> None:  # type: ignore[no-untyped-def]
@@ -112,10 +113,8 @@ def test_nodes_waiting_for_a_long_statement_on_the_lead_are_kept_alive(three) ->
     conn.close()
     assert not thread.is_alive()
     assert not errors, errors
-    assert_all_online(rt)
-    for n in nodes:
-        assert n.psql("SELECT string_agg(note, '|' ORDER BY id) FROM t") == "held, then mine|mine"
-    assert_nodes_identical(nodes, "postgres")
+    notes = "SELECT string_agg(note, '|' ORDER BY id) FROM t"
+    assert_settled(rt, nodes, notes, "held, then mine|mine")
 
 
 def test_a_node_too_full_to_connect_to_again_ends_the_session_not_the_node(three) -> None:  # type: ignore[no-untyped-def]
@@ -137,7 +136,4 @@ def test_a_node_too_full_to_connect_to_again_ends_the_session_not_the_node(three
         a.close()
         for o in others:
             o.close()
-    assert_all_online(rt)
-    for n in nodes:
-        assert n.psql("SELECT string_agg(id::text, ',') FROM t") == "2"
-    assert_nodes_identical(nodes, "postgres")
+    assert_settled(rt, nodes, "SELECT string_agg(id::text, ',') FROM t", "2")

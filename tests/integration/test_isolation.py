@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
-from router_harness import RouterThread, assert_all_online, router_config
+from router_harness import RouterThread, assert_all_online, assert_settled, router_config
 
 from helpers import assert_nodes_identical
 from pgquorum.local.instance import LocalNode
@@ -60,10 +60,7 @@ def test_a_concurrent_update_fails_a_repeatable_read_transaction_everywhere(thre
                 t1.execute("SELECT 1")  # failed on every node, not only where it was refused
             t1.execute("ROLLBACK")
             t1.execute("UPDATE acct SET v = v + 1 WHERE id = 1")  # the retry
-    assert_all_online(rt)
-    for n in nodes:
-        assert n.psql("SELECT v FROM acct") == "11"
-    assert_nodes_identical(nodes, "postgres")
+    assert_settled(rt, nodes, "SELECT v FROM acct", "11")
 
 
 def test_a_repeatable_read_snapshot_is_the_same_on_every_node(three) -> None:  # type: ignore[no-untyped-def]
@@ -80,10 +77,7 @@ def test_a_repeatable_read_snapshot_is_the_same_on_every_node(three) -> None:  #
             other.execute("INSERT INTO item VALUES (3)")
             t1.execute("INSERT INTO tally SELECT count(*) FROM item")
             t1.execute("COMMIT")
-    assert_all_online(rt)
-    for n in nodes:
-        assert n.psql("SELECT n FROM tally") == "2", n.name
-    assert_nodes_identical(nodes, "postgres")
+    assert_settled(rt, nodes, "SELECT n FROM tally", "2")
 
 
 def test_serializable_write_skew_is_refused_and_no_node_fails(three) -> None:  # type: ignore[no-untyped-def]
@@ -113,12 +107,8 @@ def test_serializable_write_skew_is_refused_and_no_node_fails(three) -> None:  #
     finally:
         t1.close()
         t2.close()
-    assert_all_online(rt)
-    for n in nodes:
-        assert n.psql("SELECT string_agg(on_call::text, ',' ORDER BY id) FROM duty") == (
-            "false,true"
-        ), n.name
-    assert_nodes_identical(nodes, "postgres")
+    on_call = "SELECT string_agg(on_call::text, ',' ORDER BY id) FROM duty"
+    assert_settled(rt, nodes, on_call, "false,true")
 
 
 def test_a_lock_timeout_on_the_lead_alone_fails_the_transaction_not_the_lead(three) -> None:  # type: ignore[no-untyped-def]
@@ -140,10 +130,7 @@ def test_a_lock_timeout_on_the_lead_alone_fails_the_transaction_not_the_lead(thr
                 conn.execute("SELECT 1")
             conn.execute("ROLLBACK")
         direct.rollback()
-    assert_all_online(rt)
-    for n in nodes:
-        assert n.psql("SELECT string_agg(id || ':' || v, ',') FROM acct") == "1:0", n.name
-    assert_nodes_identical(nodes, "postgres")
+    assert_settled(rt, nodes, "SELECT string_agg(id || ':' || v, ',') FROM acct", "1:0")
 
 
 def test_writes_computed_from_rows_others_commit_meanwhile_stay_identical(three) -> None:  # type: ignore[no-untyped-def]

@@ -350,6 +350,16 @@ def crash_in_a_commit(  # type: ignore[no-untyped-def]
     return a, b, nodes, holder
 
 
+def failed_by_the_resolver(a: RouterThread, nodes: list[LocalNode]) -> None:
+    """The recovery of node3 failed because a resolver committed outside its queue; the
+    transaction is on the ONLINE nodes."""
+    info = wait_recovery(a)
+    assert info["phase"] == "failed", info
+    assert "in-doubt transaction" in info["error"], info
+    assert state(a, "node3") is NodeState.FAILED
+    assert nodes[0].psql("SELECT balance FROM acct WHERE id = 1") == "110"
+
+
 def test_a_peer_that_crashes_in_a_commit_during_a_recovery_fails_it(  # type: ignore[no-untyped-def]
     make_nodes, procs, tmp_path: Path
 ) -> None:
@@ -362,14 +372,10 @@ def test_a_peer_that_crashes_in_a_commit_during_a_recovery_fails_it(  # type: ig
         # The restarted peer's resolver commits the transaction and fails the node
         # everywhere: the recovery ends while the open transaction still keeps it from its
         # switch (which it would reach, the node not FAILED, once that one ended).
-        info = wait_recovery(a)
-        assert info["phase"] == "failed", info
-        assert "in-doubt transaction" in info["error"], info
-        assert state(a, "node3") is NodeState.FAILED
+        failed_by_the_resolver(a, nodes)
         holder.commit()
         holder.close()
         wait_resolved(nodes[:2])
-        assert nodes[0].psql("SELECT balance FROM acct WHERE id = 1") == "110"
         assert_nodes_identical(nodes[:2], "postgres")
     finally:
         a.stop()
@@ -389,11 +395,7 @@ def test_the_switch_waits_for_a_peer_resolver_to_hear_from_the_queue(  # type: i
         eventually(lambda: f"{failpoints.BEFORE_QUEUE_CHECK} hit" in b.output(), 30)
         holder.commit()  # (the switch may come now)
         holder.close()
-        info = wait_recovery(a)
-        assert info["phase"] == "failed", info
-        assert "in-doubt transaction" in info["error"], info
-        assert state(a, "node3") is NodeState.FAILED
-        assert nodes[0].psql("SELECT balance FROM acct WHERE id = 1") == "110"
+        failed_by_the_resolver(a, nodes)
         assert_nodes_identical(nodes[:2], "postgres")
     finally:
         a.stop()

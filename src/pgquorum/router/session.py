@@ -1394,9 +1394,10 @@ class ClientSession(asyncio.Protocol):
         conflict = _conflict(voters)
         if conflict is None and self._hold is not None and not self._hold.kept:
             conflict = _skewed(voters)
-        cancelled, self._cross_cancelled = self._cross_cancelled, set()
-        if conflict is not None and any(c in cancelled for c, r in voters if r.error):
-            conflict = _synthesized(DEADLOCK_DETECTED)  # (not the cancel we sent)
+        if self._cross_cancelled:
+            cancelled, self._cross_cancelled = self._cross_cancelled, set()
+            if conflict is not None and any(c in cancelled for c, r in voters if r.error):
+                conflict = _synthesized(DEADLOCK_DETECTED)  # (not the cancel we sent)
         if conflict is None:
             return self._vote(voters)
         # Some node failed the statement for its own timing (a conflict with a concurrent

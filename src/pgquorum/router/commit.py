@@ -28,6 +28,7 @@ from pgquorum.sql.quoting import quote_literal
 
 from .backend import NodeLost
 from .client import Link, query
+from .quiet import QuietLock
 
 if TYPE_CHECKING:
     from .server import Router
@@ -63,12 +64,22 @@ class _Signal:
 
 class Hold:
     """A quiet hold (CommitCoordinator.quiet): ``kept`` unless it ended before its owner left
-    it (it gave way to a commit, or ran out of time)."""
+    it (it gave way to a commit, or ran out of time). ``early``: by the time the held
+    statement went to the nodes after the lead (reach_others), it had ended and a commit may
+    have landed since it began, so the nodes may run the statement on different rows."""
 
-    __slots__ = ("kept",)
+    __slots__ = ("_coordinator", "_landed", "_peers", "early", "kept")
 
-    def __init__(self) -> None:
+    def __init__(self, coordinator: CommitCoordinator, peers: bool) -> None:
         self.kept = True
+        self.early = False
+        self._coordinator = coordinator
+        self._landed = coordinator.landed  # this router's commits that began phase 2
+        self._peers = peers  # (whose commits go on unseen once the quiet lock is given up)
+
+    def reach_others(self) -> None:
+        """The held statement is being sent to the nodes after the lead."""
+        self.early = not self.kept and (self._peers or self._coordinator.landed != self._landed)
 
 
 class CommitCoordinator:
@@ -94,6 +105,8 @@ class CommitCoordinator:
         self._waiting = 0  # sessions waiting for a slot until quiet holds end
         self._no_waiting = _Signal()  # none waits any more
         self._impatience: asyncio.TimerHandle | None = None  # ends the holds (QUIET_PATIENCE_S)
+        self._quiet_locks: dict[str, QuietLock] = {}  # by database (quiet.py)
+        self.landed = 0  # commits that entered a slot (see Hold.reach_others)
 
     # -- the commit barrier ------------------------------------------------------------------
 
@@ -121,6 +134,7 @@ class CommitCoordinator:
                         self._impatience = None
                     self._no_waiting.fire()
         self._active += 1
+        self.landed += 1
         try:
             yield
         finally:
@@ -144,7 +158,7 @@ class CommitCoordinator:
             await asyncio.wait_for(self._drained.wait(), max(left, 0.001))
 
     @contextlib.asynccontextmanager
-    async def quiet(self, longest: float) -> AsyncIterator[Hold]:
+    async def quiet(self, longest: float, database: str | None = None) -> AsyncIterator[Hold]:
         """No commit of this router is under way while inside (none in a slot), for
         ``longest`` seconds at most, and no longer than QUIET_PATIENCE_S after a commit
         began to wait: then commits go on again, and the hold is over (``Hold.kept`` turns
@@ -154,34 +168,60 @@ class CommitCoordinator:
         the others, and a commit in between would show on some of those snapshots only.
         Several sessions may be inside at once. No new hold begins while a commit waits
         for the holds to end, so a commit waits for one round of holds at most.
+
+        With peers (other routers, or sibling workers), the hold also keeps their commits
+        back, by the quiet lock of ``database`` on the lead (quiet.py).
         """
-        while self._barrier is not None or self._waiting:
-            if self._barrier is not None:
-                await self._barrier.wait()
-            else:
-                await self._no_waiting.wait()  # the commits that wait for holds go first
-        hold = Hold()
+        lock = self._quiet_lock(database)
+        hold = Hold(self, lock is not None)
 
         def leave() -> None:
             if self._holds.pop(hold, None) is not None and not self._holds:
                 self._quiet_over.fire()
 
         def give_way() -> None:  # before its owner is done
-            if hold in self._holds:
-                hold.kept = False
-                leave()
+            hold.kept = False
+            leave()
+            if lock is not None:
+                lock.leave(hold)
 
-        self._holds[hold] = give_way
         timer = asyncio.get_running_loop().call_later(longest, give_way)
         try:
-            try:
-                await self._wait_drained(longest)
-            except TimeoutError:
-                give_way()  # (a commit in flight waits for a lock: maybe this session's)
+            # The quiet lock first: a commit of this router that has prepared holds it
+            # (shared) until its phase 2, which a hold within the router would keep waiting.
+            if lock is not None and not await lock.take(hold, give_way):
+                hold.kept = False
+            while self._barrier is not None or self._waiting:
+                if self._barrier is not None:
+                    await self._barrier.wait()
+                else:
+                    await self._no_waiting.wait()  # the commits that wait for holds go first
+            if hold.kept:
+                self._holds[hold] = give_way
+                try:
+                    await self._wait_drained(longest)
+                except TimeoutError:
+                    give_way()  # (a commit in flight waits for a lock: maybe this session's)
             yield hold
         finally:
             timer.cancel()
             leave()
+            if lock is not None:
+                lock.leave(hold)
+
+    def _quiet_lock(self, database: str | None) -> QuietLock | None:
+        """The quiet lock of ``database``, when there are peers whose commits it holds."""
+        if database is None or not self.router.settings.peers:
+            return None
+        lock = self._quiet_locks.get(database)
+        if lock is None:
+            lock = self._quiet_locks[database] = QuietLock(self.router, database)
+        return lock
+
+    @property
+    def share_quiet_lock(self) -> bool:
+        """Whether commits take the quiet lock (quiet.py): when there are peers."""
+        return bool(self.router.settings.peers)
 
     @contextlib.asynccontextmanager
     async def barrier(self, timeout: float = 5.0) -> AsyncIterator[float]:
@@ -228,6 +268,8 @@ class CommitCoordinator:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 if task.done():
                     task.result()
+        for lock in self._quiet_locks.values():
+            lock.close()
         self.log.flush_forgotten()
         self.log.close()
 

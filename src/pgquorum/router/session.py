@@ -55,6 +55,7 @@ from pgquorum.sql.determinism import (
 )
 from pgquorum.sql.quoting import quote_literal
 
+from . import quiet
 from .backend import (
     EXPECT_QUERY,
     EXPECT_QUERY_SWALLOWED,
@@ -1073,7 +1074,7 @@ class ClientSession(asyncio.Protocol):
         (and write what it computed from them), or meet another conflict."""
         conns = self._online_conns()
         self._snapshot_pinned = True
-        async with self.router.commits.quiet(QUIET_LONGEST_S) as hold:
+        async with self.router.commits.quiet(QUIET_LONGEST_S, self.database) as hold:
             if not hold.kept:  # commits in flight wait for a lock (maybe this session's)
                 log.warning("session %d: snapshot taken while commits were under way", self.id)
             results = await self._run_on(conns, _TAKE_SNAPSHOT)
@@ -1245,8 +1246,8 @@ class ClientSession(asyncio.Protocol):
         self._cancel_build = None
         if quiet and not self._snapshot_pinned and len(self._online_conns()) > 1:
             # Its snapshot on the lead and on the others must hold the same commits: none
-            # of this router's may land in between (not covered: a peer router's).
-            async with self.router.commits.quiet(QUIET_LONGEST_S) as self._hold:
+            # of this router's or its peers' may land in between.
+            async with self.router.commits.quiet(QUIET_LONGEST_S, self.database) as self._hold:
                 try:
                     res = await self._run_write(
                         build, single=single, lock_free=lock_free, wrapped=wrapped
@@ -1331,6 +1332,8 @@ class ClientSession(asyncio.Protocol):
             self._cancel_build = build
         followers = self.router.followers
         followers.begin(lead.node.name)
+        if self._hold is not None:
+            self._hold.reach_others()
         try:
             started = self._start_others(others, build)
             results = await self._gather(started, lead_took, after_lead=True)
@@ -1393,7 +1396,7 @@ class ClientSession(asyncio.Protocol):
         voters += [(c, r) for c, r in zip(others, results, strict=True) if r is not None]
         conflict = _conflict(voters)
         if conflict is None and self._hold is not None and not self._hold.kept:
-            conflict = _skewed(voters)
+            conflict = _skewed(voters, self._hold.early)
         if self._cross_cancelled:
             cancelled, self._cross_cancelled = self._cross_cancelled, set()
             if conflict is not None and any(c in cancelled for c, r in voters if r.error):
@@ -1832,11 +1835,20 @@ class ClientSession(asyncio.Protocol):
         conns: list[NodeConnection],
         query: bytes,
         expect: list[Expectation] | None = None,
+        lead_first: bytes | None = None,
     ) -> list[UnitResult | None]:
         """Run a query of the router's own on these nodes at once; a result per node, None
-        where the node was lost (and failed)."""
+        where the node was lost (and failed). ``lead_first``: a simple query that the lead
+        (the first of ``conns``) runs before it."""
         expected = expect or [EXPECT_QUERY]
-        started = self._start_others(conns, lambda c: (query, expected))
+        if lead_first is None:
+            started = self._start_others(conns, lambda c: (query, expected))
+        else:  # (the lead gets the router's own query first, its answer swallowed)
+            lead, first = conns[0], lead_first + query
+            led = [EXPECT_QUERY_SWALLOWED, *expected]
+            started = self._start_others(
+                conns, lambda c: (first, led) if c is lead else (query, expected)
+            )
         done = dict(zip(started, await self._gather(started), strict=True))
         return [done.get(c) for c in conns]
 
@@ -1850,7 +1862,12 @@ class ClientSession(asyncio.Protocol):
         literal = quote_literal(gid)
         commits.in_flight.add(gid)
         try:
-            prepared = await self._run_on(conns, m.encode_query(f"PREPARE TRANSACTION {literal}"))
+            prepared = await self._run_on(
+                conns,
+                m.encode_query(f"PREPARE TRANSACTION {literal}"),
+                # With peers, the commit keeps their quiet holds waiting (quiet.py).
+                lead_first=quiet.SHARE if commits.share_quiet_lock else None,
+            )
             voters = [(c, r) for c, r in zip(conns, prepared, strict=True) if r is not None]
             if not voters:
                 raise PgError(
@@ -2294,13 +2311,15 @@ def _conflict(voters: list[tuple[NodeConnection, UnitResult]]) -> UnitResult | N
     return conflict
 
 
-def _skewed(voters: list[tuple[NodeConnection, UnitResult]]) -> UnitResult | None:
-    """Outcomes that differ although every node still has the transaction open and none
-    failed, from a statement whose quiet hold gave way: a commit landed between the nodes'
-    runs, so they saw different rows. The transaction's failure (a serialization failure,
-    as PostgreSQL reports a concurrent update), not a node's: the result to report, or None
-    if the outcomes agree or some node's transaction ended."""
-    if len({r.outcome() for _, r in voters}) < 2:
+def _skewed(voters: list[tuple[NodeConnection, UnitResult]], early: bool) -> UnitResult | None:
+    """For a statement whose quiet hold gave way: outcomes that differ although every node
+    still has the transaction open and none failed (a commit landed between the nodes' runs,
+    so they saw different rows), or any outcome if the hold had ended before the nodes after
+    the lead got the statement (``early``: they may have seen other rows and still counted
+    as many, writing other values). The transaction's failure (a serialization failure, as
+    PostgreSQL reports a concurrent update), not a node's: the result to report, or None if
+    the statement stands or some node's transaction ended."""
+    if not early and len({r.outcome() for _, r in voters}) < 2:
         return None
     if any(r.error or r.status != IN_BLOCK for _, r in voters):
         return None

@@ -98,3 +98,26 @@ def test_a_hold_gives_up_when_a_commit_in_flight_does_not_end() -> None:
         return hold.kept
 
     assert asyncio.run(go()) is False
+
+
+def test_a_hold_is_early_only_if_it_ended_and_a_commit_landed_before_the_others_ran() -> None:
+    """Hold.early decides whether a held statement must fail (40001) whatever the nodes
+    answered: its hold ended before the nodes after the lead got it, and a commit may have
+    landed in between."""
+
+    async def go() -> tuple[bool, bool, bool]:
+        commits = coordinator()
+        async with commits.quiet(5.0) as kept:
+            kept.reach_others()
+        async with commits.quiet(0.01) as lapsed:  # ran out of time, no commit meanwhile
+            await asyncio.sleep(0.03)
+            lapsed.reach_others()
+        assert not lapsed.kept
+        async with commits.quiet(5.0) as overtaken:
+            task = asyncio.create_task(committing(commits, [], "c", 0))
+            await asyncio.sleep(commit.QUIET_PATIENCE_S * 5)  # the commit ends the hold
+            overtaken.reach_others()
+            await task
+        return kept.early, lapsed.early, overtaken.early
+
+    assert asyncio.run(go()) == (False, False, True)

@@ -50,11 +50,12 @@ TAKE_TIMEOUT_MS = 200  # the lock_timeout of the router's own connection that ta
 # seen waiting twice in a row ends the holds (it waited about QUIET_PATIENCE_S).
 WATCH_S = 0.01
 
-# What a commit sends to the lead before its PREPARE TRANSACTION (its answer swallowed):
-# the client's own timeouts must not fail the commit for this wait, which is short.
+# What a commit sends to the lead before its PREPARE TRANSACTION (its answer swallowed),
+# one statement: the client's lock_timeout must not fail the commit for this short wait
+# (set for the transaction, which ends with the PREPARE).
 SHARE = m.encode_query(
-    "SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0; "
-    f"SELECT pg_catalog.pg_advisory_xact_lock_shared({KEY[0]}, {KEY[1]})"
+    "SELECT pg_catalog.set_config('lock_timeout', '0', true), "
+    f"pg_catalog.pg_advisory_xact_lock_shared({KEY[0]}, {KEY[1]})"
 )
 _TAKE = f"SELECT pg_catalog.pg_advisory_lock({KEY[0]}, {KEY[1]})"
 _GIVE = f"SELECT pg_catalog.pg_advisory_unlock({KEY[0]}, {KEY[1]})"
@@ -80,6 +81,7 @@ class QuietLock:
         self._users: dict[object, Callable[[], None]] = {}
         self._mutex = asyncio.Lock()  # one query at a time on the link
         self._watch: asyncio.Task[None] | None = None
+        self._giving: asyncio.Task[None] | None = None
         # Set while a peer's hold waits for the lock: no hold of this router joins the one
         # it holds (they would keep it for ever); they take it again after the peer's.
         self._yielding = False
@@ -112,19 +114,14 @@ class QuietLock:
     def leave(self, hold: object) -> None:
         """``hold`` is over (or gave way): the last one out gives the lock up."""
         if self._users.pop(hold, None) is not None and not self._users:
-            asyncio.get_running_loop().create_task(self._give())
+            # (kept: the loop holds its tasks weakly)
+            self._giving = asyncio.get_running_loop().create_task(self._give())
 
     async def _give(self) -> None:
         async with self._mutex:
             if not self._held or self._users:  # (taken again meanwhile)
                 return
-            self._held = False
-            if self._watch is not None:
-                self._watch.cancel()
-                self._watch = None
-            self._yielding = False
-            self._given.set()
-            self._given = asyncio.Event()
+            self._given_up()
             try:
                 assert self._link is not None
                 await self._link.query(_GIVE)
@@ -174,14 +171,24 @@ class QuietLock:
             self._node = lead.node
         return self._link
 
+    def _given_up(self) -> None:
+        """The lock is no longer held (or about to be given up): wake the holds that
+        waited for a peer's turn."""
+        self._held = False
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self._yielding = False
+        self._given.set()
+        self._given = asyncio.Event()
+
     def _drop_link(self) -> None:
+        """Close the link: the server gives the lock up with it."""
         if self._link is not None:
             self._link.close()
             self._link = None
-            self._held = False
+        self._given_up()
 
     def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
         with contextlib.suppress(Exception):
             self._drop_link()

@@ -7,6 +7,7 @@ client to retry, never a reason to fail a node or to commit the transaction on t
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,45 @@ def at_once(calls: list[tuple[Callable[..., None], tuple[object, ...]]]) -> None
     for t in threads:
         t.join(60)
     assert not errors, errors
+
+
+def bump_until(dsn: str, stop: float, i: int) -> None:
+    """Commit `UPDATE src SET v = v + 1` of row ``i`` again and again until ``stop``."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        while time.monotonic() < stop:
+            c.execute(f"UPDATE src SET v = v + 1 WHERE id = {i}")
+
+
+def tally_until(
+    dsn: str, stop: float, retried: list[int], latest: int | None = None, *, block: bool = False
+) -> None:
+    """Until ``stop``: INSERT the sum of src into tally and, with ``latest``, UPDATE that row
+    of latest to it by a subquery; in one transaction block each time with ``block``. A
+    40001 is retried: a hold that gave way (a commit waited QUIET_PATIENCE_S for it) before
+    the nodes after the lead ran the statement, so a commit may have landed in between."""
+    with psycopg.connect(dsn, autocommit=not block) as c:
+        while time.monotonic() < stop:
+            try:
+                c.execute("INSERT INTO tally SELECT sum(v) FROM src")
+                if latest is not None:
+                    c.execute(
+                        "UPDATE latest SET s = (SELECT sum(v) FROM src) WHERE id = %s", (latest,)
+                    )
+                if block:
+                    c.commit()
+            except psycopg.errors.SerializationFailure:
+                retried.append(1)
+                if block:
+                    c.rollback()
+
+
+def assert_tallied(nodes: list[LocalNode], retried: list[int]) -> None:
+    """The tallies ran, few were retried, and every node holds the same."""
+    tallied = int(nodes[0].psql("SELECT count(*) FROM tally"))
+    print(f"{tallied} tallied, {len(retried)} retried")
+    assert tallied > 100
+    assert len(retried) < tallied / 4
+    assert_nodes_identical(nodes, "postgres")
 
 
 @pytest.fixture
@@ -153,42 +193,20 @@ def test_writes_computed_from_rows_others_commit_meanwhile_stay_identical(three)
         setup.execute("CREATE TABLE latest (id int PRIMARY KEY, s bigint)")
         setup.execute("INSERT INTO latest VALUES (0, 0), (1, 0)")
     stop = time.monotonic() + 5.0
-
-    def bump(i: int) -> None:
-        with psycopg.connect(rt.dsn(), autocommit=True) as c:
-            while time.monotonic() < stop:
-                c.execute(f"UPDATE src SET v = v + 1 WHERE id = {i}")
-
+    dsn = rt.dsn()
     retried: list[int] = []
-
-    def tally(in_block: bool) -> None:
-        with psycopg.connect(rt.dsn(), autocommit=not in_block) as c:
-            while time.monotonic() < stop:
-                try:
-                    c.execute("INSERT INTO tally SELECT sum(v) FROM src")
-                    c.execute(
-                        "UPDATE latest SET s = (SELECT sum(v) FROM src) WHERE id = %s",
-                        (int(in_block),),
-                    )
-                    if in_block:
-                        c.commit()
-                except psycopg.errors.SerializationFailure:
-                    # A hold that gave way (a commit waited QUIET_PATIENCE_S for it) before
-                    # the others ran the statement: a commit may have landed in between.
-                    retried.append(1)
-                    if in_block:
-                        c.rollback()
-
-    at_once([(bump, (1,)), (bump, (2,)), (bump, (3,)), (tally, (False,)), (tally, (True,))])
+    at_once(
+        [
+            *((bump_until, (dsn, stop, i)) for i in (1, 2, 3)),
+            (tally_until, (dsn, stop, retried, 0)),
+            (functools.partial(tally_until, block=True), (dsn, stop, retried, 1)),
+        ]
+    )
     assert_all_online(rt)
     # It ran, and the holds did not slow it much: a statement that waits for a lock of a
     # transaction whose commit it holds back lets it go (QUIET_PATIENCE_S). (About 250 rows
     # here with or without the holds; some 50 when a hold kept commits back for 250 ms.)
-    tallied = int(nodes[0].psql("SELECT count(*) FROM tally"))
-    print(f"{tallied} tallied, {len(retried)} retried")
-    assert tallied > 100
-    assert len(retried) < tallied / 4
-    assert_nodes_identical(nodes, "postgres")
+    assert_tallied(nodes, retried)
 
 
 def test_updates_by_a_condition_rows_commit_into_meanwhile_stay_identical(three) -> None:  # type: ignore[no-untyped-def]
@@ -243,30 +261,19 @@ def test_writes_computed_from_rows_a_peer_router_commits_stay_identical(
             setup.execute("INSERT INTO src SELECT g, 0 FROM generate_series(1, 4) g")
             setup.execute("CREATE TABLE tally (s bigint)")
         stop = time.monotonic() + 5.0
-
-        def bump(rt: RouterThread, i: int) -> None:
-            with psycopg.connect(rt.dsn(), autocommit=True) as c:
-                while time.monotonic() < stop:
-                    c.execute(f"UPDATE src SET v = v + 1 WHERE id = {i}")
-
         retried: list[int] = []
-
-        def tally(rt: RouterThread) -> None:
-            with psycopg.connect(rt.dsn(), autocommit=True) as c:
-                while time.monotonic() < stop:
-                    try:
-                        c.execute("INSERT INTO tally SELECT sum(v) FROM src")
-                    except psycopg.errors.SerializationFailure:
-                        retried.append(1)  # (its hold gave way before the others ran it)
-
-        at_once([(bump, (b, 1)), (bump, (b, 2)), (bump, (a, 3)), (tally, (a,)), (tally, (b,))])
+        at_once(
+            [
+                (bump_until, (b.dsn(), stop, 1)),
+                (bump_until, (b.dsn(), stop, 2)),
+                (bump_until, (a.dsn(), stop, 3)),
+                (tally_until, (a.dsn(), stop, retried)),
+                (tally_until, (b.dsn(), stop, retried)),
+            ]
+        )
         assert_all_online(a)
         assert_all_online(b)
-        tallied = int(nodes[0].psql("SELECT count(*) FROM tally"))
-        print(f"{tallied} tallied, {len(retried)} retried")
-        assert tallied > 100
-        assert len(retried) < tallied / 4
-        assert_nodes_identical(nodes, "postgres")
+        assert_tallied(nodes, retried)
     finally:
         a.stop()
         b.stop()

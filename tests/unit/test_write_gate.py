@@ -17,18 +17,20 @@ class FakeSession:
     txn_count: int = 0
 
 
+async def resolver(gate: WriteGate, seen: list[str], stays: float = 0.0) -> None:
+    """A write no session makes (the in-doubt resolver's), inside the gate for ``stays``."""
+    async with gate.writer():
+        seen.append("writing")
+        if stays:
+            await asyncio.sleep(stays)
+            seen.append("wrote")
+
+
 def test_the_holder_waits_for_a_writer_to_leave() -> None:
     async def go() -> list[str]:
         gate = WriteGate(list)
         seen: list[str] = []
-
-        async def resolver() -> None:
-            async with gate.writer():
-                seen.append("writing")
-                await asyncio.sleep(0.05)
-                seen.append("wrote")
-
-        task = asyncio.create_task(resolver())
+        task = asyncio.create_task(resolver(gate, seen, stays=0.05))
         await asyncio.sleep(0)  # (the resolver is inside)
         async with gate.hold(timeout=5):
             seen.append("held")
@@ -42,13 +44,8 @@ def test_a_writer_waits_while_the_gate_is_held() -> None:
     async def go() -> list[str]:
         gate = WriteGate(list)
         seen: list[str] = []
-
-        async def resolver() -> None:
-            async with gate.writer():
-                seen.append("writing")
-
         async with gate.hold(timeout=5):
-            task = asyncio.create_task(resolver())
+            task = asyncio.create_task(resolver(gate, seen))
             await asyncio.sleep(0.05)
             seen.append("released")
         await task

@@ -36,6 +36,10 @@ from .session import ClientSession
 
 log = logging.getLogger(__name__)
 
+# While the router works for a session, the session's other connections wait idle, maybe in
+# its transaction: an empty query this often resets the nodes' idle timeouts.
+KEEPALIVE_S = 1.0
+
 
 class Followers:
     """The units the other nodes run in the order a lead gave them, counted per lead.
@@ -97,6 +101,7 @@ class Router:
             self.ssl_ctx = ctx
         self._server: asyncio.Server | None = None
         self._private: asyncio.Server | None = None  # a worker's socket for its siblings
+        self._keepalive: asyncio.TimerHandle | None = None  # see _keep_alive
         self.commits = CommitCoordinator(self)
         self.followers = Followers()
         self.sequences = SequenceAllocator(self)
@@ -262,6 +267,7 @@ class Router:
                 lambda: ClientSession(self, private=True), str(path)
             )
         self.commits.start()  # resolves what an earlier run left in doubt, then periodically
+        self._keepalive = loop.call_later(KEEPALIVE_S, self._keep_alive)
         log.info(
             "router %s listening on %s:%d in front of group %s (%s)",
             self.settings.name,
@@ -271,7 +277,16 @@ class Router:
             ", ".join(n.address for n in self.cluster.group.nodes),
         )
 
+    def _keep_alive(self) -> None:
+        """Pings for the idle connections of the sessions the router works for (see
+        ClientSession.keep_alive): one timer for all, not one per statement."""
+        for s in self.sessions.values():
+            s.keep_alive()
+        self._keepalive = asyncio.get_running_loop().call_later(KEEPALIVE_S, self._keep_alive)
+
     async def stop(self) -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         recovery = self.recovery
         if recovery is not None and recovery.task is not None:
             recovery.task.cancel()

@@ -31,11 +31,14 @@ from pgquorum.protocol import messages as m
 from pgquorum.protocol.auth import ServerAuth
 from pgquorum.protocol.errors import (
     CONNECTION_FAILURE,
+    DEADLOCK_DETECTED,
     FEATURE_NOT_SUPPORTED,
     IDLE_SESSION_TIMEOUT,
     IO_ERROR,
+    LOCK_NOT_AVAILABLE,
     OBJECT_NOT_IN_PREREQUISITE_STATE,
     QUERY_CANCELED,
+    SERIALIZATION_FAILURE,
     TOO_MANY_CONNECTIONS,
     PgError,
     ProtocolViolation,
@@ -82,13 +85,12 @@ _ROLLBACK = m.encode_query("ROLLBACK")
 # Failures of a transaction that one node may meet where the others do not, by its own
 # timing: serialization failure, deadlock detected, lock not available (lock_timeout,
 # NOWAIT), query canceled (statement_timeout, a cancel). The transaction's, not the node's.
-TIMING_FAILURES = frozenset({"40001", "40P01", "55P03", "57014"})
+TIMING_FAILURES = frozenset(
+    {SERIALIZATION_FAILURE, DEADLOCK_DETECTED, LOCK_NOT_AVAILABLE, QUERY_CANCELED}
+)
 _TAKE_SNAPSHOT = m.encode_query("SELECT 1")  # (any statement takes the transaction's snapshot)
 # How much longer than the lead the others may wait for a lock (see _break_cross_waits).
 CROSS_WAIT_S = 1.0
-# While one node works for long, the session's other connections wait idle, maybe in its
-# transaction: an empty query this often resets the node's idle timeouts.
-KEEPALIVE_S = 1.0
 # At most how long a statement keeps this router's commits back (CommitCoordinator.quiet,
 # which also ends the hold once a commit has waited QUIET_PATIENCE_S for it).
 QUIET_LONGEST_S = 5.0
@@ -412,6 +414,17 @@ class ClientSession(asyncio.Protocol):
                 f"no node of group {cluster.group.name!r} can be reached",
                 severity="FATAL",
             )
+
+    def keep_alive(self) -> None:
+        """A ping on each connection that runs no unit, unless the session waits for its
+        client (Router.keep_alive, every KEEPALIVE_S): while the router works for the session
+        (one node runs a statement, a commit waits its turn), the others wait idle, maybe in
+        its transaction, and a node ends a connection idle longer than its
+        idle_session_timeout or idle_in_transaction_session_timeout. Waiting for the client,
+        the client's own idleness is the nodes' to judge."""
+        if not self._parked:
+            for c in self.conns.values():
+                c.ping()  # (nothing where a unit runs)
 
     def _idle_timeout(self, conn: NodeConnection, e: NodeLost) -> None:
         """A node ended this session's connection to it for an idle timeout (the client's
@@ -1180,7 +1193,7 @@ class ClientSession(asyncio.Protocol):
             st.statements += 1
             try:
                 conn.send_unit(data, expect, relay=True)
-                res = await self._answer(conn)
+                res = await conn.wait()
                 break
             except NodeLost as e:
                 cluster.mark_failed(conn.node.name, e.reason)
@@ -1292,7 +1305,7 @@ class ClientSession(asyncio.Protocol):
                     # Nothing to order by the lead's locks: start the others at once.
                     break
                 began = time.monotonic()
-                lead_res = await self._answer(lead)
+                lead_res = await lead.wait()
                 lead_took = time.monotonic() - began
                 break
             except NodeLost as e:
@@ -1342,31 +1355,6 @@ class ClientSession(asyncio.Protocol):
         finally:
             followers.end(lead.node.name)
         return await self._finish_write(lead, lead_res, started, results)
-
-    async def _answer(self, conn: NodeConnection) -> UnitResult:
-        """``conn.wait()``, keeping the session's other connections alive meanwhile."""
-        stop = self._keep_alive()
-        try:
-            return await conn.wait()
-        finally:
-            stop()
-
-    def _keep_alive(self) -> Callable[[], None]:
-        """Until the returned function is called, every KEEPALIVE_S a ping on each connection
-        of the session that runs no unit: a node ends a connection that waits idle longer than
-        its idle_session_timeout (in a transaction, idle_in_transaction_session_timeout), and
-        the others wait while the lead runs a statement, the lead while the others do."""
-        loop = asyncio.get_running_loop()
-        handle: asyncio.TimerHandle
-
-        def tick() -> None:
-            nonlocal handle
-            for c in self.conns.values():
-                c.ping()  # (nothing where a unit runs)
-            handle = loop.call_later(KEEPALIVE_S, tick)
-
-        handle = loop.call_later(KEEPALIVE_S, tick)
-        return lambda: handle.cancel()
 
     def _start_others(self, others: list[NodeConnection], build: BuildUnit) -> list[NodeConnection]:
         """Send the unit to these nodes at once; those that cannot take it are failed."""
@@ -1469,7 +1457,6 @@ class ClientSession(asyncio.Protocol):
                         c.give_up(f"no answer {waited:.1f}s after the others")
 
             timer = loop.call_later(waited, expire)
-        stop = self._keep_alive()
         try:
             for c in conns:
                 try:
@@ -1480,7 +1467,6 @@ class ClientSession(asyncio.Protocol):
                 finally:
                     cluster.status[c.node.name].outstanding -= 1
         finally:
-            stop()
             if timer is not None:
                 timer.cancel()
             if probe is not None:
@@ -2327,8 +2313,6 @@ def _skewed(voters: list[tuple[NodeConnection, UnitResult]], early: bool) -> Uni
 
 
 # Failures the router reports for the transaction itself (no node's reply says it).
-SERIALIZATION_FAILURE = "40001"
-DEADLOCK_DETECTED = "40P01"
 _SYNTHESIZED = {
     SERIALIZATION_FAILURE: "could not serialize access due to a concurrent commit (the nodes "
     "of the group saw different rows); retry the transaction",

@@ -44,10 +44,12 @@ from pgquorum.local.instance import LocalNode, PsqlError, free_port, run_as_post
 
 console = Console(stderr=True, highlight=False)
 
-TARGETS = ("direct", "router", "pgpool", "pgbouncer")
+TARGETS = ("direct", "relay", "router", "fanout", "pgpool", "pgbouncer")
 TARGET_TITLES = {
     "direct": "direct (1 node)",
+    "relay": "bare Python relay, bench/ceiling.py (1 node, bytes copied, no parsing)",
     "router": "pgquorum router (3 nodes)",
+    "fanout": "bare Python two-phase-commit fan-out, bench/ceiling.py (3 nodes, TPC-B only)",
     "pgpool": "pgpool-II native replication (3 nodes)",
     "pgbouncer": "PgBouncer, session pooling (1 node, no replication)",
 }
@@ -354,6 +356,19 @@ def router(nodes: list[LocalNode], work: Path, log_dir: Path, workers: str) -> I
         console.print(f"[yellow]router exited with code {proc.returncode}[/]")
 
 
+@contextlib.contextmanager
+def ceiling(mode: str, nodes: list[LocalNode], log_dir: Path, workers: str) -> Iterator[int]:
+    """bench/ceiling.py's bare proxy: what any Python router could reach here."""
+    port = free_port()
+    n = nproc() if workers == "auto" else int(workers)
+    cmd = [sys.executable, str(Path(__file__).with_name("ceiling.py")), mode]
+    cmd += ["--port", str(port), "--workers", str(n)]
+    for node in nodes:
+        cmd += ["--node", f"{node.router_host}:{node.port}"]
+    with serving(cmd, f"ceiling {mode}", port, log_dir / f"ceiling-{mode}.log", signal.SIGTERM):
+        yield port
+
+
 def find_program(name: str) -> str | None:
     """An installed program (Debian puts pgpool and pgbouncer in /usr/sbin, off a user's
     PATH)."""
@@ -548,9 +563,16 @@ def check_consistency(run: Run, nodes: list[LocalNode], db: str, what: str) -> N
         console.print(f"  {what}: replicas agree ({next(iter(states.values()))})")
 
 
-def run_target(run: Run, bench: Bench, target: str, port: int, db: str) -> None:
+def run_target(
+    run: Run,
+    bench: Bench,
+    target: str,
+    port: int,
+    db: str,
+    workloads: tuple[Workload, ...] = WORKLOADS,
+) -> None:
     console.rule(f"[bold]{TARGET_TITLES[target]}[/] (port {port}, database {db})")
-    for w in WORKLOADS:
+    for w in workloads:
         if w.is_init:
             console.print(f"  pgbench -i -s {bench.args.scale} ...")
             r = bench.init(target, port, db)
@@ -688,7 +710,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--targets",
         default=",".join(TARGETS),
-        help="comma-separated subset of direct,router,pgpool,pgbouncer (default: all)",
+        help="comma-separated subset of direct,relay,router,fanout,pgpool,pgbouncer (default: all)",
     )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument(
@@ -774,8 +796,10 @@ def main(argv: list[str] | None = None) -> int:
     nodes: list[LocalNode] = []
     interrupted = False
     try:
-        names = (["direct"] if {"direct", "pgbouncer"} & set(args.targets) else []) + (
-            ["node1", "node2", "node3"] if {"router", "pgpool"} & set(args.targets) else []
+        names = (["direct"] if {"direct", "relay", "pgbouncer"} & set(args.targets) else []) + (
+            ["node1", "node2", "node3"]
+            if {"router", "fanout", "pgpool"} & set(args.targets)
+            else []
         )
         console.print(f"starting PostgreSQL {binaries.version} nodes: {', '.join(names)} ...")
         nodes = start_nodes(binaries, data_dir, names)
@@ -801,6 +825,13 @@ def main(argv: list[str] | None = None) -> int:
                 run.notes.append(f"pgbouncer: {str(e).splitlines()[0]}")
             drop_database([node], "bench_pgbouncer")
 
+        if "relay" in args.targets:
+            node = by_name["direct"]
+            node.psql("CREATE DATABASE bench_relay")
+            with ceiling("relay", [node], log_dir, args.router_workers) as port:
+                run_target(run, bench, "relay", port, "bench_relay")
+            drop_database([node], "bench_relay")
+
         if "router" in args.targets:
             try:
                 with router(cluster, data_dir, log_dir, args.router_workers) as port:
@@ -811,6 +842,18 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"[red]router target failed: {e}[/]")
                 run.notes.append(f"router: {str(e).splitlines()[0]}")
             drop_database(cluster, "bench_router")
+
+        if "fanout" in args.targets:
+            # It relays the simple protocol only: each node is set up directly (pgbench -i
+            # writes the same rows everywhere), then TPC-B-like runs through it.
+            for n in cluster:
+                n.psql("CREATE DATABASE bench_fanout")
+                bench.init(f"fanout-{n.name}", n.port, "bench_fanout")
+            with ceiling("fanout", cluster, log_dir, args.router_workers) as port:
+                tpcb = tuple(w for w in WORKLOADS if w.key == "tpcb")
+                run_target(run, bench, "fanout", port, "bench_fanout", tpcb)
+            check_consistency(run, cluster, "bench_fanout", "fanout")
+            drop_database(cluster, "bench_fanout")
 
         if "pgpool" in args.targets and pgpool_exe:
             try:

@@ -828,8 +828,12 @@ def main(argv: list[str] | None = None) -> int:
         if "relay" in args.targets:
             node = by_name["direct"]
             node.psql("CREATE DATABASE bench_relay")
-            with ceiling("relay", [node], log_dir, args.router_workers) as port:
-                run_target(run, bench, "relay", port, "bench_relay")
+            try:
+                with ceiling("relay", [node], log_dir, args.router_workers) as port:
+                    run_target(run, bench, "relay", port, "bench_relay")
+            except RuntimeError as e:
+                console.print(f"[red]relay target failed: {e}[/]")
+                run.notes.append(f"relay: {str(e).splitlines()[0]}")
             drop_database([node], "bench_relay")
 
         if "router" in args.targets:
@@ -848,11 +852,17 @@ def main(argv: list[str] | None = None) -> int:
             # writes the same rows everywhere), then TPC-B-like runs through it.
             for n in cluster:
                 n.psql("CREATE DATABASE bench_fanout")
-                bench.init(f"fanout-{n.name}", n.port, "bench_fanout")
-            with ceiling("fanout", cluster, log_dir, args.router_workers) as port:
-                tpcb = tuple(w for w in WORKLOADS if w.key == "tpcb")
-                run_target(run, bench, "fanout", port, "bench_fanout", tpcb)
-            check_consistency(run, cluster, "bench_fanout", "fanout")
+            inits = [bench.init(f"fanout-{n.name}", n.port, "bench_fanout") for n in cluster]
+            tpcb = tuple(w for w in WORKLOADS if w.key == "tpcb")
+            try:
+                if not all(r.ok for r in inits):
+                    raise RuntimeError("pgbench -i failed on a node (see the fanout-* logs)")
+                with ceiling("fanout", cluster, log_dir, args.router_workers) as port:
+                    run_target(run, bench, "fanout", port, "bench_fanout", tpcb)
+                check_consistency(run, cluster, "bench_fanout", "fanout")
+            except RuntimeError as e:
+                console.print(f"[red]fanout target failed: {e}[/]")
+                run.notes.append(f"fanout: {str(e).splitlines()[0]}")
             drop_database(cluster, "bench_fanout")
 
         if "pgpool" in args.targets and pgpool_exe:

@@ -52,7 +52,7 @@ async def _open(spec: str, protocol: asyncio.Protocol) -> asyncio.Transport:
         transport, _ = await loop.create_unix_connection(lambda: protocol, path)
     else:
         transport, _ = await loop.create_connection(lambda: protocol, host, port)
-    return transport  # type: ignore[return-value]
+    return transport
 
 
 # -- relay: copy bytes ------------------------------------------------------------------------
@@ -116,7 +116,6 @@ class _Node(asyncio.Protocol):
         self.scan = 0  # where the next unread message starts in buf
         self.want = 0  # ReadyForQuery messages still owed
         self.done: asyncio.Future[bytes] | None = None
-        self.ok = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -124,7 +123,6 @@ class _Node(asyncio.Protocol):
     def ask(self, data: bytes, answers: int) -> asyncio.Future[bytes]:
         assert self.transport is not None
         self.want = answers
-        self.ok = True
         self.done = asyncio.get_running_loop().create_future()
         self.transport.write(data)
         return self.done
@@ -137,8 +135,6 @@ class _Node(asyncio.Protocol):
             end = pos + 1 + int.from_bytes(buf[pos + 1 : pos + 5], "big")
             if end > n:
                 break
-            if buf[pos] == ord("E"):
-                self.ok = False
             if buf[pos] == _READY:
                 self.want -= 1
                 if self.want == 0:
@@ -280,15 +276,17 @@ def _listen(port: int) -> socket.socket:
 def _serve_forever(args: argparse.Namespace) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        stop = loop.create_future()
+        stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-        if args.mode == "relay":
-            factory = lambda: _RelayClient(args.node[0])  # noqa: E731
-        else:
-            factory = lambda: _FanoutClient(args.node)  # noqa: E731
+            loop.add_signal_handler(sig, stop.set)
+
+        def factory() -> asyncio.Protocol:
+            if args.mode == "relay":
+                return _RelayClient(args.node[0])
+            return _FanoutClient(args.node)
+
         server = await loop.create_server(factory, sock=_listen(args.port))
-        await stop
+        await stop.wait()
         server.close()
 
     uvloop.run(main())

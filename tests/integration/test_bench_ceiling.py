@@ -46,21 +46,9 @@ def _wait_listening(port: int, proc: subprocess.Popen[str]) -> None:
 
 
 def _pgbench(binaries: PgBinaries, port: int, db: str, *args: str) -> str:
+    to = ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
     r = subprocess.run(
-        [
-            str(binaries.path("pgbench")),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "-U",
-            "postgres",
-            *args,
-            db,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [str(binaries.path("pgbench")), *to, *args, db], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0, r.stdout + r.stderr
     return r.stdout + r.stderr

@@ -180,6 +180,31 @@ def test_a_lock_timeout_on_the_lead_alone_fails_the_transaction_not_the_lead(thr
     assert_settled(rt, nodes, "SELECT string_agg(id || ':' || v, ',') FROM acct", "1:0")
 
 
+def test_a_node_waiting_for_a_lock_the_lead_did_not_gets_the_statement_cancelled(three) -> None:  # type: ignore[no-untyped-def]
+    """A lock that only a node after the lead has (taken there behind the router's back, as
+    a statement that met another in the opposite order would hold it): the statement would
+    wait there until node_timeout_s and fail that node. The router cancels it there instead
+    (a deadlock across the nodes), and the transaction fails everywhere with 40P01."""
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as setup:
+        setup.execute("CREATE TABLE acct (id int PRIMARY KEY, v int)")
+        setup.execute("INSERT INTO acct VALUES (1, 0)")
+    assert rt.router.cluster.lead().node.name == nodes[0].name  # type: ignore[union-attr]
+    with psycopg.connect(nodes[1].dsn("postgres")) as direct:
+        direct.execute("SELECT * FROM acct WHERE id = 1 FOR UPDATE")  # held until the end
+        with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+            began = time.monotonic()
+            with pytest.raises(psycopg.errors.DeadlockDetected) as e:
+                conn.execute("UPDATE acct SET v = 1 WHERE id = 1")
+            took = time.monotonic() - began
+            assert "deadlock detected across the nodes" in str(e.value)
+            assert conn.execute("SELECT count(*) FROM acct").fetchone() == (1,)  # serves on
+        direct.rollback()
+    # Seen on the router's one-second tick after CROSS_WAIT_S, far from node_timeout_s.
+    assert took < 5, took
+    assert_settled(rt, nodes, "SELECT v FROM acct", "0")
+
+
 def test_writes_computed_from_rows_others_commit_meanwhile_stay_identical(three) -> None:  # type: ignore[no-untyped-def]
     """READ COMMITTED writes that read rows they do not lock (INSERT ... SELECT sum(), an
     UPDATE with a subquery) while other sessions commit changes to those rows: each node

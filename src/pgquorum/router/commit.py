@@ -29,6 +29,7 @@ from pgquorum.sql.quoting import quote_literal
 from .backend import NodeLost
 from .client import Link, query
 from .quiet import QuietLock
+from .signals import Signal
 
 if TYPE_CHECKING:
     from .server import Router
@@ -41,25 +42,6 @@ RESOLVE_INTERVAL_S = 30.0
 # in one may be waiting for a lock of the committing transaction.
 QUIET_PATIENCE_S = 0.02
 RESOLVE_RETRY_S = 1.0
-
-
-class _Signal:
-    """Wakes whoever waits at the time it fires (an Event made on demand, dropped when set)."""
-
-    __slots__ = ("_event",)
-
-    def __init__(self) -> None:
-        self._event: asyncio.Event | None = None
-
-    async def wait(self) -> None:
-        if self._event is None:
-            self._event = asyncio.Event()
-        await self._event.wait()
-
-    def fire(self) -> None:
-        event, self._event = self._event, None
-        if event is not None:
-            event.set()
 
 
 class Hold:
@@ -99,11 +81,11 @@ class CommitCoordinator:
         self.resolved_once = asyncio.Event()
         self._active = 0  # sessions inside a commit slot
         self._barrier: asyncio.Event | None = None  # set when the barrier is released
-        self._drained = _Signal()  # no one is in a slot any more
+        self._drained = Signal()  # no one is in a slot any more
         self._holds: dict[Hold, Callable[[], None]] = {}  # each quiet hold's give_way
-        self._quiet_over = _Signal()  # the last quiet hold ended
+        self._quiet_over = Signal()  # the last quiet hold ended
         self._waiting = 0  # sessions waiting for a slot until quiet holds end
-        self._no_waiting = _Signal()  # none waits any more
+        self._no_waiting = Signal()  # none waits any more
         self._impatience: asyncio.TimerHandle | None = None  # ends the holds (QUIET_PATIENCE_S)
         self._quiet_locks: dict[str, QuietLock] = {}  # by database (quiet.py)
         self.landed = 0  # commits that entered a slot (see Hold.reach_others)

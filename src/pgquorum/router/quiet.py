@@ -36,6 +36,7 @@ from pgquorum.protocol.errors import PgError
 
 from .backend import NodeLost
 from .client import Link
+from .signals import Signal
 
 if TYPE_CHECKING:
     from .server import Router
@@ -85,7 +86,7 @@ class QuietLock:
         # Set while a peer's hold waits for the lock: no hold of this router joins the one
         # it holds (they would keep it for ever); they take it again after the peer's.
         self._yielding = False
-        self._given = asyncio.Event()
+        self._given = Signal()  # the lock was given up
 
     async def take(self, hold: object, give_way: Callable[[], None]) -> bool:
         """Hold the lock for ``hold`` (with the router's other holds in this database).
@@ -144,8 +145,7 @@ class QuietLock:
                     commits, holds = (int(x or 0) for x in rows[0])
                 except (PgError, NodeLost, OSError, TimeoutError, ValueError) as e:
                     log.warning("quiet lock in %s: %s", self.database, e)
-                    commits, holds = 1, 0  # (unknown: give way)
-                    seen = 1
+                    commits, holds, seen = 1, 0, 1  # (unknown: give way now)
             self._yielding = self._yielding or holds > 0
             seen = seen + 1 if commits else 0
             if seen >= 2:
@@ -179,8 +179,7 @@ class QuietLock:
             self._watch.cancel()
             self._watch = None
         self._yielding = False
-        self._given.set()
-        self._given = asyncio.Event()
+        self._given.fire()
 
     def _drop_link(self) -> None:
         """Close the link: the server gives the lock up with it."""

@@ -7,6 +7,7 @@ import logging
 import secrets
 import socket
 import ssl
+import time
 
 from pgquorum.cluster.model import Node, NodeState
 from pgquorum.cluster.state import ClusterView
@@ -101,7 +102,7 @@ class Router:
             self.ssl_ctx = ctx
         self._server: asyncio.Server | None = None
         self._private: asyncio.Server | None = None  # a worker's socket for its siblings
-        self._keepalive: asyncio.TimerHandle | None = None  # see _keep_alive
+        self._ticker: asyncio.TimerHandle | None = None  # see _tick
         self.commits = CommitCoordinator(self)
         self.followers = Followers()
         self.sequences = SequenceAllocator(self)
@@ -267,7 +268,7 @@ class Router:
                 lambda: ClientSession(self, private=True), str(path)
             )
         self.commits.start()  # resolves what an earlier run left in doubt, then periodically
-        self._keepalive = loop.call_later(KEEPALIVE_S, self._keep_alive)
+        self._ticker = loop.call_later(KEEPALIVE_S, self._tick)
         log.info(
             "router %s listening on %s:%d in front of group %s (%s)",
             self.settings.name,
@@ -277,16 +278,20 @@ class Router:
             ", ".join(n.address for n in self.cluster.group.nodes),
         )
 
-    def _keep_alive(self) -> None:
-        """Pings for the idle connections of the sessions the router works for (see
-        ClientSession.keep_alive): one timer for all, not one per statement."""
+    def _tick(self) -> None:
+        """Pings for the idle connections of the sessions the router works for
+        (ClientSession.keep_alive), and a look at nodes that run a statement much longer
+        than their lead did (ClientSession.look_for_cross_waits): one timer for all, not one
+        per statement."""
+        now = time.monotonic()
         for s in self.sessions.values():
             s.keep_alive()
-        self._keepalive = asyncio.get_running_loop().call_later(KEEPALIVE_S, self._keep_alive)
+            s.look_for_cross_waits(now)
+        self._ticker = asyncio.get_running_loop().call_later(KEEPALIVE_S, self._tick)
 
     async def stop(self) -> None:
-        if self._keepalive is not None:
-            self._keepalive.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
         recovery = self.recovery
         if recovery is not None and recovery.task is not None:
             recovery.task.cancel()

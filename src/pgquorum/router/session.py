@@ -155,6 +155,10 @@ class ClientSession(asyncio.Protocol):
         self._snapshot_pinned = False  # see _pin_snapshot
         self._hold: Hold | None = None  # the quiet hold of the unit running (_write_unit)
         self._cross_cancelled: set[NodeConnection] = set()  # see _break_cross_waits
+        # While the nodes after the lead run a statement: they, and when they have taken
+        # CROSS_WAIT_S longer than the lead (look_for_cross_waits).
+        self._after_lead: tuple[list[NodeConnection], float] | None = None
+        self._cross_probe: asyncio.Task[None] | None = None
         self.txn_node: NodeConnection | None = None
         self.read_home: NodeConnection | None = None  # where balanced reads go by preference
         # Extended protocol: statements and where portals were bound.
@@ -417,7 +421,7 @@ class ClientSession(asyncio.Protocol):
 
     def keep_alive(self) -> None:
         """A ping on each connection that runs no unit, unless the session waits for its
-        client (Router.keep_alive, every KEEPALIVE_S): while the router works for the session
+        client (Router._tick, every KEEPALIVE_S): while the router works for the session
         (one node runs a statement, a commit waits its turn), the others wait idle, maybe in
         its transaction, and a node ends a connection idle longer than its
         idle_session_timeout or idle_in_transaction_session_timeout. Waiting for the client,
@@ -1430,23 +1434,13 @@ class ClientSession(asyncio.Protocol):
         ``node_timeout_s`` (plus ``lead_took``, what the same work took the lead) from now,
         is failed and gives None. ``after_lead``: the nodes run what the lead ran; one that
         waits for a lock CROSS_WAIT_S longer than the lead took is cancelled (see
-        _break_cross_waits)."""
+        look_for_cross_waits)."""
         out: list[UnitResult | None] = []
         cluster = self.router.cluster
         limit = self.router.settings.node_timeout_s
         loop = asyncio.get_running_loop()
-        probes: list[asyncio.Task[None]] = []
-        probe: asyncio.TimerHandle | None = None
-        if after_lead and conns:
-
-            def look() -> None:
-                nonlocal probe
-                busy = [c for c in conns if c.busy]
-                if busy:
-                    probes.append(loop.create_task(self._break_cross_waits(busy)))
-                    probe = loop.call_later(CROSS_WAIT_S, look)
-
-            probe = loop.call_later(lead_took + CROSS_WAIT_S, look)
+        if after_lead and conns:  # (looked at by the router's tick: look_for_cross_waits)
+            self._after_lead = (conns, time.monotonic() + lead_took + CROSS_WAIT_S)
         timer = None
         if limit and conns:
             waited = limit + lead_took
@@ -1469,11 +1463,27 @@ class ClientSession(asyncio.Protocol):
         finally:
             if timer is not None:
                 timer.cancel()
-            if probe is not None:
-                probe.cancel()
-            for task in probes:
-                task.cancel()
+            self._after_lead = None
+            if self._cross_probe is not None:
+                self._cross_probe.cancel()
+                self._cross_probe = None
         return out
+
+    def look_for_cross_waits(self, now: float) -> None:
+        """(The router's tick, every KEEPALIVE_S.) The nodes after the lead still run the
+        lead's statement CROSS_WAIT_S longer than it took the lead: look whether they wait
+        for a lock (_break_cross_waits), one look at a time. A tick, not a timer per
+        statement: the write path stays free of timers for what rarely happens."""
+        after_lead = self._after_lead
+        if after_lead is None or now < after_lead[1]:
+            return
+        if self._cross_probe is not None and not self._cross_probe.done():
+            return
+        busy = [c for c in after_lead[0] if c.busy]
+        if busy:
+            self._cross_probe = asyncio.get_running_loop().create_task(
+                self._break_cross_waits(busy)
+            )
 
     async def _break_cross_waits(self, conns: list[NodeConnection]) -> None:
         """These nodes still run a statement the lead finished, waiting for a lock there:

@@ -358,6 +358,34 @@ def test_closing_a_remote_queue_ends_the_batch_in_flight() -> None:
     asyncio.run(run())
 
 
+def test_a_remote_queue_closed_with_nothing_on_its_way_flushes() -> None:
+    """A router that stops closes its queue; a peer's HOLD WRITES that flushes it then has
+    lost nothing and must not fail the node (it did, in CI). One closed while an operation
+    was on its way has lost a commit: its flush says so."""
+
+    async def run() -> None:
+        idle = RemoteQueue("r/1", "node3", ("127.0.0.1", 1), ("postgres", None))
+        idle.close()
+        await asyncio.wait_for(idle.flush(), 1)
+        with pytest.raises(QueueUnavailable):
+            idle.settle(1, None)  # a commit after the close is refused, to its caller
+
+        busy = RemoteQueue("r/1", "node3", ("127.0.0.1", 1), ("postgres", None))
+
+        async def exchange(ops: list[object], batch: int) -> list[int]:
+            await asyncio.Event().wait()  # the coordinator never answers
+            return []
+
+        busy._exchange = exchange  # type: ignore[method-assign]
+        busy.settle(1, None)
+        await asyncio.sleep(0)  # (on its way)
+        busy.close()
+        with pytest.raises(QueueUnavailable, match="ended"):
+            await asyncio.wait_for(busy.flush(), 1)
+
+    asyncio.run(run())
+
+
 LOST = NodeLost(Node("router", "/tmp", 1), "connection reset")  # after the batch left
 REFUSED = OSError("connection refused")  # before it left
 

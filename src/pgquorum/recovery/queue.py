@@ -389,6 +389,10 @@ class RemoteQueue:
         self._idle = asyncio.Event()
         self._idle.set()
         self.error: QueueUnavailable | None = None  # set: nothing more is sent
+        # An operation made was never applied: a commit may be missing from the queue. (A
+        # queue closed with nothing on its way lost nothing: a router that stops while a
+        # peer holds its writes must not fail the node for it.)
+        self.lost = False
 
     async def reserve(self) -> int:
         return await self._call({"op": "reserve"})
@@ -416,11 +420,15 @@ class RemoteQueue:
             return False  # (not known to be queued: the caller fails the recovery)
 
     async def flush(self) -> None:
-        """Until every operation made so far has reached the coordinator."""
+        """Until every operation made so far has reached the coordinator (QueueUnavailable
+        if one never will)."""
         await self._idle.wait()
-        self._check()
+        if self.lost:
+            self._check()
 
     def close(self) -> None:
+        if self._sender is not None and not self._sender.done():
+            self.lost = True  # (a batch is on its way, its answer will not be read)
         self._fail(QueueUnavailable(f"the recovery {self.rid} of node {self.node} ended"))
         if self._sender is not None:
             self._sender.cancel()  # (it fails its own batch)
@@ -436,6 +444,7 @@ class RemoteQueue:
             self.error = error
         waiting, self._waiting = self._waiting, []
         self._waiting_bytes = 0
+        self.lost = self.lost or bool(waiting)
         _fail_all(waiting, self.error)
         self._idle.set()
 
@@ -476,11 +485,13 @@ class RemoteQueue:
                 serials = await self._deliver([text for text, _ in batch], self._batch)
             except QueueUnavailable as e:
                 log.error("the recovery queue at %s:%d: %s", *self.coordinator, e)
+                self.lost = True
                 _fail_all(batch, e)
                 self._fail(e)
                 return
             except BaseException as e:  # cancelled by close(), or a bug: no one waits on
                 error = self.error or QueueUnavailable(f"the queue's sender failed: {e!r}")
+                self.lost = True
                 self._fail(error)
                 _fail_all(batch, error)
                 raise

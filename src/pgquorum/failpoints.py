@@ -19,6 +19,10 @@ AFTER_DECISION = "after-decision"  # decision durable, no COMMIT PREPARED sent
 AFTER_QUEUED = "after-queued"  # ... and the transaction in a recovery's queue
 AFTER_FIRST_COMMIT = "after-first-commit"  # one node committed, the others not yet
 
+# In a recovery's replay of a transaction (its transaction id written down).
+REPLAY_BEFORE_COMMIT = "replay-before-commit"  # the COMMIT not sent to the node
+REPLAY_AFTER_COMMIT = "replay-after-commit"  # the node committed, not written down yet
+
 # Pauses (PAUSE_S), to widen a race a test needs to see.
 BEFORE_QUEUE_CHECK = "before-queue-check"  # the resolver committed, has not asked the queue
 PAUSE_S = 3.0

@@ -266,12 +266,13 @@ def worker_pid(router_pid: int, index: int) -> int:
     raise AssertionError(f"no worker {index} under process {router_pid}")
 
 
-def test_a_coordinator_killed_mid_recovery_begins_it_again_under_load(  # type: ignore[no-untyped-def]
+def test_a_coordinator_killed_mid_recovery_resumes_it_under_load(  # type: ignore[no-untyped-def]
     make_nodes, procs, tmp_path: Path
 ) -> None:
     """kill -9 of the router that runs a recovery, while its peer commits all the time: the
     peer's commits wait for the coordinator instead of failing the node, the coordinator
-    comes back (worker 0 restarts it) and begins the recovery again, and it ends ONLINE."""
+    comes back (worker 0 restarts it) and resumes the recovery from its queue on disk (the
+    same recovery, no second restore), and it ends ONLINE."""
     nodes = make_nodes(3)
     router, port, _ = start_workers(procs, tmp_path, nodes)
     Transfers.create(dsn(port), 100)
@@ -282,23 +283,25 @@ def test_a_coordinator_killed_mid_recovery_begins_it_again_under_load(  # type: 
     with Transfers(peer, clients=4, accounts=100) as load:
         load.wait_commits(20)
         fail_under_workers(router, port, nodes[2])
-        # A transaction that wrote, open at the peer, keeps each recovery from switching.
+        # A transaction that wrote, open at the peer, keeps the recovery from switching.
         holder = psycopg.connect(peer)
         holder.execute("INSERT INTO h VALUES ('held')")
         recover(coordinator, "node3")
         eventually(lambda: recovery(coordinator)["phase"] == "replay", timeout=60)
-        first = recovery(coordinator)["recovery"]
-        load.wait_commits(20)  # queued into the first recovery through the peer
+        first = recovery(coordinator)
+        load.wait_commits(20)  # queued through the peer, replayed meanwhile
         os.kill(worker_pid(router.proc.pid, 1), signal.SIGKILL)
 
-        def begun_again() -> bool:
+        def resumed() -> bool:
             with contextlib.suppress(psycopg.OperationalError):
                 info = recovery(coordinator)
-                return info.get("recovery") != first and info.get("phase") == "replay"
+                return info.get("resumed") == "1" and info.get("phase") == "replay"
             return False
 
-        eventually(begun_again, timeout=60)
-        load.wait_commits(20)  # the peer commits into the new recovery
+        eventually(resumed, timeout=60)
+        again = recovery(coordinator)
+        assert again["recovery"] == first["recovery"], (first, again)
+        load.wait_commits(20)  # the peer commits into the same recovery
         holder.commit()
         holder.close()
         info = wait_recovery(coordinator, timeout=60)
@@ -307,6 +310,7 @@ def test_a_coordinator_killed_mid_recovery_begins_it_again_under_load(  # type: 
         eventually(lambda: worker_states(port, 0) == ["ONLINE"] * 3)
         load.wait_commits(20)
     assert not load.errors, load.errors
+    assert "resumed after entry" in router.output(), router.output()
     with psycopg.connect(worker_dsn(port, 0), autocommit=True) as admin:
         events = [(e[2], e[3]) for e in admin.execute("SHOW EVENTS").fetchall()]
     assert events.count(("node3", "FAILED")) == 1, events  # the kill only, never the restart

@@ -10,7 +10,11 @@
    ONLINE everywhere and queueing stops; the gate opens.
 
 Any failure puts the node back to FAILED with the reason, on every router: never half
-ONLINE. A coordinator that restarts during a recovery begins it again from a fresh snapshot.
+ONLINE. The queue and the replay's progress are written to a file next to the state
+database (queue_log.py): a coordinator that restarts during the replay resumes the recovery
+where the node is (resume.py), with the same recovery id, so the peers go on queueing into
+it; when that cannot be done exactly, or the restore had not finished, it begins the
+recovery again from a fresh snapshot.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from pgquorum.sql.quoting import quote_literal
 from . import restore
 from .gate import StillOpen
 from .queue import LocalQueue, QueueUnavailable
+from .queue_log import QueueLog, boot_id
 from .replay import Replayer, ReplayError
+from .resume import Resumable, Unresumable
 
 if TYPE_CHECKING:
     from pgquorum.router.server import Router
@@ -46,6 +52,9 @@ SWITCH_HOLD_S = 1.0  # how long the write gate waits for open transactions that 
 FOLLOW_AT_ONCE = 8  # databases whose sequences are moved at the same time, in the switch
 SWITCH_PATIENCE_S = 600.0  # how long long transactions may keep the node from joining
 RESOLVE_WAIT_S = 60.0  # for the in-doubt transactions of an earlier run, before a snapshot
+# Resumed: how long the replay's transaction that died with the coordinator may still be in
+# progress on the node (its backend ends when it sees the connection closed).
+IN_PROGRESS_WAIT_S = 30.0
 
 
 @dataclass
@@ -63,17 +72,35 @@ class Progress:
     error: str = ""
     started: float = field(default_factory=time.time)
     finished: float = 0.0
+    resumed: int = 0  # times a restarted coordinator took it up where the node was
 
 
 class Recovery:
-    def __init__(self, router: Router, node: str) -> None:
+    def __init__(self, router: Router, node: str, resumed: Resumable | None = None) -> None:
         self.router = router
         self.node = node
-        rid = f"{router.settings.name}/{int(time.time() * 1000)}"
-        self.queue = LocalQueue(rid, node)
-        self.progress = Progress(node, rid)
         self.task: asyncio.Task[None] | None = None
         self._replayer: Replayer | None = None
+        # Taken up from the log of a run before a restart, until resumed (or begun again).
+        self.resumed = resumed
+        self.lost_while_resuming = ""  # why its queue was lost meanwhile (Router.queue_lost)
+        if resumed is None:
+            rid = f"{router.settings.name}/{int(time.time() * 1000)}"
+            self.queue = LocalQueue(rid, node)
+            self.progress = Progress(node, rid)
+        else:
+            self.queue = resumed.queue
+            _, _, databases, restored = resumed.restored
+            self.progress = Progress(
+                node,
+                resumed.queue.rid,
+                phase="resume",
+                databases=databases,
+                databases_done=databases,
+                bytes=restored,
+                started=float(resumed.header.get("started", time.time())),
+                resumed=int(resumed.header.get("resumed", 0)) + 1,
+            )
 
     @property
     def rid(self) -> str:
@@ -108,18 +135,36 @@ class Recovery:
     # -- the phases ---------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        router = self.router
-        cluster = router.cluster
         # A restarted router first finishes what it left in doubt: committed after the
-        # snapshot, such a transaction would be in neither the snapshot nor the queue.
+        # snapshot, such a transaction would be in neither the snapshot nor the queue (a
+        # resumed queue is asked whether it has it, see Router.queue_lost).
         try:
-            await asyncio.wait_for(router.commits.resolved_once.wait(), RESOLVE_WAIT_S)
+            await asyncio.wait_for(self.router.commits.resolved_once.wait(), RESOLVE_WAIT_S)
         except TimeoutError:
             raise PgError(
                 OBJECT_NOT_IN_PREREQUISITE_STATE,
                 "the transactions this router left in doubt could not be resolved on every "
                 f"ONLINE node within {RESOLVE_WAIT_S:.0f}s (see the router's log)",
             ) from None
+        if self.resumed is not None:
+            try:
+                await self._resume(self.resumed)
+            except Unresumable as e:
+                log.warning(
+                    "node %s: recovery %s cannot be resumed (%s); beginning it again",
+                    self.node,
+                    self.rid,
+                    e,
+                )
+                self._afresh()
+                await self._snapshot_and_restore()
+        else:
+            await self._snapshot_and_restore()
+        await self._replay_and_switch()
+
+    async def _snapshot_and_restore(self) -> None:
+        router = self.router
+        cluster = router.cluster
         st = cluster.status[self.node]
         source = cluster.lead()
         if source is None:
@@ -129,6 +174,7 @@ class Recovery:
         creds = restore.Credentials(user, password)
         target = st.node
 
+        self._keep_on_disk()
         self.progress.phase = "snapshot"
         # Found once (each look runs `postgres --version`), and before the pause.
         bins = await asyncio.to_thread(find_binaries)
@@ -170,11 +216,15 @@ class Recovery:
                 shutil.rmtree(workdir, ignore_errors=True)
         finally:
             snapshots.close()
-
-        self.progress.phase = "replay"
+        # From here on a restarted coordinator can resume (unless the node restarted).
+        started = await self._node_started(target)
+        self.queue.note(("restored", started, self.progress.databases, self.progress.bytes))
         self._replayer = Replayer(
             target, self.queue, router.credentials, router.settings.node_timeout_s
         )
+
+    async def _replay_and_switch(self) -> None:
+        self.progress.phase = "replay"
         give_up = time.monotonic() + SWITCH_PATIENCE_S
         while True:
             await self._replay_until(CATCH_UP_DEPTH)
@@ -192,6 +242,101 @@ class Recovery:
                     "the node could not join the group",
                     hint="Long transactions keep a recovered node from joining; try again.",
                 )
+
+    # -- resuming -----------------------------------------------------------------------------
+
+    def _keep_on_disk(self) -> None:
+        """Start the queue's log (a coordinator that cannot write it just cannot resume)."""
+        path = self.router.queue_log_path()
+        if path is None:
+            return
+        header = {
+            "rid": self.rid,
+            "node": self.node,
+            "boot": boot_id(),
+            "started": self.progress.started,
+            "resumed": self.progress.resumed,
+        }
+        try:
+            self.queue.log = QueueLog.create(path, header)
+        except OSError as e:
+            log.warning(
+                "recovery %s: its queue is not kept on disk (%s): a restart of this router "
+                "begins it again",
+                self.rid,
+                e,
+            )
+
+    async def _resume(self, resumed: Resumable) -> None:
+        """Take the recovery up where the node is (see resume.py); Unresumable if that
+        cannot be done exactly."""
+        router = self.router
+        log.warning("node %s: resuming recovery %s", self.node, self.rid)
+        if self.lost_while_resuming:
+            raise Unresumable(self.lost_while_resuming)
+        target = router.cluster.status[self.node].node
+        started = await self._node_started(target)
+        if started != resumed.restored[1]:
+            raise Unresumable("the node restarted since (replayed commits may be lost)")
+        replayer = Replayer(target, self.queue, router.credentials, router.settings.node_timeout_s)
+        self._replayer = replayer
+        replayer.rebuild = resumed.sessions
+        if resumed.in_doubt is not None:
+            serial, xid = resumed.in_doubt
+            status = await self._transaction_status(target, xid)
+            if status == "committed":
+                state = await replayer.skip(serial)
+                if state is not None and state.sticky:
+                    raise Unresumable(
+                        f"a session made session state during the recovery ({state.sticky}) "
+                        "that a new replay connection cannot get back"
+                    )
+            elif status != "aborted":  # (aborted: it is replayed again)
+                raise Unresumable(
+                    f"the replay's transaction {xid} is {status or 'unknown'} on the node"
+                )
+        if self.lost_while_resuming:
+            raise Unresumable(self.lost_while_resuming)
+        self.resumed = None
+        log.warning(
+            "node %s: recovery %s resumed after entry %d", self.node, self.rid, self.queue.applied
+        )
+
+    def _afresh(self) -> None:
+        """Let the resumed queue go (its peers learn it from their next batch, QueueGone) and
+        start over as a new recovery."""
+        self.resumed = None
+        self.lost_while_resuming = ""
+        self._stop_queueing()
+        if self._replayer is not None:
+            self._replayer.close()
+            self._replayer = None
+        rid = f"{self.router.settings.name}/{int(time.time() * 1000)}"
+        self.queue = LocalQueue(rid, self.node)
+        self.progress = Progress(self.node, rid, started=self.progress.started)
+
+    async def _node_started(self, target: Node) -> str:
+        """When the node's server started: a restart loses the replayed commits it did not
+        flush yet."""
+        return str(await self._ask(target, "SELECT pg_catalog.pg_postmaster_start_time()::text"))
+
+    async def _transaction_status(self, target: Node, xid: int) -> str:
+        if xid <= 0:
+            return ""
+        deadline = time.monotonic() + IN_PROGRESS_WAIT_S
+        while True:
+            status = await self._ask(target, f"SELECT pg_catalog.txid_status({int(xid)})")
+            if status != "in progress" or time.monotonic() >= deadline:
+                return str(status or "")
+            await asyncio.sleep(0.1)
+
+    async def _ask(self, target: Node, sql: str) -> str | None:
+        user, password = self.router.internal_credentials()
+        params = {"user": user, "database": "template1", "application_name": "pgquorum recovery"}
+        _, rows = await query(target, params, password, sql, self.router.settings.node_timeout_s)
+        return rows[0][0] if rows else None
+
+    # -- the replay -----------------------------------------------------------------------------
 
     async def _replay_until(self, depth: int) -> None:
         replayer = self._replayer
@@ -293,6 +438,8 @@ class Recovery:
 
     def _stop_queueing(self) -> None:
         self.queue.close()
+        if self.queue.log is not None:
+            self.queue.log.remove()  # (the recovery ended: nothing to resume)
         if self.router.recovery_sink is self.queue:
             self.router.recovery_sink = None
 

@@ -192,7 +192,7 @@ class Journal:
         the client never ended)."""
         units = [Unit(b"", [], [], missing=self._overflow)] if self._overflow else self._build()
         if self.open:
-            units.append(_COMMIT if commit else _ROLLBACK)
+            units.append(COMMIT if commit else ROLLBACK)
         self.drop()
         return units
 
@@ -257,5 +257,5 @@ def _fixed(sql: str, tag: str) -> Unit:
     return Unit(m.encode_query(sql), [(e.kind, e.statement, e.swallow, e.version)], [tag])
 
 
-_COMMIT = _fixed("COMMIT", "COMMIT")
-_ROLLBACK = _fixed("ROLLBACK", "ROLLBACK")
+COMMIT = _fixed("COMMIT", "COMMIT")
+ROLLBACK = _fixed("ROLLBACK", "ROLLBACK")

@@ -27,6 +27,7 @@ import pickle
 import tempfile
 import uuid
 from array import array
+from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol, cast
 
 from pgquorum.bounded import store_bounded
@@ -35,6 +36,7 @@ from pgquorum.router.backend import NodeLost
 from pgquorum.router.client import Link, admin_link
 
 from .journal import Entry
+from .queue_log import QueueLog
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,11 @@ class LocalQueue:
         self._gids: dict[str, None] = {}  # the latest two-phase commits queued, oldest first
         self.closed = False
         self.error = ""  # why it closed, when it gave up by itself
+        # Where each change is written, for a coordinator that restarts (queue_log.py).
+        self.log: QueueLog | None = None
+        # While the queue is rebuilt from its log: told each entry already replayed (see
+        # restore), which is not kept.
+        self.replayed_hook: Callable[[Entry], None] | None = None
 
     @property
     def depth(self) -> int:
@@ -124,7 +131,19 @@ class LocalQueue:
         return self._next - 1 - self.applied
 
     async def reserve(self) -> int:
-        return self.reserve_now()
+        serial = self.reserve_now()
+        self.note(("reserve",))
+        return serial
+
+    def note(self, record: tuple[Any, ...]) -> None:
+        """Write a change (or a step of the replay) to the log, if the queue keeps one."""
+        if self.log is None or self.closed:
+            return
+        try:
+            self.log.write(record)
+        except OSError as e:
+            self._give_up(f"cannot write the recovery queue of node {self.node} to disk: {e}")
+            raise QueueUnavailable(self.error) from None
 
     def reserve_now(self) -> int:
         if self.closed:
@@ -143,9 +162,11 @@ class LocalQueue:
 
     def settle(self, serial: int, entry: Entry | None) -> None:
         self.settle_now(serial, entry)
+        self.note(("settle", serial, entry))
 
     def post(self, entry: Entry) -> None:
         self.add(entry)
+        self.note(("add", entry))
 
     def add(self, entry: Entry) -> int:
         """Reserve a place and fill it at once; its serial."""
@@ -156,6 +177,14 @@ class LocalQueue:
     def settle_now(self, serial: int, entry: Entry | None) -> None:
         if self._entries.get(serial) is not _PENDING or self.closed:
             return  # (a closed queue is not replayed any more)
+        if serial <= self.applied:  # rebuilt from the log: replayed before the restart
+            del self._entries[serial]
+            if entry is not None:
+                if entry.gid:
+                    store_bounded(self._gids, entry.gid, None, GID_MEMORY)
+                if self.replayed_hook is not None:
+                    self.replayed_hook(entry)
+            return
         if entry is None:
             self._entries[serial] = None
         else:
@@ -196,7 +225,9 @@ class LocalQueue:
         self.close()
 
     async def append(self, entry: Entry) -> int:
-        return self.add(entry)
+        serial = self.add(entry)
+        self.note(("add", entry))
+        return serial
 
     async def holds(self, gid: str) -> bool:
         """Whether the two-phase commit ``gid`` was queued (among the latest GID_MEMORY: an
@@ -209,10 +240,15 @@ class LocalQueue:
     def end_session(self, session: str, params: dict[str, str]) -> None:
         if not self.closed:
             self.add(Entry(session, params, end=True))
+            self.note(("end", session, params))
 
     def close(self) -> None:
+        """Nothing more is queued or replayed. (Its log stays: a router that stops during
+        the recovery resumes it when it starts again.)"""
         self.closed = True
         self._spool.close()
+        if self.log is not None:
+            self.log.close()
         self._wake()
 
     def _wake(self) -> None:
@@ -248,6 +284,22 @@ class LocalQueue:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
 
+    def redo(self, record: tuple[Any, ...]) -> int:
+        """A change read back from the log (see note), made again as it was first made; the
+        serial a reservation took (else 0)."""
+        kind = record[0]
+        if kind == "reserve":
+            return self.reserve_now()
+        if kind == "settle":
+            self.settle_now(record[1], record[2])
+        elif kind == "add":
+            self.add(record[1])
+        elif kind == "end":
+            self.add(Entry(record[1], record[2], end=True))
+        elif kind == "batch":
+            self.apply_batch(record[1], record[2], record[3])
+        return 0
+
     def apply_batch(
         self, ops: list[dict[str, Any]], peer: str | None = None, batch: int = 0
     ) -> list[int]:
@@ -264,6 +316,7 @@ class LocalQueue:
         out = self._apply(ops)
         if peer is not None:
             self._batches[peer] = (batch, out)
+        self.note(("batch", ops, peer, batch))  # (before the peer has its answer)
         return out
 
     def _apply(self, ops: list[dict[str, Any]]) -> list[int]:
@@ -281,7 +334,8 @@ class LocalQueue:
             elif kind == "append":
                 out.append(self.add(Entry.from_json(op["entry"])))
             elif kind == "end":
-                self.end_session(str(op["session"]), dict(op["params"]))
+                if not self.closed:
+                    self.add(Entry(str(op["session"]), dict(op["params"]), end=True))
                 out.append(0)
             elif kind == "holds":
                 out.append(int(str(op["gid"]) in self._gids))

@@ -232,6 +232,7 @@ class AdminConsole:
             "started",
             "seconds",
             "error",
+            "resumed",
         ]
         recovery = self.router.recovery
         if recovery is None:
@@ -252,6 +253,7 @@ class AdminConsole:
             _when(p.started),
             f"{end - p.started:.1f}",
             p.error,
+            str(p.resumed),
         ]
         return cols, [row]
 

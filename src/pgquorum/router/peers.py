@@ -182,12 +182,12 @@ class Peers:
             elif name in seen.online:
                 router.cluster.mark_online(name, "recovered while this router was down")
             else:
-                # This router ran the recovery: begin it again, from a fresh snapshot.
+                # This router ran the recovery: resume it, or begin it again from a fresh
+                # snapshot.
                 # (Straight from RECOVERING: a FAILED state would travel to the peers and
                 # back, and end the new recovery.)
                 if self._own_recovery(st):
-                    log.warning("node %s: beginning its interrupted recovery again", name)
-                    router.start_recovery(name, again=True)
+                    router.resume_recovery(name, st.reason)
                 else:
                     router.cluster.mark_failed(
                         name, "its recovery was interrupted by a router restart; recover it again"

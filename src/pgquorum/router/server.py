@@ -8,6 +8,7 @@ import secrets
 import socket
 import ssl
 import time
+from pathlib import Path
 
 from pgquorum.cluster.model import Node, NodeState
 from pgquorum.cluster.state import ClusterView
@@ -21,6 +22,7 @@ from pgquorum.protocol.errors import (
     UNDEFINED_OBJECT,
     PgError,
 )
+from pgquorum.recovery import resume
 from pgquorum.recovery.coordinator import Recovery
 from pgquorum.recovery.gate import WriteGate
 from pgquorum.recovery.queue import QueueGone, QueueUnavailable, Sink
@@ -142,6 +144,34 @@ class Router:
         self.recovery.start()
         return self.recovery
 
+    def resume_recovery(self, node: str, reason: str) -> Recovery:
+        """A recovery this router ran when it stopped (``reason``: the node's, RECOVERING):
+        taken up from its queue's log where the node is, or else begun again."""
+        path = self.queue_log_path()
+        rid = reason.split()[1] if reason.startswith("recovery ") else ""
+        if path is not None and rid:
+            try:
+                resumable = resume.load(path, rid, node)
+            except resume.Unresumable as e:
+                log.warning("node %s: recovery %s cannot be resumed: %s", node, rid, e)
+            else:
+                self.recovery = Recovery(self, node, resumable)
+                # Queueing goes on at once: the peers send again what they could not.
+                self.recovery_sink = resumable.queue
+                self.recovery.start()
+                return self.recovery
+        log.warning("node %s: beginning its interrupted recovery again", node)
+        return self.start_recovery(node, again=True)
+
+    def queue_log_path(self) -> Path | None:
+        """Where this router keeps the queue of the recovery it runs (recovery/queue_log.py):
+        beside its state database, one file per router name."""
+        state_db = self.settings.state_db
+        if state_db is None:
+            return None
+        name = self.settings.name.replace("/", "_")
+        return state_db.with_name(f"{state_db.name}.{name}.recovery-queue")
+
     async def add_node(self, node: Node, *, from_peer: bool = False) -> None:
         """ADD NODE: a new member joins through the recovery path (an empty server is
         filled from a snapshot of the group). Peers are told first, so they queue for it."""
@@ -196,7 +226,13 @@ class Router:
         if self.recovery_sink is sink:
             self.recovery_sink = None
             sink.close()
-            if isinstance(error, QueueGone):
+            recovery = self.recovery
+            if recovery is not None and recovery.queue is sink and recovery.resumed is not None:
+                # Not resumed yet: it begins again instead, from a snapshot that has what
+                # the queue lacks (a transaction the resolver committed, say).
+                recovery.lost_while_resuming = f"its queue was lost: {error}"
+                log.warning("node %s: %s", sink.node, recovery.lost_while_resuming)
+            elif isinstance(error, QueueGone):
                 log.warning("node %s: recovery %s no longer queues: %s", sink.node, sink.rid, error)
             else:
                 self.cluster.mark_failed(sink.node, f"the recovery queue was lost: {error}")

@@ -148,17 +148,24 @@ def finish_pgbench(bench: subprocess.Popen[str], timeout: float = 120) -> int:
     return int(out.split("number of transactions actually processed: ")[1].split()[0])
 
 
+def peer_config(
+    nodes: list[LocalNode], tmp_path: Path, name: str, port: int, peer_port: int
+) -> Config:
+    """Router ``name`` on ``port`` with its state database in ``tmp_path``, told of the peer
+    router on ``peer_port``."""
+    return router_config(
+        nodes,
+        name=name,
+        listen_port=port,
+        peers=(("127.0.0.1", peer_port),),
+        state_db=tmp_path / f"{name}.db",
+    )
+
+
 def pair_configs(nodes: list[LocalNode], tmp_path: Path) -> tuple[Config, Config]:
     """Two routers, each with its own state database, told of each other."""
     a, b = free_port(), free_port()
-    return (
-        router_config(
-            nodes, name="a", listen_port=a, peers=(("127.0.0.1", b),), state_db=tmp_path / "a.db"
-        ),
-        router_config(
-            nodes, name="b", listen_port=b, peers=(("127.0.0.1", a),), state_db=tmp_path / "b.db"
-        ),
-    )
+    return peer_config(nodes, tmp_path, "a", a, b), peer_config(nodes, tmp_path, "b", b, a)
 
 
 def prepared(node: LocalNode) -> int:

@@ -33,7 +33,7 @@ from router_harness import (
     RouterThread,
     eventually,
     pair_configs,
-    router_config,
+    peer_config,
     state,
     wait_resolved,
 )
@@ -328,15 +328,7 @@ def crash_in_a_commit(  # type: ignore[no-untyped-def]
     fail points ``then``)."""
     nodes = make_nodes(3)
     a_port, b_port = free_port(), free_port()
-    a = RouterThread(
-        router_config(
-            nodes,
-            name="a",
-            listen_port=a_port,
-            peers=(("127.0.0.1", b_port),),
-            state_db=tmp_path / "a.db",
-        )
-    )
+    a = RouterThread(peer_config(nodes, tmp_path, "a", a_port, b_port))
     cfg = write_router_config(
         tmp_path / "b.toml", b_port, nodes, name="b", state_db="b.db", peers=[f"127.0.0.1:{a_port}"]
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cli_harness import CliProcess, dsn, start, write_router_config
 from recovery_harness import fail_by_killing, recover, wait_recovery
-from router_harness import RouterThread, eventually, router_config, state
+from router_harness import RouterThread, eventually, peer_config, state
 
 from helpers import Transfers, assert_nodes_identical
 from pgquorum import failpoints
@@ -33,15 +33,7 @@ def crash_in_the_replay_and_resume(  # type: ignore[no-untyped-def]
         return a
 
     a = coordinator(PGQUORUM_FAILPOINTS=failpoint)
-    b = RouterThread(
-        router_config(
-            nodes,
-            name="b",
-            listen_port=b_port,
-            peers=(("127.0.0.1", a_port),),
-            state_db=tmp_path / "b.db",
-        )
-    )
+    b = RouterThread(peer_config(nodes, tmp_path, "b", b_port, a_port))
     admin = dsn(a_port, "pgquorum")
     try:
         Transfers.create(b.dsn(), 100)

@@ -98,10 +98,13 @@ def test_the_transaction_the_replay_was_in_is_in_doubt(tmp_path: Path) -> None:
         queue = logged_queue(path)
         queue.post(entry("a/1", "UPDATE t SET v = 1"))
         queue.note(("restored", "t0", 1, 100))
+        queue.note(("resumed",))  # (an earlier restart)
         queue.note(("xid", 1, 742))
 
     asyncio.run(run())
-    assert load(path, "a/1", "node3").in_doubt == (1, 742)
+    resumed = load(path, "a/1", "node3")
+    assert resumed.in_doubt == (1, 742)
+    assert resumed.times == 1
 
 
 def write_and_load(path: Path, fill: Any, rid: str = "a/1", **header: Any) -> None:

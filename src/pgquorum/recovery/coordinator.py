@@ -99,7 +99,7 @@ class Recovery:
                 databases_done=databases,
                 bytes=restored,
                 started=float(resumed.header.get("started", time.time())),
-                resumed=int(resumed.header.get("resumed", 0)) + 1,
+                resumed=resumed.times + 1,
             )
 
     @property
@@ -149,7 +149,9 @@ class Recovery:
         if self.resumed is not None:
             try:
                 await self._resume(self.resumed)
-            except Unresumable as e:
+            except (Unresumable, QueueUnavailable) as e:
+                if isinstance(e, QueueUnavailable) and not self.lost_while_resuming:
+                    raise
                 log.warning(
                     "node %s: recovery %s cannot be resumed (%s); beginning it again",
                     self.node,
@@ -255,7 +257,6 @@ class Recovery:
             "node": self.node,
             "boot": boot_id(),
             "started": self.progress.started,
-            "resumed": self.progress.resumed,
         }
         try:
             self.queue.log = QueueLog.create(path, header)
@@ -298,6 +299,7 @@ class Recovery:
         if self.lost_while_resuming:
             raise Unresumable(self.lost_while_resuming)
         self.resumed = None
+        self.queue.note(("resumed",))
         log.warning(
             "node %s: recovery %s resumed after entry %d", self.node, self.rid, self.queue.applied
         )

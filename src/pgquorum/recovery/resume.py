@@ -121,6 +121,7 @@ class Resumable:
     sessions: dict[str, SessionState]
     restored: tuple[Any, ...]  # ("restored", the node's start time, databases, bytes)
     in_doubt: tuple[int, int] | None  # (serial, transaction id) the replay was in
+    times: int = 0  # it was resumed before
 
 
 def load(path: Path, rid: str, node: str, spool_dir: str | None = None) -> Resumable:
@@ -133,7 +134,7 @@ def load(path: Path, rid: str, node: str, spool_dir: str | None = None) -> Resum
         boot = boot_id()
         if not boot or header.get("boot") != boot:
             raise Unresumable("the machine restarted since (replayed commits may be lost)")
-        done, step, restored, end = _position(path)
+        done, step, restored, end, times = _position(path)
         if restored is None:
             raise Unresumable("the node's restore had not finished")
         in_doubt = None
@@ -149,15 +150,16 @@ def load(path: Path, rid: str, node: str, spool_dir: str | None = None) -> Resum
         raise Unresumable(f"its queue cannot be read back: {e}") from None
     except (ProtocolViolation, KeyError, TypeError, ValueError, IndexError) as e:
         raise Unresumable(f"its queue cannot be read back: {e!r}") from None
-    return Resumable(header, queue, sessions, restored, in_doubt)
+    return Resumable(header, queue, sessions, restored, in_doubt, times)
 
 
-def _position(path: Path) -> tuple[int, tuple[Any, ...] | None, tuple[Any, ...] | None, int]:
+def _position(
+    path: Path,
+) -> tuple[int, tuple[Any, ...] | None, tuple[Any, ...] | None, int, int]:
     """(the last entry applied, the last step begun, the restore's record, the end of the
-    whole records)."""
-    done = 0
+    whole records, the times it was resumed)."""
+    done = times = end = 0
     step = restored = None
-    end = 0
     for record, at in records(path):
         end = at
         kind = record[0]
@@ -167,7 +169,9 @@ def _position(path: Path) -> tuple[int, tuple[Any, ...] | None, tuple[Any, ...] 
             step = record
         elif kind == "restored":
             restored = record
-    return done, step, restored, end
+        elif kind == "resumed":
+            times += 1
+    return done, step, restored, end, times
 
 
 def _rebuild(

@@ -35,9 +35,11 @@ from pgquorum.recovery import queue as queue_module
 
 
 @pytest.fixture
-def three(make_nodes) -> Iterator[tuple[RouterThread, list[LocalNode]]]:  # type: ignore[no-untyped-def]
+def three(make_nodes, tmp_path: Path) -> Iterator[tuple[RouterThread, list[LocalNode]]]:  # type: ignore[no-untyped-def]
+    """A router with a state database on disk, as in production: its recoveries keep their
+    queue on disk too (recovery/queue_log.py)."""
     nodes = make_nodes(3)
-    rt = RouterThread(router_config(nodes))
+    rt = RouterThread(router_config(nodes, state_db=tmp_path / "router.db"))
     try:
         yield rt, nodes
     finally:

@@ -137,8 +137,9 @@ async def own_commit_in_flight(queue: LocalQueue) -> None:
 
 async def session_state(queue: LocalQueue) -> None:
     await restored(queue)
-    queue.post(entry("a/1", "SET search_path = s"))
-    queue.note(("applied", 1))
+    queue.post(entry("a/1", "SET search_path = s"))  # (each entry carries the settings)
+    queue.post(entry("a/1", "CREATE TEMP TABLE t (v int)"))
+    queue.note(("applied", 2))
 
 
 @pytest.mark.parametrize(
@@ -147,7 +148,7 @@ async def session_state(queue: LocalQueue) -> None:
         (nothing, "restore had not finished"),
         (in_a_step, "outcome on the node cannot be known"),
         (own_commit_in_flight, "no entry"),
-        (session_state, "SET"),
+        (session_state, "temporary object"),
     ],
 )
 def test_what_cannot_be_resumed_exactly_begins_again(tmp_path: Path, fill: Any, why: str) -> None:
@@ -162,16 +163,17 @@ def test_a_log_from_another_boot_or_recovery_is_not_resumed(tmp_path: Path) -> N
         write_and_load(tmp_path / "r", restored, rid="a/2")
 
 
-def test_a_session_gets_back_its_prepared_statements_and_settings() -> None:
+def test_a_session_gets_back_its_prepared_statements() -> None:
     parse = m.frame(m.PARSE, m.cstr("s1") + m.cstr("UPDATE t SET v = $1") + b"\0\0")
     gone = m.frame(m.PARSE, m.cstr("s2") + m.cstr("SELECT 1") + b"\0\0")
     close = m.encode_close("S", "s2")
     state = SessionState()
     analyzer = Analyzer()
-    state.replayed(Entry("a/1", {}, [Unit(parse + gone, [], [])], prelude=[b"SET x"]), analyzer)
+    state.replayed(Entry("a/1", {}, [Unit(parse + gone, [], [])]), analyzer)
     state.replayed(Entry("a/1", {}, [Unit(close, [], [])]), analyzer)
     assert state.parses == {"s1": parse}
-    assert state.prelude == [b"SET x"]
-    assert state.sticky == ""
+    lone = "SELECT pg_catalog.set_config('a.b', 'c', false)"
+    state.replayed(Entry("a/1", {}, [unit("SET x = 1"), unit(lone)]), analyzer)
+    assert state.sticky == ""  # (settings: the next entry carries them)
     state.replayed(Entry("a/1", {}, [unit("SELECT pg_advisory_lock(1)")]), analyzer)
     assert state.sticky == "pg_advisory_lock()"

@@ -80,7 +80,9 @@ class Entry:
     session: str  # "<router name>/<session id>": one replay connection each
     params: dict[str, str]  # the client's startup parameters (user, database, ...)
     units: list[Unit] = field(default_factory=list)
-    prelude: list[bytes] | None = None  # session settings made before the recovery began
+    # The session's settings as the transaction began: what a new replay connection for
+    # it starts with (None in entries that are not transactions).
+    prelude: list[bytes] | None = None
     end: bool = False  # the session is gone: close its replay connection
     gid: str = ""  # a two-phase commit's transaction id (see LocalQueue.holds)
 

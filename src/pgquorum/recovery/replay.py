@@ -178,10 +178,7 @@ class Replayer:
         conn = await NodeConnection.open(self.node, params, password, discard, self.timeout)
         self.sessions[entry.session] = conn  # (closed with the others, whatever happens)
         state = self.rebuild.pop(entry.session, None)
-        prelude = entry.prelude
-        if prelude is None and state is not None:
-            prelude = state.prelude
-        for sql in prelude or ():
+        for sql in entry.prelude or ():
             conn.send_unit(sql, [EXPECT_QUERY], relay=False)
             res = await asyncio.wait_for(conn.wait(), self.timeout)  # as a unit: no hanging
             if res.error:

@@ -5,8 +5,9 @@ peer's last batch, so the peers' commits go on into the same recovery. What the 
 has follows from the replay's records (replay.py): every entry up to the last "applied", and
 the one the replay was in at the crash is decided by its transaction's status on the node
 (committed: skipped; aborted: replayed again). The replay connections died with the process:
-each session gets a new one, started with its settings and the statements its earlier
-entries prepared there (SessionState).
+each session gets a new one, started with the settings of its next entry (each carries the
+session's settings as its transaction began) and the statements its earlier entries
+prepared there (SessionState).
 
 A recovery is resumed only when that is exact, and begins again from a fresh snapshot, as
 before, when:
@@ -16,8 +17,9 @@ before, when:
 - the replay was in an entry whose outcome it cannot learn (no transaction id);
 - a commit of this router's own sessions had a place in the queue and no entry yet: it may
   have committed on the nodes;
-- a session that may go on made session state that a new connection cannot get back (SET,
-  temporary objects, LISTEN, cursors WITH HOLD, SQL PREPARE, session advisory locks).
+- a session that may go on made session state that a new connection cannot get back
+  (temporary objects, LISTEN, cursors WITH HOLD, SQL PREPARE, session advisory locks, a
+  set_config() the router does not keep as a setting).
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ class Unresumable(Exception):
     """Why the recovery cannot be resumed (it begins again)."""
 
 
-# Statements and calls whose effect outlives the transaction on the connection (beyond the
-# settings the session keeps and the prepared statements rebuilt here). A false alarm only
+# Statements and calls whose effect outlives the transaction on the connection, beyond the
+# settings each entry carries and the prepared statements rebuilt here. A false alarm only
 # costs a fresh snapshot.
 _STICKY_WORDS = re.compile(r"\b(PREPARE|DEALLOCATE|DECLARE|DISCARD|LOAD|LISTEN)\b", re.IGNORECASE)
 _STICKY_CALLS = frozenset(
@@ -60,13 +62,10 @@ class SessionState:
     """What a session's replay connection held after the entries replayed before the
     restart."""
 
-    prelude: list[bytes] | None = None  # its settings from before the recovery
     parses: dict[str, bytes] = field(default_factory=dict)  # statement -> Parse message
     sticky: str = ""  # state a new connection cannot get back, if any
 
     def replayed(self, entry: Entry, analyzer: Analyzer) -> None:
-        if entry.prelude is not None:
-            self.prelude = entry.prelude
         for unit in entry.units:
             for mtype, payload in _messages(unit.data):
                 if mtype == m.PARSE:
@@ -100,11 +99,11 @@ def _sticky(sql: str, analyzer: Analyzer) -> str:
     a = analyzer.analyze(sql)
     if a.error:
         return "a statement the router could not parse"
-    if any(kind in ("set", "reset") for kind, *_ in a.settings):
-        return "SET"
     if a.temp:
         return "a temporary object"
     calls = {name.rsplit(".", 1)[-1] for name in a.calls}
+    if a.settings:  # SET, RESET, a lone set_config(): the session keeps them
+        calls.discard("set_config")
     found = sorted(calls & _STICKY_CALLS)
     if found:
         return f"{found[0]}()"

@@ -1730,9 +1730,9 @@ class ClientSession(asyncio.Protocol):
             self.router.queue_lost(sink, e)
 
     def _entry(self, sink: Sink, *, commit: bool, gid: str = "") -> Entry:
-        """The transaction as an entry of this recovery's queue; the session's first one
-        there starts with the settings a fresh connection needs."""
-        first = self.journal.join(sink.rid)
+        """The transaction as an entry of this recovery's queue, with the settings a fresh
+        connection needs."""
+        self.journal.join(sink.rid)
         units = self.journal.take(commit=commit)
         missing = next((u.missing for u in units if u.missing), "")
         if missing:
@@ -1744,7 +1744,10 @@ class ClientSession(asyncio.Protocol):
                     f"a transaction of session {self.id} cannot be replayed: {missing}"
                 ),
             )
-        prelude = list(self.settings.values()) if first else None
+        # The settings as the transaction began (its own SETs are kept once it ends, after
+        # this): a new replay connection for it starts with them, the session's first in
+        # the recovery, or any after a coordinator restarted (recovery/resume.py).
+        prelude = list(self.settings.values())
         session = f"{self.router.settings.name}/{self.id}"
         return Entry(session, dict(self.params), units, prelude, gid=gid)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from recovery_harness import (
 )
 from router_harness import (
     RouterThread,
+    eventually,
     finish_pgbench,
     pgbench,
     router_config,
@@ -407,3 +409,43 @@ def test_a_copy_begun_before_the_recovery_fails_it_when_it_commits(
             copy.write_row((2, "during"))
         conn.commit()
     assert_failed_at_once(rt, nodes, holder, "its COPY FROM STDIN began before the recovery")
+
+
+def test_a_snapshot_barrier_that_cannot_drain_in_time_is_tried_again(
+    three: tuple[RouterThread, list[LocalNode]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A one-phase commit waits in its commit slot for a row lock that an open transaction
+    holds: the snapshot's commit barrier cannot drain. The recovery tries the barrier again
+    instead of failing, and goes through once the lock is let go."""
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE acct (id int PRIMARY KEY, balance int)")
+        conn.execute("INSERT INTO acct VALUES (1, 100)")
+    fail_by_killing(rt, nodes[2])
+    with (
+        psycopg.connect(rt.dsn()) as holder,
+        psycopg.connect(rt.dsn(), autocommit=True) as waiter,
+    ):
+        holder.execute("UPDATE acct SET balance = balance + 1 WHERE id = 1")  # the row lock
+        waiter.execute("CREATE TEMP TABLE scratch (v int)")  # its commits are one-phase now
+        blocked = threading.Thread(
+            target=waiter.execute, args=("UPDATE acct SET balance = balance + 2 WHERE id = 1",)
+        )
+        blocked.start()
+        eventually(
+            lambda: (
+                nodes[0].psql(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                )
+                == "1"
+            )
+        )
+        recover(rt, "node3")
+        eventually(lambda: "trying again (1 of 3)" in caplog.text, timeout=20)
+        holder.commit()
+        blocked.join(10)
+        assert not blocked.is_alive()
+        info = wait_recovery(rt)
+    assert info["phase"] == "done", info
+    assert nodes[2].psql("SELECT balance FROM acct WHERE id = 1") == "103"
+    assert_nodes_identical(nodes, "postgres")

@@ -51,6 +51,8 @@ CATCH_UP_DEPTH = 20  # entries left in the queue when the final switch is tried
 SWITCH_HOLD_S = 1.0  # how long the write gate waits for open transactions that wrote
 FOLLOW_AT_ONCE = 8  # databases whose sequences are moved at the same time, in the switch
 SWITCH_PATIENCE_S = 600.0  # how long long transactions may keep the node from joining
+SNAPSHOT_TRIES = 3  # commit barriers tried for the snapshot
+SNAPSHOT_RETRY_S = 1.0
 RESOLVE_WAIT_S = 60.0  # for the in-doubt transactions of an earlier run, before a snapshot
 # Resumed: how long the replay's transaction that died with the coordinator may still be in
 # progress on the node (its backend ends when it sees the connection closed).
@@ -182,13 +184,7 @@ class Recovery:
         bins = await asyncio.to_thread(find_binaries)
         snapshots = await restore.SnapshotSet.open(source.node, creds)
         try:
-            async with hold_everywhere(router, "COMMITS") as held:
-                began = time.monotonic()
-                router.recovery_sink = self.queue
-                for link, host in held:
-                    await link.query(self._start_command(host))
-                await snapshots.export()
-                self.progress.pauses_ms.append((time.monotonic() - began + held.drained) * 1000)
+            await self._snapshot(snapshots)
             globals_sql = await restore.dump_globals(source.node, creds, bins)
             self.progress.phase = "restore"
             self.progress.databases = len(snapshots.databases)
@@ -244,6 +240,32 @@ class Recovery:
                     "the node could not join the group",
                     hint="Long transactions keep a recovered node from joining; try again.",
                 )
+
+    async def _snapshot(self, snapshots: restore.SnapshotSet) -> None:
+        """Under every router's commit barrier: queueing starts everywhere, the snapshots
+        are exported. A barrier that cannot drain its commits in flight in time (one waits
+        for a lock, say) is tried again a few times before the recovery gives up."""
+        router = self.router
+        for attempt in range(1, SNAPSHOT_TRIES + 1):
+            held_all = False
+            try:
+                async with hold_everywhere(router, "COMMITS") as held:
+                    held_all = True
+                    began = time.monotonic()
+                    router.recovery_sink = self.queue
+                    for link, host in held:
+                        await link.query(self._start_command(host))
+                    await snapshots.export()
+                    pause = time.monotonic() - began + held.drained
+                    self.progress.pauses_ms.append(pause * 1000)
+                    return
+            except PgError as e:
+                if held_all or attempt == SNAPSHOT_TRIES:
+                    raise
+                log.warning(
+                    "node %s: %s; trying again (%d of %d)", self.node, e, attempt, SNAPSHOT_TRIES
+                )
+                await asyncio.sleep(SNAPSHOT_RETRY_S)
 
     # -- resuming -----------------------------------------------------------------------------
 

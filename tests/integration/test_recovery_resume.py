@@ -41,6 +41,7 @@ class Pair:
         info = wait_recovery(self.admin, timeout=90)
         assert info["phase"] == "done", (info, self.a.output())
         assert info["resumed"] == "1", info
+        assert len(info["pauses_ms"].split(",")) == 2, info  # the snapshot's, the switch's
         eventually(lambda: state(self.b, "node3") is NodeState.ONLINE)
         assert "resumed after entry" in self.a.output(), self.a.output()
         assert "beginning it again" not in self.a.output(), self.a.output()

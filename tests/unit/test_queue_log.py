@@ -60,7 +60,7 @@ def test_the_queue_is_rebuilt_as_it_was(tmp_path: Path) -> None:
         queue = logged_queue(path)
         first = await queue.reserve()
         queue.settle(first, settled)
-        queue.note(("restored", "t0", 1, 100))
+        queue.note(("restored", "t0", 1, 100, [5.0]))
         queue.note(("applied", first))
         queue.applied = first
         batch = [{"op": "reserve"}, {"op": "append", "entry": later.to_json()}]
@@ -97,7 +97,7 @@ def test_the_transaction_the_replay_was_in_is_in_doubt(tmp_path: Path) -> None:
     async def run() -> None:
         queue = logged_queue(path)
         queue.post(entry("a/1", "UPDATE t SET v = 1"))
-        queue.note(("restored", "t0", 1, 100))
+        queue.note(("restored", "t0", 1, 100, [5.0]))
         queue.note(("resumed",))  # (an earlier restart)
         queue.note(("xid", 1, 742))
 
@@ -117,7 +117,7 @@ def write_and_load(path: Path, fill: Any, rid: str = "a/1", **header: Any) -> No
 
 
 async def restored(queue: LocalQueue) -> None:
-    queue.note(("restored", "t0", 1, 100))
+    queue.note(("restored", "t0", 1, 100, [5.0]))
 
 
 async def nothing(queue: LocalQueue) -> None:

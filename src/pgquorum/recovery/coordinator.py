@@ -92,7 +92,7 @@ class Recovery:
             self.progress = Progress(node, rid)
         else:
             self.queue = resumed.queue
-            _, _, databases, restored = resumed.restored
+            _, _, databases, restored, pauses = resumed.restored
             self.progress = Progress(
                 node,
                 resumed.queue.rid,
@@ -100,6 +100,7 @@ class Recovery:
                 databases=databases,
                 databases_done=databases,
                 bytes=restored,
+                pauses_ms=list(pauses),
                 started=float(resumed.header.get("started", time.time())),
                 resumed=resumed.times + 1,
             )
@@ -216,7 +217,8 @@ class Recovery:
             snapshots.close()
         # From here on a restarted coordinator can resume (unless the node restarted).
         started = await self._node_started(target)
-        self.queue.note(("restored", started, self.progress.databases, self.progress.bytes))
+        p = self.progress
+        self.queue.note(("restored", started, p.databases, p.bytes, p.pauses_ms))
         self._replayer = Replayer(
             target, self.queue, router.credentials, router.settings.node_timeout_s
         )

@@ -118,7 +118,8 @@ class Resumable:
     header: dict[str, Any]
     queue: LocalQueue
     sessions: dict[str, SessionState]
-    restored: tuple[Any, ...]  # ("restored", the node's start time, databases, bytes)
+    # ("restored", the node's start time, databases, bytes, the snapshot's pause in ms)
+    restored: tuple[Any, ...]
     in_doubt: tuple[int, int] | None  # (serial, transaction id) the replay was in
     times: int = 0  # it was resumed before
 

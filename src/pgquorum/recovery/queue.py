@@ -121,8 +121,8 @@ class LocalQueue:
         self.error = ""  # why it closed, when it gave up by itself
         # Where each change is written, for a coordinator that restarts (queue_log.py).
         self.log: QueueLog | None = None
-        # While the queue is rebuilt from its log: told each entry already replayed (see
-        # restore), which is not kept.
+        # While the queue is rebuilt from its log (resume.py): told each entry the node
+        # had before the restart, which is not kept.
         self.replayed_hook: Callable[[Entry], None] | None = None
 
     @property

@@ -82,6 +82,20 @@ def test_nodes_a_session_does_not_read_from_may_close_its_idle_connections(three
     assert_settled(rt, nodes, "SELECT string_agg(note, ',' ORDER BY id) FROM t", "before!,after!")
 
 
+def test_nodes_that_close_idle_connections_during_a_long_read_fail_no_node(three) -> None:  # type: ignore[no-untyped-def]
+    """The other nodes end their idle connections while a long read runs on the session's
+    home node (the session is busy, not waiting for its client): its next write connects to
+    them again instead of failing them."""
+    rt, nodes = three
+    with psycopg.connect(rt.dsn(), autocommit=True) as conn:
+        conn.execute("INSERT INTO t VALUES (1, 'before')")
+        conn.execute("SET idle_session_timeout = '300ms'")
+        row = conn.execute("SELECT count(*) FROM generate_series(1, 8000000)").fetchone()
+        assert row == (8000000,)
+        conn.execute("INSERT INTO t VALUES (2, 'after')")
+    assert_settled(rt, nodes, "SELECT string_agg(note, ',' ORDER BY id) FROM t", "before,after")
+
+
 def test_nodes_waiting_for_a_long_statement_on_the_lead_are_kept_alive(three) -> None:  # type: ignore[no-untyped-def]
     """The lead waits for a lock for seconds; meanwhile the other nodes wait idle in the
     transaction, longer than its idle_in_transaction_session_timeout: the router keeps

@@ -432,15 +432,22 @@ class ClientSession(asyncio.Protocol):
 
     def _idle_timeout(self, conn: NodeConnection, e: NodeLost) -> None:
         """A node ended this session's connection to it for an idle timeout (the client's
-        or the server's setting): the node is well, so unless a unit is under way (then the
-        loss fails the node when the unit finds it, as any other), it is not failed.
+        or the server's setting) while no unit ran on it: the node is well, and is not
+        failed (one that ends it while a unit runs there fails, as any other loss).
 
         Outside a transaction (idle_session_timeout) the session connects to the node again
         before it next needs it, as a pooler would: the client keeps its session. In a
         transaction (idle_in_transaction_session_timeout) the node rolled it back: the session
         ends for the client as on PostgreSQL, and its transaction everywhere."""
         name = conn.node.name
-        if not self._parked or self.conns.get(name) is not conn:
+        if self.conns.get(name) is not conn:
+            return
+        if e.idle_timeout == IDLE_SESSION_TIMEOUT and not self._parked:
+            # (While the session runs a unit on other nodes, a read on its home say: the
+            # connection is replaced before the next unit, see _adopt_nodes.)
+            self._online_generation = self._adopted_generation = -1
+            return
+        if not self._parked:
             return
         if e.idle_timeout == IDLE_SESSION_TIMEOUT:
             del self.conns[name]
@@ -1643,6 +1650,11 @@ class ClientSession(asyncio.Protocol):
         that closed an idle connection: see _idle_timeout)."""
         cluster = self.router.cluster
         self._adopted_generation = cluster.generation
+        for name, c in list(self.conns.items()):
+            if c.lost is not None and c.lost.idle_timeout == IDLE_SESSION_TIMEOUT:
+                del self.conns[name]  # closed while the session was busy: see _idle_timeout
+                if self.read_home is c:
+                    self.read_home = None
         missing = [st.node for st in cluster.online() if st.node.name not in self.conns]
         if not missing:
             return

@@ -297,8 +297,6 @@ class Recovery:
         cannot be done exactly."""
         router = self.router
         log.warning("node %s: resuming recovery %s", self.node, self.rid)
-        if self.lost_while_resuming:
-            raise Unresumable(self.lost_while_resuming)
         target = router.cluster.status[self.node].node
         started = await self._node_started(target)
         if started != resumed.restored[1]:

@@ -238,9 +238,16 @@ class LocalQueue:
         pass
 
     def end_session(self, session: str, params: dict[str, str]) -> None:
-        if not self.closed:
-            self.add(Entry(session, params, end=True))
+        if self._end(session, params):
             self.note(("end", session, params))
+
+    def _end(self, session: str, params: dict[str, str]) -> bool:
+        """The session's end, queued (its replay connection closes there), unless the
+        queue is closed."""
+        if self.closed:
+            return False
+        self.add(Entry(session, params, end=True))
+        return True
 
     def close(self) -> None:
         """Nothing more is queued or replayed. (Its log stays: a router that stops during
@@ -295,7 +302,7 @@ class LocalQueue:
         elif kind == "add":
             self.add(record[1])
         elif kind == "end":
-            self.add(Entry(record[1], record[2], end=True))
+            self._end(record[1], record[2])
         elif kind == "batch":
             self.apply_batch(record[1], record[2], record[3])
         return 0
@@ -334,8 +341,7 @@ class LocalQueue:
             elif kind == "append":
                 out.append(self.add(Entry.from_json(op["entry"])))
             elif kind == "end":
-                if not self.closed:
-                    self.add(Entry(str(op["session"]), dict(op["params"]), end=True))
+                self._end(str(op["session"]), dict(op["params"]))
                 out.append(0)
             elif kind == "holds":
                 out.append(int(str(op["gid"]) in self._gids))

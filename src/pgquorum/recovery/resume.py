@@ -31,6 +31,7 @@ from typing import Any
 
 from pgquorum.protocol import messages as m
 from pgquorum.protocol.errors import ProtocolViolation
+from pgquorum.protocol.framing import Framer
 from pgquorum.sql.analyze import Analyzer
 
 from .journal import Entry
@@ -66,8 +67,11 @@ class SessionState:
     sticky: str = ""  # state a new connection cannot get back, if any
 
     def replayed(self, entry: Entry, analyzer: Analyzer) -> None:
+        framer = Framer()
         for unit in entry.units:
-            for mtype, payload in _messages(unit.data):
+            framer.feed(unit.data)
+            while (message := framer.next_message()) is not None:
+                mtype, payload = message
                 if mtype == m.PARSE:
                     parse = m.parse_parse(payload)
                     if parse.name:
@@ -83,16 +87,6 @@ class SessionState:
                     continue
                 if not self.sticky:
                     self.sticky = _sticky(sql, analyzer)
-
-
-def _messages(data: bytes) -> list[tuple[int, bytes]]:
-    out = []
-    pos = 0
-    while pos + 5 <= len(data):
-        end = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
-        out.append((data[pos], data[pos + 5 : end]))
-        pos = end
-    return out
 
 
 def _sticky(sql: str, analyzer: Analyzer) -> str:

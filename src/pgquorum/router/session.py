@@ -442,20 +442,14 @@ class ClientSession(asyncio.Protocol):
         name = conn.node.name
         if self.conns.get(name) is not conn:
             return
-        if e.idle_timeout == IDLE_SESSION_TIMEOUT and not self._parked:
-            # (While the session runs a unit on other nodes, a read on its home say: the
-            # connection is replaced before the next unit, see _adopt_nodes.)
-            self._online_generation = self._adopted_generation = -1
-            return
-        if not self._parked:
-            return
         if e.idle_timeout == IDLE_SESSION_TIMEOUT:
-            del self.conns[name]
-            if self.read_home is conn:
-                self.read_home = None
-            self._online_generation = self._adopted_generation = -1  # see _adopt_nodes
+            # Dropped and replaced before the session next needs the node (_drop_lost,
+            # _adopt_nodes), whether it waits for its client or runs a unit elsewhere.
+            self._online_generation = self._adopted_generation = -1
             log.info("session %d: node %s closed its idle connection: %s", self.id, name, e.reason)
             return
+        if not self._parked:
+            return  # (the unit under way finds the connection lost)
         log.info("session %d: ended by node %s: %s", self.id, name, e.reason)
         self.write(m.encode_error(PgError(e.idle_timeout, e.reason, severity="FATAL")))
         for c in self.conns.values():
@@ -473,15 +467,7 @@ class ClientSession(asyncio.Protocol):
             # and bumps the generation.
             return self._online
         conns = self.conns
-        dead = [
-            name for name, c in conns.items() if c.lost is not None or not cluster.is_online(name)
-        ]
-        for name in dead:
-            c = conns.pop(name)
-            if c.lost is not None:
-                cluster.mark_failed(name, c.lost.reason)
-            c.close()
-        if dead:
+        if self._drop_lost():
             lead = next(iter(conns.values()), None)
             if lead is not None:
                 lead.set_forward_async(True)
@@ -1645,16 +1631,30 @@ class ClientSession(asyncio.Protocol):
         if self._adopted_generation != self.router.cluster.generation:
             await self._adopt_nodes()
 
+    def _drop_lost(self) -> bool:
+        """Let go of the connections to nodes no longer ONLINE, or lost: a node that ended
+        one for its idle_session_timeout is well (the session connects to it again,
+        _adopt_nodes); any other loss fails the node. Whether any was let go."""
+        cluster = self.router.cluster
+        dropped = False
+        for name, c in list(self.conns.items()):
+            if c.lost is None and cluster.is_online(name):
+                continue
+            del self.conns[name]
+            dropped = True
+            if self.read_home is c:
+                self.read_home = None
+            if c.lost is not None and c.lost.idle_timeout != IDLE_SESSION_TIMEOUT:
+                cluster.mark_failed(name, c.lost.reason)
+            c.close()
+        return dropped
+
     async def _adopt_nodes(self) -> None:
         """Connect to ONLINE nodes this session has no connection to (a recovered node, or one
         that closed an idle connection: see _idle_timeout)."""
         cluster = self.router.cluster
         self._adopted_generation = cluster.generation
-        for name, c in list(self.conns.items()):
-            if c.lost is not None and c.lost.idle_timeout == IDLE_SESSION_TIMEOUT:
-                del self.conns[name]  # closed while the session was busy: see _idle_timeout
-                if self.read_home is c:
-                    self.read_home = None
+        self._drop_lost()
         missing = [st.node for st in cluster.online() if st.node.name not in self.conns]
         if not missing:
             return
